@@ -1,0 +1,1 @@
+"""The ``aligndistil`` console command: a thin dispatcher over the three packages' subcommands."""
