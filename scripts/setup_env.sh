@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create ./.venv and install aligndistil into it (editable, with test extras). Idempotent: a
+# stamp of pyproject.toml's hash skips the install when nothing changed.
+#
+# torch is pinned to 2.13.0 exactly. On a CPU machine install the CPU build first so pip never
+# resolves the several-GB CUDA build: set TORCH_INDEX_URL to a CPU wheel index, or have a local
+# torch 2.13.0+cpu wheel on pip's find-links path. On a GPU machine the default CUDA build is
+# what you want (see README, "GPU machines").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "aligndistil needs Python >= 3.11")'
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.aligndistil-install-stamp
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    .venv/bin/python -m pip install --quiet "torch==2.13.0" --index-url "$TORCH_INDEX_URL"
+  fi
+  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,213 @@
+"""The one batching engine behind both ``precompute`` and ``serve``.
+
+Per call: validate the sequences, sort them by length, pack them into batches under a token
+budget (padded tokens count), run each teacher's decoder once per batch, and apply the LM head
+only at the response positions (prompt positions never need logits), a chunk of positions at a
+time. Each chunk's two ``[chunk, V]`` logit blocks go straight into the target math, so the
+largest vocabulary-sized tensor alive is O(chunk x V) — never ``[batch, time, V]``. Records come
+back in input order.
+
+Because precompute and the server call the same :meth:`TeacherEngine.score`, they cannot
+disagree: the float32 targets are rounded to the record's dtypes in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from storage.record import TargetRecord
+from teacher_service.models import TeacherPair
+from teacher_service.targets import SparseTargets, TargetConfig, compute_targets
+
+
+class InvalidSequenceError(ValueError):
+    """A sequence the engine cannot score; ``index`` is its position in the request."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"sequences[{index}]: {message}")
+        self.index = index
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    input_ids: Sequence[int]
+    prompt_len: int
+    example_index: int = -1
+
+
+def pack_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices into batches whose padded size (count x longest) fits the budget.
+
+    Sequences are taken longest first so that each batch holds similar lengths (little padding).
+    A sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if current and new_longest * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current, longest = [], 0
+            new_longest = lengths[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TeacherEngine:
+    """Scores (input_ids, prompt_len) sequences with the teacher pair into sparse-target records."""
+
+    def __init__(self, pair: TeacherPair, config: TargetConfig, *, max_batch_tokens: int = 8192,
+                 max_seq_len: int | None = None):
+        if config.top_k > pair.vocab_size:
+            raise ValueError(f"top_k = {config.top_k} exceeds the vocabulary size "
+                             f"{pair.vocab_size}")
+        if max_batch_tokens < 2:
+            raise ValueError(f"max_batch_tokens must be >= 2, got {max_batch_tokens}")
+        model_max = getattr(pair.dpo.config, "max_position_embeddings", None)
+        self.pair = pair
+        self.config = config
+        self.max_batch_tokens = max_batch_tokens
+        self.max_seq_len = max_seq_len or model_max or 4096
+        if model_max and self.max_seq_len > model_max:
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the models' "
+                             f"max_position_embeddings {model_max}")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, index: int, input_ids: Sequence[int], prompt_len: int) -> None:
+        n = len(input_ids)
+        if n < 2:
+            raise InvalidSequenceError(index, f"input_ids has {n} token(s); need a prompt and a "
+                                              f"response (>= 2)")
+        if n > self.max_seq_len:
+            raise InvalidSequenceError(index, f"input_ids has {n} tokens, over max_seq_len "
+                                              f"{self.max_seq_len}")
+        if not 1 <= prompt_len < n:
+            raise InvalidSequenceError(index, f"prompt_len must satisfy 1 <= prompt_len < "
+                                              f"len(input_ids) = {n}, got {prompt_len}")
+        lo, hi = min(input_ids), max(input_ids)
+        if lo < 0 or hi >= self.pair.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InvalidSequenceError(index, f"token id {bad} outside the vocabulary "
+                                              f"[0, {self.pair.vocab_size})")
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, requests: Sequence[ScoreRequest], *, top_k: int | None = None
+              ) -> list[TargetRecord]:
+        """Targets for every request, in input order. ``top_k`` (<= the engine's) truncates the
+        top-k lists, folding the dropped entries into the tail mass exactly."""
+        k = self.config.top_k if top_k is None else top_k
+        if not 1 <= k <= self.config.top_k:
+            raise ValueError(f"top_k must be in [1, {self.config.top_k}], got {k}")
+        for i, req in enumerate(requests):
+            self.validate(i, req.input_ids, req.prompt_len)
+        results: list[TargetRecord | None] = [None] * len(requests)
+        lengths = [len(r.input_ids) for r in requests]
+        for batch in pack_batches(lengths, self.max_batch_tokens):
+            for i, record in zip(batch, self._score_batch([requests[i] for i in batch], k)):
+                results[i] = record
+        return results  # type: ignore[return-value]
+
+    def iter_score(self, requests: Iterable[ScoreRequest], *, group_size: int = 256
+                   ) -> Iterable[TargetRecord]:
+        """Stream records for a long iterable, sorting within groups of ``group_size``."""
+        group: list[ScoreRequest] = []
+        for req in requests:
+            group.append(req)
+            if len(group) >= group_size:
+                yield from self.score(group)
+                group = []
+        if group:
+            yield from self.score(group)
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: list[ScoreRequest], k: int) -> list[TargetRecord]:
+        device = self.pair.device
+        longest = max(len(r.input_ids) for r in batch)
+        ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        rows, cols = [], []
+        for b, req in enumerate(batch):
+            n = len(req.input_ids)
+            ids[b, :n] = torch.as_tensor(req.input_ids, dtype=torch.long)
+            mask[b, :n] = 1
+            # The logit at position i predicts token i + 1: response targets use P-1 .. L-2.
+            rows.extend([b] * (n - req.prompt_len))
+            cols.extend(range(req.prompt_len - 1, n - 1))
+        ids, mask = ids.to(device), mask.to(device)
+        row_idx = torch.tensor(rows, device=device)
+        col_idx = torch.tensor(cols, device=device)
+        next_ids = ids[row_idx, col_idx + 1]
+
+        hidden_dpo = _response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx)
+        hidden_other = _response_hidden(self.pair.other, ids, mask, row_idx, col_idx)
+        parts: list[SparseTargets] = []
+        chunk = self.config.chunk_size
+        for start in range(0, hidden_dpo.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            parts.append(compute_targets(
+                _head(self.pair.dpo, hidden_dpo[sl], self.pair.vocab_size),
+                _head(self.pair.other, hidden_other[sl], self.pair.vocab_size),
+                next_ids[sl], self.config))
+        targets = SparseTargets(*(torch.cat(field_parts).cpu() for field_parts in zip(*parts)))
+        if k < self.config.top_k:
+            targets = truncate_topk(targets, k)
+
+        records = []
+        offset = 0
+        for req in batch:
+            t = len(req.input_ids) - req.prompt_len
+            sl = slice(offset, offset + t)
+            offset += t
+            records.append(TargetRecord.create(
+                example_index=req.example_index,
+                input_ids=list(req.input_ids), prompt_len=req.prompt_len,
+                alpha=targets.alpha[sl].numpy(),
+                topk_ids=targets.topk_ids[sl].numpy(),
+                topk_logprobs=targets.topk_logprobs[sl].numpy(),
+                tail_logmass=targets.tail_logmass[sl].numpy(),
+                dpo_logprobs=targets.dpo_logprobs[sl].numpy(),
+                reverse_logprobs=targets.reverse_logprobs[sl].numpy(),
+            ))
+        return records
+
+    def with_config(self, **changes) -> "TeacherEngine":
+        return TeacherEngine(self.pair, dataclasses.replace(self.config, **changes),
+                             max_batch_tokens=self.max_batch_tokens, max_seq_len=self.max_seq_len)
+
+
+def truncate_topk(targets: SparseTargets, k: int) -> SparseTargets:
+    """Keep the first ``k`` entries; the dropped log-probs join the tail by a logsumexp."""
+    dropped = targets.topk_logprobs[:, k:]
+    tail = torch.logsumexp(torch.cat([targets.tail_logmass[:, None], dropped], dim=1), dim=1)
+    return targets._replace(topk_ids=targets.topk_ids[:, :k],
+                            topk_logprobs=targets.topk_logprobs[:, :k], tail_logmass=tail)
+
+
+def _response_hidden(model, ids, mask, row_idx, col_idx) -> torch.Tensor:
+    """The decoder's last hidden states at the response-predicting positions only: [N, H]."""
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return hidden[row_idx, col_idx]
+
+
+def _head(model, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """LM head on a chunk of hidden states, with the model's own logit post-processing, cut to
+    the tokenizer's vocabulary (padding rows past it are never valid ids; see models.py)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    scale = getattr(config, "logit_scale", None)
+    if scale:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits[:, :vocab_size]

@@ -1,0 +1,241 @@
+"""The AlignDistil teacher targets (DESIGN §2): pure tensor functions, no I/O.
+
+Per response position the teacher is ``log pi* = log_softmax(z*)`` with
+``z* = z_dpo + alpha * (z_dpo - z_rev)`` (eq. 17), ``alpha = r * tvd(p_dpo, p_rev) + eps``.
+Three choices shape the code:
+
+- **Chunks over positions.** The logits are ``[N, V]`` with V up to ~150k, and the math needs
+  several full-vocabulary temporaries per row (two softmaxes, z*, log pi*). Rows are processed
+  ``chunk_size`` at a time, so the extra memory is O(chunk_size x V), never another ``[N, V]``
+  tensor (the dense :func:`teacher_logprobs` returns one because that is what it is for).
+- **float32 (or float64) math.** Teachers run in bf16, whose 8-bit mantissa cannot hold an
+  extrapolated logit (alpha up to 30) or a probability difference; each chunk is upcast first.
+  The extrapolation uses the log-probabilities instead of the raw logits: the result differs by
+  a per-row constant only, which ``log_softmax`` removes, but the numbers stay bounded and the
+  invariance to a per-row logit offset holds in floating point too.
+- **The tail by logsumexp.** ``tail_logmass`` is a logsumexp over the non-top-k log-probs.
+  ``log(1 - sum(exp(topk)))`` cancels catastrophically when the top-k holds nearly all the mass
+  (in float32 ``1 - 1e-9`` is ``1``, giving ``-inf`` for a true ``-20.7``), and the tail is what
+  the ``uniform`` and ``bucket`` losses model.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+TVD_NORMS = ("half-l1", "l1")
+MODES = ("adaptive", "constant", "vanilla")
+POLICIES = ("off", "on")
+
+#: The authors' released runs use the l1 norm with r = 10 off-policy and 15 on-policy; the
+#: paper's half-l1 norm is half as large, so the same alphas need twice the r.
+_DEFAULT_R = {("l1", "off"): 10.0, ("l1", "on"): 15.0,
+              ("half-l1", "off"): 20.0, ("half-l1", "on"): 30.0}
+
+
+def default_r(tvd_norm: str = "half-l1", policy: str = "off") -> float:
+    """The r that reproduces the authors' released runs for this norm and policy.
+
+    ``policy`` is ``"off"`` or ``"on"`` (``"off-policy"`` / ``"on-policy"`` are accepted too).
+    """
+    if tvd_norm not in TVD_NORMS:
+        raise ValueError(f"tvd_norm: expected one of {TVD_NORMS}, got {tvd_norm!r}")
+    key = policy.removesuffix("-policy") if isinstance(policy, str) else policy
+    if key not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    return _DEFAULT_R[(tvd_norm, key)]
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """How targets are built. ``beta0`` is the DPO beta the teachers were trained with;
+    ``beta`` is the student's KL weight, used by the ablation modes: ``constant`` sets
+    ``alpha = beta0 / beta`` everywhere, ``vanilla`` mixes ``z* = w z_dpo + (1 - w) z_ref``
+    with ``w = beta0 / beta`` (and reports ``alpha = w``). ``r``, ``eps`` and ``tvd_norm`` are
+    used by ``adaptive`` only."""
+
+    top_k: int = 64
+    r: float = 20.0
+    eps: float = 1e-3
+    tvd_norm: str = "half-l1"
+    mode: str = "adaptive"
+    beta0: float = 0.1
+    beta: float = 0.05
+    chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        _check_int("top_k", self.top_k, minimum=1)
+        _check_int("chunk_size", self.chunk_size, minimum=1)
+        _check_real("r", self.r, ">= 0", lambda v: v >= 0)
+        _check_real("eps", self.eps, "> 0", lambda v: v > 0)
+        _check_real("beta0", self.beta0, "> 0", lambda v: v > 0)
+        _check_real("beta", self.beta, "> 0", lambda v: v > 0)
+        if self.tvd_norm not in TVD_NORMS:
+            raise ValueError(f"tvd_norm: expected one of {TVD_NORMS}, got {self.tvd_norm!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+
+
+class SparseTargets(NamedTuple):
+    """Sparse targets for N positions. Floats are float32 (float64 when the logits were)."""
+
+    alpha: Tensor             # [N]
+    topk_ids: Tensor          # [N, k] int64, by log-prob descending
+    topk_logprobs: Tensor     # [N, k] log pi*, normalised over the full vocabulary
+    tail_logmass: Tensor      # [N] log of pi*'s mass outside the top-k; -inf when k == V
+    dpo_logprobs: Tensor      # [N] log softmax(z_dpo)[next_id]
+    reverse_logprobs: Tensor  # [N] log softmax(z_other)[next_id]
+
+
+def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
+                    config: TargetConfig) -> SparseTargets:
+    """Sparse teacher targets for N positions.
+
+    ``dpo_logits`` and ``other_logits`` are ``[N, V]`` logits (any float dtype) at the response
+    positions; ``other`` is the reverse model (modes ``adaptive``/``constant``) or the reference
+    model (``vanilla``). ``next_ids`` ``[N]`` are the tokens those positions predict. Outputs
+    live on the logits' device.
+    """
+    n, vocab, dtype = _check_logits(dpo_logits, other_logits)
+    if config.top_k > vocab:
+        raise ValueError(f"top_k = {config.top_k} exceeds the vocabulary size V = {vocab}")
+    next_ids = _check_next_ids(next_ids, n, vocab, dpo_logits.device)
+    k, device = config.top_k, dpo_logits.device
+
+    alpha = torch.empty(n, dtype=dtype, device=device)
+    topk_ids = torch.empty(n, k, dtype=torch.int64, device=device)
+    topk_logprobs = torch.empty(n, k, dtype=dtype, device=device)
+    tail_logmass = torch.full((n,), -math.inf, dtype=dtype, device=device)
+    dpo_logprobs = torch.empty(n, dtype=dtype, device=device)
+    reverse_logprobs = torch.empty(n, dtype=dtype, device=device)
+
+    for start in range(0, n, config.chunk_size):
+        rows = slice(start, start + config.chunk_size)
+        log_star, a, log_d, log_o = _teacher_chunk(dpo_logits[rows], other_logits[rows],
+                                                   config, dtype)
+        alpha[rows] = a
+        ids = next_ids[rows].unsqueeze(-1)
+        dpo_logprobs[rows] = log_d.gather(-1, ids).squeeze(-1)
+        reverse_logprobs[rows] = log_o.gather(-1, ids).squeeze(-1)
+        del log_d, log_o
+        values, indices = torch.topk(log_star, k, dim=-1, largest=True, sorted=True)
+        topk_logprobs[rows] = values
+        topk_ids[rows] = indices
+        if k < vocab:
+            # Knock the top-k out in place (log_star is ours and no longer needed).
+            log_star.scatter_(-1, indices, -math.inf)
+            tail_logmass[rows] = torch.logsumexp(log_star, dim=-1)
+    return SparseTargets(alpha, topk_ids, topk_logprobs, tail_logmass,
+                         dpo_logprobs, reverse_logprobs)
+
+
+def teacher_logprobs(dpo_logits: Tensor, other_logits: Tensor,
+                     config: TargetConfig) -> tuple[Tensor, Tensor]:
+    """The dense teacher: ``log pi*`` ``[N, V]`` and ``alpha`` ``[N]``, computed chunk by chunk
+    (for the ``exact`` loss, where the teacher is in-process, and for references)."""
+    n, vocab, dtype = _check_logits(dpo_logits, other_logits)
+    device = dpo_logits.device
+    log_star = torch.empty(n, vocab, dtype=dtype, device=device)
+    alpha = torch.empty(n, dtype=dtype, device=device)
+    for start in range(0, n, config.chunk_size):
+        rows = slice(start, start + config.chunk_size)
+        log_star[rows], alpha[rows], _, _ = _teacher_chunk(dpo_logits[rows], other_logits[rows],
+                                                           config, dtype)
+    return log_star, alpha
+
+
+def response_logit_positions(prompt_len: int, seq_len: int) -> slice:
+    """The logit rows that predict the response tokens: ``P - 1 .. L - 2``.
+
+    The logit at position i predicts token i + 1, so target t (token ``input_ids[P + t]``)
+    uses row ``P + t - 1``.
+    """
+    if not 1 <= prompt_len < seq_len:
+        raise ValueError(f"prompt_len: must satisfy 1 <= prompt_len < seq_len = {seq_len}, "
+                         f"got {prompt_len}")
+    return slice(prompt_len - 1, seq_len - 1)
+
+
+# ---------------------------------------------------------------------------- internals
+
+def _teacher_chunk(dpo: Tensor, other: Tensor, config: TargetConfig,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One chunk of rows: (log pi*, alpha, log p_dpo, log p_other), all in ``dtype``."""
+    # Non-finite logits make z* undefined (-inf - -inf) or degenerate (+inf): refuse them here,
+    # chunk by chunk, rather than with an [N, V] mask up front.
+    for name, t in (("dpo_logits", dpo), ("other_logits", other)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: contains NaN or infinite values")
+    log_d = torch.log_softmax(dpo.to(dtype), dim=-1)
+    log_o = torch.log_softmax(other.to(dtype), dim=-1)
+    if config.mode == "vanilla":
+        w = config.beta0 / config.beta
+        z_star = w * log_d + (1.0 - w) * log_o
+        alpha = torch.full(log_d.shape[:1], w, dtype=dtype, device=log_d.device)
+    else:
+        if config.mode == "adaptive":
+            tvd = (log_d.exp() - log_o.exp()).abs_().sum(dim=-1)
+            if config.tvd_norm == "half-l1":
+                tvd = 0.5 * tvd
+            alpha = config.r * tvd + config.eps
+        else:  # constant
+            alpha = torch.full(log_d.shape[:1], config.beta0 / config.beta, dtype=dtype,
+                               device=log_d.device)
+        # eq. 17 on log-probs: equal to z_dpo + alpha (z_dpo - z_rev) up to a per-row constant.
+        z_star = log_d + alpha.unsqueeze(-1) * (log_d - log_o)
+    return torch.log_softmax(z_star, dim=-1), alpha, log_d, log_o
+
+
+def _check_logits(dpo: Tensor, other: Tensor) -> tuple[int, int, torch.dtype]:
+    """Validate the two logit tensors; return (N, V, compute dtype)."""
+    for name, t in (("dpo_logits", dpo), ("other_logits", other)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected floating-point logits, got {t.dtype}")
+        if t.ndim != 2:
+            raise ValueError(f"{name}: expected shape [N, V], got {tuple(t.shape)}")
+    if dpo.shape != other.shape:
+        raise ValueError(f"other_logits: shape {tuple(other.shape)} differs from dpo_logits "
+                         f"{tuple(dpo.shape)} (the two models must share one vocabulary)")
+    if dpo.device != other.device:
+        raise ValueError(f"other_logits: on {other.device}, dpo_logits on {dpo.device}")
+    n, vocab = dpo.shape
+    if vocab < 1:
+        raise ValueError("dpo_logits: empty vocabulary dimension")
+    dtype = torch.float64 if torch.float64 in (dpo.dtype, other.dtype) else torch.float32
+    return n, vocab, dtype
+
+
+def _check_next_ids(next_ids: Tensor, n: int, vocab: int, device: torch.device) -> Tensor:
+    if not isinstance(next_ids, Tensor):
+        raise TypeError(f"next_ids: expected a torch.Tensor, got {type(next_ids).__name__}")
+    if next_ids.is_floating_point() or next_ids.is_complex() or next_ids.dtype == torch.bool:
+        raise ValueError(f"next_ids: expected integer token ids, got {next_ids.dtype}")
+    if tuple(next_ids.shape) != (n,):
+        raise ValueError(f"next_ids: expected shape ({n},) to match the logits' N, got "
+                         f"{tuple(next_ids.shape)}")
+    next_ids = next_ids.to(device=device, dtype=torch.int64)
+    if n and (int(next_ids.min()) < 0 or int(next_ids.max()) >= vocab):
+        raise ValueError(f"next_ids: token ids must lie in [0, V = {vocab})")
+    return next_ids
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def _check_real(name: str, value: object, limit: str, ok: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name}: must be finite and {limit}, got {value}")

@@ -1,0 +1,190 @@
+"""The teacher pair loader and the batching engine, on tiny real Hugging Face models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reference import dense_targets, full_logits
+from tiny_models import build_model, build_tokenizer, load, save_model_dir, save_teacher_pair
+from teacher_service.engine import ScoreRequest, TeacherEngine, pack_batches, truncate_topk
+from teacher_service.models import TeacherLoadError, load_teacher_pair
+from teacher_service.targets import TargetConfig, compute_targets
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+    return save_teacher_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def pair(pair_dirs):
+    return load_teacher_pair(*pair_dirs, device="cpu")
+
+
+def _requests(tokenizer, n=7, seed=0):
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for i in range(n):
+        length = int(rng.integers(3, 40))
+        ids = rng.integers(0, len(tokenizer), size=length).tolist()
+        reqs.append(ScoreRequest(ids, int(rng.integers(1, length)), example_index=100 + i))
+    return reqs
+
+
+def test_engine_matches_dense_float64_reference(pair, pair_dirs):
+    config = TargetConfig(top_k=16, r=20.0, chunk_size=5)
+    engine = TeacherEngine(pair, config, max_batch_tokens=64)
+    reqs = _requests(pair.tokenizer)
+    records = engine.score(reqs)
+    _, dpo = load(pair_dirs[0])
+    _, rev = load(pair_dirs[1])
+    for req, rec in zip(reqs, records):
+        assert rec.example_index == req.example_index
+        assert rec.input_ids.tolist() == list(req.input_ids)
+        P, L = req.prompt_len, len(req.input_ids)
+        zd = full_logits(dpo, req.input_ids)[P - 1:L - 1]
+        zr = full_logits(rev, req.input_ids)[P - 1:L - 1]
+        ref = dense_targets(zd, zr, req.input_ids[P:], top_k=16)
+        np.testing.assert_allclose(rec.alpha, ref["alpha"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rec.dpo_logprobs, ref["dpo_logprobs"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(rec.reverse_logprobs, ref["reverse_logprobs"], rtol=1e-4,
+                                   atol=1e-4)
+        # float16 storage of the log-probs: relative 2^-11.
+        np.testing.assert_allclose(rec.topk_logprobs, ref["topk_logprobs"], rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(rec.tail_logmass, ref["tail_logmass"], rtol=1e-4, atol=1e-4)
+        # Ids agree wherever the reference's log-probs are not (near-)tied.
+        gaps = np.diff(ref["topk_logprobs"], axis=1, append=-np.inf)
+        gaps = np.minimum(gaps, np.diff(ref["topk_logprobs"], axis=1, prepend=np.inf))
+        clear = np.abs(gaps) > 1e-4
+        assert (rec.topk_ids[clear] == ref["topk_ids"][clear]).all()
+
+
+def test_engine_is_batching_invariant(pair):
+    reqs = _requests(pair.tokenizer, n=9, seed=1)
+    config = TargetConfig(top_k=8, chunk_size=7)
+    one_by_one = [TeacherEngine(pair, config, max_batch_tokens=2).score([r])[0] for r in reqs]
+    batched = TeacherEngine(pair, config, max_batch_tokens=4096).score(reqs)
+    for a, b in zip(one_by_one, batched):
+        np.testing.assert_allclose(a.alpha, b.alpha, rtol=1e-5, atol=1e-6)
+        # Different batch layouts may round the same value to neighbouring float16 steps.
+        np.testing.assert_allclose(a.topk_logprobs.astype(np.float32),
+                                   b.topk_logprobs.astype(np.float32), rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(a.dpo_logprobs, b.dpo_logprobs, atol=1e-4)
+
+
+def test_engine_applies_head_only_at_response_positions(pair, monkeypatch):
+    """The LM head sees exactly the response positions, in chunks of at most chunk_size rows."""
+    seen = []
+    head = pair.dpo.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    try:
+        reqs = _requests(pair.tokenizer, n=5, seed=2)
+        TeacherEngine(pair, TargetConfig(top_k=4, chunk_size=6)).score(reqs)
+    finally:
+        hook.remove()
+    total = sum(len(r.input_ids) - r.prompt_len for r in reqs)
+    assert sum(s[0] for s in seen) == total
+    assert max(s[0] for s in seen) <= 6
+    assert all(len(s) == 2 for s in seen)  # [chunk, H], never [batch, time, H]
+
+
+def test_requested_top_k_folds_dropped_mass_into_tail(pair):
+    reqs = _requests(pair.tokenizer, n=3, seed=3)
+    engine = TeacherEngine(pair, TargetConfig(top_k=32))
+    full = engine.score(reqs)
+    small = engine.score(reqs, top_k=5)
+    for a, b in zip(full, small):
+        assert b.top_k == 5
+        assert (a.topk_ids[:, :5] == b.topk_ids).all()
+        mass = np.logaddexp(a.tail_logmass, np.logaddexp.reduce(
+            a.topk_logprobs[:, 5:].astype(np.float64), axis=1))
+        # Rebuilt here from float16-rounded log-probs (the float32 path is exact: see below).
+        np.testing.assert_allclose(b.tail_logmass, mass, rtol=2e-3, atol=1e-2)
+    with pytest.raises(ValueError, match="top_k"):
+        engine.score(reqs, top_k=33)
+
+
+def test_truncate_topk_is_exact_in_float32():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 20, generator=g) * 3
+    ids = torch.randint(0, 20, (4,), generator=g)
+    cfg = TargetConfig(top_k=10)
+    full = compute_targets(logits, logits.flip(-1), ids, cfg)
+    cut = truncate_topk(full, 3)
+    direct = compute_targets(logits, logits.flip(-1), ids, TargetConfig(top_k=3))
+    torch.testing.assert_close(cut.tail_logmass, direct.tail_logmass, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cut.topk_ids, direct.topk_ids)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (ScoreRequest([5], 1), "need a prompt and a response"),
+    (ScoreRequest([5, 6, 7], 0), "prompt_len"),
+    (ScoreRequest([5, 6, 7], 3), "prompt_len"),
+    (ScoreRequest([5, 6, 10_000], 1), "outside the vocabulary"),
+    (ScoreRequest([5, -1, 7], 1), "outside the vocabulary"),
+])
+def test_invalid_sequences_are_refused_with_their_index(pair, bad, match):
+    engine = TeacherEngine(pair, TargetConfig(top_k=4))
+    good = ScoreRequest([5, 6, 7], 1)
+    with pytest.raises(ValueError, match=match) as info:
+        engine.score([good, bad])
+    assert "sequences[1]" in str(info.value)
+
+
+def test_max_seq_len_is_enforced(pair):
+    engine = TeacherEngine(pair, TargetConfig(top_k=4), max_seq_len=10)
+    with pytest.raises(ValueError, match="max_seq_len 10"):
+        engine.score([ScoreRequest(list(range(5, 16)), 2)])
+
+
+def test_pack_batches_respects_budget_and_covers():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, size=200).tolist()
+    batches = pack_batches(lengths, 256)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 256
+
+
+def test_mismatched_tokenizers_are_refused(tmp_path):
+    a = save_model_dir(tmp_path / "a", seed=1)
+    b = save_model_dir(tmp_path / "b", seed=2, extra_words=3)
+    with pytest.raises(TeacherLoadError, match="do not share a tokenizer"):
+        load_teacher_pair(a, b, device="cpu")
+
+
+def test_padded_embedding_rows_are_dropped_explicitly(tmp_path, caplog):
+    """Models with more output rows than the tokenizer has tokens (as Qwen2.5 pads 151665 to
+    151936): targets range over the tokenizer's vocabulary only, and the loader says so."""
+    tok = build_tokenizer()
+    for name, seed in (("dpo", 1), ("rev", 2)):
+        model = build_model(len(tok) + 12, seed=seed)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    with caplog.at_level("WARNING"):
+        pair = load_teacher_pair(tmp_path / "dpo", tmp_path / "rev", device="cpu")
+    assert pair.vocab_size == len(tok) and pair.model_vocab_size == len(tok) + 12
+    assert "12 padding rows" in caplog.text
+    engine = TeacherEngine(pair, TargetConfig(top_k=len(tok)))
+    rec = engine.score([ScoreRequest([4, 20, 30, 40], 2)])[0]
+    assert rec.topk_ids.max() < len(tok)
+    assert np.isneginf(rec.tail_logmass).all()  # k == V of the tokenizer: no tail
+
+
+def test_model_with_too_few_rows_is_refused(tmp_path):
+    tok = build_tokenizer()
+    for name in ("dpo", "rev"):
+        build_model(len(tok) - 4).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    with pytest.raises(TeacherLoadError, match="would have no logit"):
+        load_teacher_pair(tmp_path / "dpo", tmp_path / "rev", device="cpu")
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    d = save_model_dir(tmp_path / "m")
+    for f in d.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    with pytest.raises(TeacherLoadError, match="only safetensors"):
+        load_teacher_pair(d, d, device="cpu")
