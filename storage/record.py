@@ -216,7 +216,7 @@ def _coerce(name: str, value: Any, dtype: np.dtype) -> Any:
         raise RecordError(f"{name}: not a rectangular array of numbers")
     if dtype.kind in "iu":
         if arr.size and arr.dtype.kind not in "iu":
-            if arr.dtype.kind == "b" or not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
                 raise RecordError(f"{name}: expected integers, got {arr.dtype}")
         if arr.size and arr.dtype.kind in "iu" and (arr.max() > np.iinfo(dtype).max or
                                                      arr.min() < np.iinfo(dtype).min):

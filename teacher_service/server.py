@@ -1,0 +1,338 @@
+"""The live teacher: a FastAPI app over the one engine (DESIGN §4).
+
+Endpoints: ``POST /v1/score`` (token ids or text; JSON, or an Arrow IPC stream when the client
+sends ``Accept: application/vnd.apache.arrow.stream``), ``GET /v1/info``, ``/healthz``,
+``/readyz``, ``/metrics``. Every error is ``{"error": {"type", "message"}}`` with a 4xx status
+for anything the client sent; a 5xx only ever means the server itself failed.
+
+The body is read by hand (bounded, before any parsing) rather than by FastAPI's body parameter,
+so that size limits, malformed JSON, NaN/Infinity and absurd nesting all get precise 4xx answers.
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Union
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from storage import wire
+from storage.datasets import Example
+from storage.tokenization import TokenizationError, tokenize_example
+from teacher_service.batcher import MicroBatcher, QueueFull
+from teacher_service.engine import InvalidSequenceError, ScoreRequest, TeacherEngine
+
+log = logging.getLogger(__name__)
+
+API_KEY_ENV = "ALIGNDISTIL_API_KEY"
+
+
+# ---------------------------------------------------------------------------- request models
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: StrictStr
+    content: StrictStr
+
+
+class TokenSequence(BaseModel):
+    """A pre-tokenised sequence: prompt + response ids and where the response starts."""
+    model_config = ConfigDict(extra="forbid")
+    input_ids: list[StrictInt] = Field(min_length=2)
+    prompt_len: StrictInt
+
+
+class TextSequence(BaseModel):
+    """A text sequence the server tokenises with the teachers' chat template."""
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    prompt: StrictStr | None = None
+    response: StrictStr = Field(min_length=1)
+
+
+class ScoreBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sequences: list[Union[TokenSequence, TextSequence]] = Field(min_length=1)
+    top_k: StrictInt | None = Field(default=None, ge=1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, type_: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type_, message, headers
+
+
+def error_response(status: int, type_: str, message: str, headers: dict | None = None
+                   ) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+# ---------------------------------------------------------------------------- settings, state
+@dataclass
+class ServerSettings:
+    max_body_bytes: int = 8 << 20
+    max_sequences: int = 256
+    max_request_tokens: int = 65536
+    max_batch_tokens: int = 8192
+    batch_wait_s: float = 0.005
+    max_queue_requests: int = 256
+    max_queue_tokens: int | None = None
+    api_key: str | None = None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("aligndistil_requests_total", "HTTP requests by path and status",
+                                ["path", "status"], registry=self.registry)
+        self.latency = Histogram("aligndistil_score_latency_seconds", "POST /v1/score latency",
+                                 registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+        self.tokens = Counter("aligndistil_scored_tokens_total", "tokens scored (prompt + response)",
+                              registry=self.registry)
+        self.batches = Histogram("aligndistil_engine_batch_sequences", "sequences per engine pass",
+                                 registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.engine_seconds = Counter("aligndistil_engine_seconds_total", "time inside the engine",
+                                      registry=self.registry)
+        self.rejected = Counter("aligndistil_rejected_total", "requests shed with 429",
+                                registry=self.registry)
+        self.queue_depth = Gauge("aligndistil_queue_requests", "requests waiting for the engine",
+                                 registry=self.registry)
+
+    def on_batch(self, sequences: int, tokens: int, seconds: float) -> None:
+        self.batches.observe(sequences)
+        self.tokens.inc(tokens)
+        self.engine_seconds.inc(seconds)
+
+
+class ServerState:
+    """Holds the engine once it is loaded; loading runs in a thread so /healthz answers at once."""
+
+    def __init__(self, engine_factory: Callable[[], TeacherEngine], settings: ServerSettings,
+                 info: Callable[[TeacherEngine], dict[str, Any]]):
+        self.engine_factory = engine_factory
+        self.settings = settings
+        self.info_fn = info
+        self.engine: TeacherEngine | None = None
+        self.batcher: MicroBatcher | None = None
+        self.load_error: str | None = None
+        self.metrics = Metrics()
+        self._loaded = threading.Event()
+
+    async def load(self) -> None:
+        try:
+            engine = await asyncio.to_thread(self.engine_factory)
+        except Exception as exc:  # reported by /readyz and the log; the process keeps answering
+            log.exception("loading the teachers failed")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        s = self.settings
+        self.batcher = MicroBatcher(engine, max_batch_tokens=s.max_batch_tokens,
+                                    max_wait_s=s.batch_wait_s,
+                                    max_queue_requests=s.max_queue_requests,
+                                    max_queue_tokens=s.max_queue_tokens,
+                                    on_batch=self.metrics.on_batch)
+        self.batcher.start()
+        self.engine = engine
+        log.info("teachers loaded; ready")
+
+
+# ---------------------------------------------------------------------------- the app
+def create_app(engine_factory: Callable[[], TeacherEngine], settings: ServerSettings | None = None,
+               info: Callable[[TeacherEngine], dict[str, Any]] | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    if settings.api_key is None:
+        settings.api_key = os.environ.get(API_KEY_ENV) or None
+    state = ServerState(engine_factory, settings, info or (lambda e: {}))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(state.load())
+        yield
+        await loader
+        if state.batcher is not None:
+            await state.batcher.stop()  # finish what is queued and in flight
+
+    app = FastAPI(title="aligndistil teacher", version="1", lifespan=lifespan)
+    app.state.server = state
+
+    # ---- errors: always the JSON error body, 4xx for the client's mistakes
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(422, "invalid_request", _format_errors(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, kind, str(exc.detail))
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        state.metrics.requests.labels(request.url.path if request.url.path in _PATHS else "other",
+                                      str(response.status_code)).inc()
+        return response
+
+    # ---- dependencies
+    def require_key(request: Request) -> None:
+        key = settings.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
+        if not ok:
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token",
+                           {"WWW-Authenticate": "Bearer"})
+
+    def require_ready() -> TeacherEngine:
+        if state.engine is None:
+            detail = state.load_error or "the teachers are still loading"
+            raise ApiError(503, "not_ready", detail, {"Retry-After": "5"})
+        return state.engine
+
+    async def read_score_body(request: Request) -> ScoreBody:
+        raw = await _read_bounded(request, settings.max_body_bytes)
+        try:
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except RecursionError:
+            raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+        except UnicodeDecodeError:
+            raise ApiError(400, "malformed_json", "body is not UTF-8") from None
+        except ValueError as exc:
+            raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+        try:
+            return ScoreBody.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_request", _format_errors(exc.errors())) from None
+        except RecursionError:
+            raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+
+    # ---- routes
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if state.engine is None:
+            return error_response(503, "not_ready",
+                                  state.load_error or "the teachers are still loading")
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        if state.batcher is not None:
+            state.metrics.queue_depth.set(state.batcher.queued_requests)
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/info", dependencies=[Depends(require_key)])
+    async def v1_info(engine: Annotated[TeacherEngine, Depends(require_ready)]):
+        return state.info_fn(engine)
+
+    @app.post("/v1/score", dependencies=[Depends(require_key)],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": ScoreBody.model_json_schema(
+                      ref_template="#/components/schemas/{model}")}}}})
+    async def v1_score(request: Request,
+                       engine: Annotated[TeacherEngine, Depends(require_ready)],
+                       body: Annotated[ScoreBody, Depends(read_score_body)]):
+        started = time.perf_counter()
+        if len(body.sequences) > settings.max_sequences:
+            raise ApiError(413, "too_many_sequences",
+                           f"{len(body.sequences)} sequences; the limit is {settings.max_sequences}")
+        top_k = body.top_k
+        if top_k is not None and top_k > engine.config.top_k:
+            raise ApiError(422, "invalid_request",
+                           f"top_k {top_k} exceeds the server's top_k {engine.config.top_k}")
+        requests = [_to_request(engine, i, seq) for i, seq in enumerate(body.sequences)]
+        total = sum(len(r.input_ids) for r in requests)
+        if total > settings.max_request_tokens:
+            raise ApiError(413, "too_many_tokens", f"{total} tokens in one request; the limit is "
+                                                   f"{settings.max_request_tokens}")
+        try:
+            records = await state.batcher.submit(requests, top_k)
+        except QueueFull as exc:
+            state.metrics.rejected.inc()
+            raise ApiError(429, "overloaded", str(exc),
+                           {"Retry-After": str(int(exc.retry_after_s + 0.999))}) from None
+        state.metrics.latency.observe(time.perf_counter() - started)
+        if wire.ARROW_STREAM_MEDIA_TYPE in request.headers.get("accept", ""):
+            return Response(wire.encode_arrow(records), media_type=wire.ARROW_STREAM_MEDIA_TYPE)
+        return Response(wire.encode_json(records), media_type="application/json")
+
+    return app
+
+
+_PATHS = {"/v1/score", "/v1/info", "/healthz", "/readyz", "/metrics"}
+
+
+def _to_request(engine: TeacherEngine, index: int, seq: TokenSequence | TextSequence
+                ) -> ScoreRequest:
+    if isinstance(seq, TokenSequence):
+        ids, prompt_len = seq.input_ids, seq.prompt_len
+    else:
+        if (seq.messages is None) == (seq.prompt is None):
+            raise ApiError(422, "invalid_request",
+                           f"sequences[{index}]: give exactly one of 'messages' or 'prompt'")
+        example = Example(
+            index=index, source="request",
+            prompt_messages=([m.model_dump() for m in seq.messages] if seq.messages
+                             else [{"role": "user", "content": seq.prompt}]),
+            response=seq.response)
+        try:
+            ids, prompt_len = tokenize_example(engine.pair.tokenizer, example)
+        except TokenizationError as exc:
+            raise ApiError(422, "invalid_request", f"sequences[{index}]: {exc}") from None
+    try:
+        engine.validate(index, ids, prompt_len)
+    except InvalidSequenceError as exc:
+        status = 413 if "max_seq_len" in str(exc) else 422
+        raise ApiError(status, "invalid_sequence", str(exc)) from None
+    return ScoreRequest(list(ids), int(prompt_len))
+
+
+async def _read_bounded(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise ApiError(413, "body_too_large", f"body of {declared} bytes; the limit is {limit}")
+        except ValueError:
+            raise ApiError(400, "bad_request", "invalid Content-Length header") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"body over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _format_errors(errors: list[dict]) -> str:
+    parts = []
+    for err in errors[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
