@@ -3,7 +3,57 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add this package's subcommands. Handlers import heavy modules lazily."""
+    p = subparsers.add_parser(
+        "inspect", help="summarise, show or verify a target store",
+        description="Summarise a target store (examples, tokens, bytes, k, teachers, "
+                    "completeness per worker), print one record, or verify every checksum.")
+    p.add_argument("store", metavar="STORE", help="path of the store")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--example", type=int, metavar="I",
+                   help="print the record at store position I (0-based) as JSON")
+    p.add_argument("--example-index", type=int, metavar="J",
+                   help="print the record whose example_index (source row) is J")
+    p.add_argument("--verify", action="store_true",
+                   help="recompute all checksums; exit 1 naming every bad shard")
+    p.set_defaults(func=_inspect)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from storage.store import StoreError, TargetStore, format_summary, summarize, verify_store
+
+    try:
+        if args.verify:
+            report = verify_store(args.store)
+            if args.json:
+                print(json.dumps({"ok": report.ok, "checked_shards": report.checked_shards,
+                                  "bad": report.bad}))
+            else:
+                for name, problems in report.bad.items():
+                    for problem in problems:
+                        print(f"BAD {name}: {problem}")
+                print(f"{'ok' if report.ok else 'FAILED'}: {report.checked_shards} shard(s) "
+                      f"checked, {len(report.bad)} bad")
+            return 0 if report.ok else 1
+        store = TargetStore.open(args.store)
+        if args.example is not None or args.example_index is not None:
+            position = (args.example if args.example is not None
+                        else store.position_of(args.example_index))
+            if not 0 <= position < len(store):
+                raise IndexError(f"example {position} out of range: the store has "
+                                 f"{len(store)} examples")
+            record = store[position]
+            print(json.dumps(record.to_dict(), indent=None if args.json else 1))
+            return 0
+        summary = summarize(store)
+        print(json.dumps(summary) if args.json else format_summary(summary))
+        return 0
+    except (StoreError, IndexError, KeyError, OSError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"aligndistil inspect: error: {message}", file=sys.stderr)
+        return 2

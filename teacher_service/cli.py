@@ -35,13 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_teacher_args(pre)
     pre.add_argument("--data", required=True, help="JSONL or Parquet file")
     pre.add_argument("--out", required=True, help="the store to write (created or resumed)")
-    pre.add_argument("--response-field", default="chosen",
-                     help="for UltraFeedback-style rows: which list is the response (default chosen)")
+    pre.add_argument("--response-field", default=None,
+                     help="for preference rows {prompt, chosen, rejected}: which list is the "
+                          "response (default chosen); other row shapes are unaffected")
     pre.add_argument("--worker-index", type=int, default=None,
                      help="this worker's index (default: $RANK under torchrun, else 0)")
     pre.add_argument("--num-workers", type=int, default=None,
                      help="workers writing the store (default: $WORLD_SIZE under torchrun, else 1)")
-    pre.add_argument("--shard-size", type=int, default=512, help="examples per committed shard")
+    pre.add_argument("--shard-tokens", type=int, default=65536,
+                     help="response tokens per committed shard (the unit of atomic commit)")
+    pre.add_argument("--group-size", type=int, default=256,
+                     help="examples sorted and packed together per engine call")
     pre.add_argument("--skip-bad-rows", action="store_true",
                      help="skip and count malformed rows instead of stopping at the first")
     pre.add_argument("--limit", type=int, default=None, help="only the first N examples")

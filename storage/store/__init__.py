@@ -1,0 +1,78 @@
+"""The Zarr v3 target store: sharded, checksummed, resumable; streamed by the trainer.
+
+Public API::
+
+    from storage.store import StoreMetadata, TargetStoreWriter, TargetStore
+
+    meta = StoreMetadata(teachers={"dpo": ..., "reverse": ...}, tokenizer_sha256=...,
+                         vocab_size=V, top_k=64, r=20.0, eps=1e-3, tvd_norm="half-l1",
+                         mode="adaptive", source_fingerprint=..., num_workers=N)
+    with TargetStoreWriter(path, meta, worker_index=I) as w:      # precompute, worker I of N
+        done = set(w.committed_example_indices().tolist())       # resume: skip these
+        for record in ...: w.write(record)
+
+    store = TargetStore.open(path)                                # trainer
+    store[i]                                                      # random access -> TargetRecord
+    for batch in store.iter_batches(256, epoch=e, seed=s, rank=r, world_size=W): ...
+
+On-disk layout, format_version 1
+--------------------------------
+::
+
+    STORE/
+      zarr.json                zarr v3 group; attributes["aligndistil"] = StoreMetadata
+                               (format_version, teachers, tokenizer_sha256, vocab_size, top_k,
+                               r, eps, tvd_norm, mode, source_fingerprint, num_workers, layout,
+                               extra, created_with)
+      manifest-w0000.json      worker 0's committed shards, replaced atomically on each commit:
+                               {"manifest_version": 1, "worker_index": 0, "finished": bool,
+                                "shards": [{"name", "num_examples", "num_tokens",
+                                            "num_input_tokens", "checksums_sha256"}, ...]}
+      manifest-w0001.json      ... one per worker that has committed anything
+      locks/w0000.lock         flock held by worker 0's live writer (holds its pid)
+      shards/zarr.json         zarr v3 group
+      shards/w0000-s000000/    one shard: a zarr v3 group written by exactly one process
+        zarr.json              attributes["aligndistil_shard"] = layout, counts, top_k
+        checksums.json         {"files": {relative path: {"size", "sha256"}}} of every other
+                               file of the shard; its own sha256 is in the manifest
+        example_index/         int64 [E]             row of the source dataset
+        prompt_len/            int32 [E]
+        seq_len/               int32 [E]             L = prompt + response length
+        input_ids/             [sum L]               token-major, concatenated over examples
+        alpha/ tail_logmass/ dpo_logprobs/ reverse_logprobs/
+                               float32 [N]           N = sum (L - prompt_len), concatenated
+        topk_ids/              [N, k] or [k, N]      see the array's attributes
+        topk_ids_dictionary/   int32 [D]             freq-dict encoding only
+        topk_logprobs/         [N, k] or [k, N]      see the array's attributes
+        topk_logprobs_first/   float16 [N]           lossy q8 encoding only (row max)
+        topk_logprobs_last/    float16 [N]           lossy q8 encoding only (row min)
+
+Example ``b`` of a shard owns ``input_ids[sum(seq_len[:b]) : sum(seq_len[:b+1])]`` and rows
+``sum(T[:b]) : sum(T[:b+1])`` of the per-position arrays, ``T = seq_len - prompt_len``. Each
+array's attributes say how it is encoded (``encoding``: ``plain`` | ``widen-int32`` |
+``freq-dict`` | ``fp16-bits-rowdelta`` | ``q8-rowrange``; ``transposed``: stored as
+``[k, N]``), see :mod:`storage.store.layout`;
+the codecs are in each array's own ``zarr.json`` (Blosc). Any zarr v3 reader can open the
+arrays; decoding the encodings gives back the record contract's dtypes exactly.
+
+A shard is visible to readers only once its worker's manifest lists it; the directory of a
+shard that no manifest lists is a crash leftover. Readers refuse a format_version they don't
+know, and refuse (naming the shard) any shard whose bytes don't match its checksums.
+"""
+
+from .batch import TargetBatch
+from .errors import (StoreCorruptionError, StoreError, StoreFormatError, StoreLockedError,
+                     StoreMetadataMismatchError, StoreNotFoundError)
+from .layout import DEFAULT_LAYOUT, LAYOUTS, Layout
+from .metadata import FORMAT_VERSION, StoreMetadata, read_metadata
+from .reader import TargetStore
+from .summary import VerifyReport, format_summary, summarize, verify_store
+from .writer import DEFAULT_SHARD_TOKENS, TargetStoreWriter
+
+__all__ = [
+    "DEFAULT_LAYOUT", "DEFAULT_SHARD_TOKENS", "FORMAT_VERSION", "LAYOUTS", "Layout",
+    "StoreCorruptionError", "StoreError", "StoreFormatError", "StoreLockedError",
+    "StoreMetadata", "StoreMetadataMismatchError", "StoreNotFoundError", "TargetBatch",
+    "TargetStore", "TargetStoreWriter", "VerifyReport", "format_summary", "read_metadata",
+    "summarize", "verify_store",
+]

@@ -1,0 +1,127 @@
+"""What ``aligndistil inspect`` reports: a store's summary and a full checksum verification."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import StoreError
+from .manifest import (ShardEntry, list_manifest_workers, parse_shard_name, read_manifest,
+                       verify_shard)
+from .metadata import read_metadata
+from .reader import TargetStore
+
+
+def directory_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def summarize(store: TargetStore) -> dict[str, Any]:
+    """A JSON-ready summary: sizes, metadata and completeness per worker."""
+    meta = store.metadata
+    committed = {s.name for s in store.shards}
+    shard_bytes = sum(directory_bytes(store.path / s.relpath) for s in store.shards)
+    leftovers: dict[int, int] = {}
+    shards_dir = store.path / "shards"
+    if shards_dir.is_dir():
+        for name in os.listdir(shards_dir):
+            parsed = parse_shard_name(name)
+            if parsed and name not in committed:
+                leftovers[parsed[0]] = leftovers.get(parsed[0], 0) + 1
+    workers = []
+    for w in sorted(set(range(meta.num_workers)) | set(store.manifests)):
+        m = store.manifests.get(w)
+        shards = m.shards if m else []
+        state = ("not started" if m is None else "finished" if m.finished else "in progress")
+        workers.append({"worker": w, "state": state, "shards": len(shards),
+                        "examples": sum(s.num_examples for s in shards),
+                        "response_tokens": sum(s.num_tokens for s in shards),
+                        "uncommitted_shard_dirs": leftovers.get(w, 0)})
+    tokens = store.num_tokens
+    return {
+        "path": str(store.path),
+        "format_version": meta.format_version,
+        "examples": store.num_examples,
+        "response_tokens": tokens,
+        "input_tokens": store.num_input_tokens,
+        "shards": len(store.shards),
+        "bytes_on_disk": directory_bytes(store.path),
+        "shard_bytes": shard_bytes,
+        "bytes_per_token": (shard_bytes / tokens) if tokens else None,
+        "top_k": meta.top_k,
+        "vocab_size": meta.vocab_size,
+        "teachers": meta.teachers,
+        "tokenizer_sha256": meta.tokenizer_sha256,
+        "r": meta.r, "eps": meta.eps, "tvd_norm": meta.tvd_norm, "mode": meta.mode,
+        "source_fingerprint": meta.source_fingerprint,
+        "layout": meta.layout,
+        "num_workers": meta.num_workers,
+        "complete": all(w["state"] == "finished" for w in workers),
+        "workers": workers,
+        "extra": meta.extra,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    bpt = f"{s['bytes_per_token']:.1f}" if s["bytes_per_token"] is not None else "-"
+    lines = [
+        f"store           {s['path']}  (format v{s['format_version']}, layout {s['layout']})",
+        f"examples        {s['examples']}",
+        f"response tokens {s['response_tokens']}  (input tokens {s['input_tokens']})",
+        f"shards          {s['shards']}",
+        f"bytes on disk   {s['bytes_on_disk']}  ({bpt} B/response token in shards)",
+        f"top_k           {s['top_k']}   vocab_size {s['vocab_size']}",
+        f"teachers        " + ", ".join(f"{k}={v}" for k, v in s["teachers"].items()),
+        f"tokenizer       sha256 {s['tokenizer_sha256']}",
+        f"targets         mode {s['mode']}, r {s['r']}, eps {s['eps']}, tvd_norm {s['tvd_norm']}",
+        f"source          {s['source_fingerprint']}",
+        f"workers         {s['num_workers']} ({'complete' if s['complete'] else 'INCOMPLETE'})",
+    ]
+    for w in s["workers"]:
+        extra = (f", {w['uncommitted_shard_dirs']} uncommitted shard dir(s)"
+                 if w["uncommitted_shard_dirs"] else "")
+        lines.append(f"  worker {w['worker']:<4d} {w['state']:<12s} {w['shards']} shards, "
+                     f"{w['examples']} examples, {w['response_tokens']} tokens{extra}")
+    return "\n".join(lines)
+
+
+@dataclass
+class VerifyReport:
+    checked_shards: int = 0
+    bad: dict[str, list[str]] = field(default_factory=dict)  # shard or manifest -> problems
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def verify_store(path: str | os.PathLike) -> VerifyReport:
+    """Recompute every committed shard's checksums. Manifests that can't be read are reported
+    under their file name; metadata problems raise (the store can't be read at all)."""
+    root = Path(path)
+    read_metadata(root)
+    report = VerifyReport()
+    entries: list[ShardEntry] = []
+    for worker in list_manifest_workers(root):
+        try:
+            manifest = read_manifest(root, worker)
+        except StoreError as exc:
+            report.bad[f"manifest-w{worker:04d}.json"] = [str(exc)]
+            continue
+        if manifest is not None:
+            entries.extend(manifest.shards)
+    for entry in entries:
+        report.checked_shards += 1
+        problems = verify_shard(root, entry)
+        if problems:
+            report.bad[entry.relpath] = problems
+    return report

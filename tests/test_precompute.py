@@ -1,0 +1,215 @@
+"""``aligndistil precompute`` as a real subprocess: output, resume after SIGKILL, workers, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from live_server import REPO, start_server, stop_server
+from tiny_models import save_teacher_pair
+from storage import wire
+from storage.datasets import read_examples
+from storage.store import TargetStore
+from storage.tokenization import tokenize_example
+from teacher_service.engine import ScoreRequest, TeacherEngine
+from teacher_service.models import load_teacher_pair
+from teacher_service.targets import TargetConfig
+
+
+def _cli(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aligndistil.cli", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def _write_data(path: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    with path.open("w") as fh:
+        for i in range(n):
+            nums = rng.integers(0, 100, size=int(rng.integers(2, 7))).tolist()
+            prompt = "sort " + " ".join(map(str, nums))
+            answer = " ".join(map(str, sorted(nums)))
+            if i % 3 == 0:  # UltraFeedback-binarized shape
+                row = {"prompt": prompt,
+                       "chosen": [{"role": "user", "content": prompt},
+                                  {"role": "assistant", "content": answer}],
+                       "rejected": [{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": "no"}]}
+            elif i % 3 == 1:
+                row = {"messages": [{"role": "user", "content": prompt},
+                                    {"role": "assistant", "content": answer}]}
+            else:
+                row = {"prompt": prompt, "response": answer}
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def _records(store_path) -> dict:
+    store = TargetStore.open(store_path)
+    return {store[i].example_index: store[i] for i in range(len(store))}
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+    return save_teacher_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _write_data(tmp_path_factory.mktemp("data") / "train.jsonl", 30)
+
+
+@pytest.fixture(scope="module")
+def store(pair_dirs, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "targets"
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", data, "--out", out, "--top-k", 8, "--device", "cpu",
+               "--group-size", 8, "--shard-tokens", 40)
+    assert res.returncode == 0, res.stderr
+    assert "30 new examples" in res.stdout and "tokens/s" in res.stdout
+    return out
+
+
+def test_precompute_writes_engine_targets(store, pair_dirs, data):
+    records = _records(store)
+    assert sorted(records) == list(range(30))
+    store_meta = TargetStore.open(store).metadata
+    assert store_meta.r == 20.0 and store_meta.top_k == 8 and store_meta.tvd_norm == "half-l1"
+    pair = load_teacher_pair(*pair_dirs, device="cpu")
+    assert store_meta.tokenizer_sha256 == pair.tokenizer_sha256
+    engine = TeacherEngine(pair, TargetConfig(top_k=8, r=20.0))
+    examples = list(read_examples(data))
+    reqs = [ScoreRequest(*tokenize_example(pair.tokenizer, ex), example_index=ex.index)
+            for ex in examples]
+    # The same groups of 8 as the CLI formed: identical batches, identical bits.
+    for start in range(0, 30, 8):
+        for want in engine.score(reqs[start:start + 8]):
+            assert records[want.example_index].equals(want)
+
+
+def test_precompute_equals_server_output(store, pair_dirs, tmp_path):
+    records = _records(store)
+    proc, url = start_server(*pair_dirs, "--top-k", "8", "--r", "20", log_path=tmp_path / "log")
+    try:
+        chosen = [records[i] for i in (0, 4, 11, 29)]
+        body = {"sequences": [{"input_ids": r.input_ids.tolist(), "prompt_len": r.prompt_len}
+                              for r in chosen]}
+        resp = httpx.post(url + "/v1/score", json=body, timeout=60,
+                          headers={"Accept": wire.ARROW_STREAM_MEDIA_TYPE})
+        assert resp.status_code == 200
+        for served, stored in zip(wire.decode_arrow(resp.content), chosen):
+            assert served.input_ids.tolist() == stored.input_ids.tolist()
+            np.testing.assert_allclose(served.alpha, stored.alpha, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(served.topk_logprobs.astype(np.float32),
+                                       stored.topk_logprobs.astype(np.float32), rtol=2e-3,
+                                       atol=1e-3)
+            np.testing.assert_allclose(served.tail_logmass, stored.tail_logmass, rtol=1e-4,
+                                       atol=1e-4)
+            np.testing.assert_allclose(served.dpo_logprobs, stored.dpo_logprobs, atol=1e-4)
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_inspect_reads_the_precomputed_store(store):
+    res = _cli("inspect", store, "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["examples"] == 30 and summary["complete"] is True
+    one = _cli("inspect", store, "--example", 3, "--json")
+    assert json.loads(one.stdout)["example_index"] == 3
+
+
+def test_sigkill_then_resume_equals_uninterrupted(pair_dirs, tmp_path):
+    data = _write_data(tmp_path / "big.jsonl", 400, seed=1)
+    common = ["--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1], "--data", data,
+              "--top-k", 4, "--device", "cpu", "--group-size", 4, "--shard-tokens", 1]
+    clean = tmp_path / "clean"
+    assert _cli("precompute", *common, "--out", clean).returncode == 0
+
+    crashed = tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "aligndistil.cli", "precompute", *map(str, common),
+           "--out", str(crashed)]
+    kills = 0
+    for _ in range(2):  # kill twice at different points, resume each time
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        manifest = crashed / "manifest-w0000.json"
+        target = 3 + 10 * kills
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= target:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "precompute finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        partial = TargetStore.open(crashed)
+        assert 0 < partial.num_examples < 400
+    res = _cli("precompute", *common, "--out", crashed)
+    assert res.returncode == 0, res.stderr
+    assert "already committed" in res.stdout
+    a, b = _records(clean), _records(crashed)
+    assert sorted(a) == sorted(b) == list(range(400))
+    assert all(a[i].equals(b[i]) for i in a)
+    for key in ("teachers", "tokenizer_sha256", "r", "top_k", "source_fingerprint"):
+        assert getattr(TargetStore.open(clean).metadata, key) == \
+            getattr(TargetStore.open(crashed).metadata, key)
+
+
+def test_two_workers_write_one_store(pair_dirs, data, tmp_path):
+    out = tmp_path / "two"
+    common = ["--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1], "--data", data,
+              "--out", out, "--top-k", 4, "--device", "cpu", "--num-workers", 2]
+    procs = [subprocess.Popen([sys.executable, "-m", "aligndistil.cli", "precompute",
+                               *map(str, common), "--worker-index", str(w)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for w in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    records = _records(out)
+    assert sorted(records) == list(range(30))
+    summary = json.loads(_cli("inspect", out, "--json").stdout)
+    assert summary["complete"] and [w["examples"] for w in summary["workers"]] == [15, 15]
+    # RANK / WORLD_SIZE (torchrun) place a worker when the flags are absent.
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
+    again = _cli("precompute", *common[:-2], env=env)
+    assert again.returncode == 0 and "(15 already committed)" in again.stdout
+
+
+def test_bad_row_names_file_and_line_and_skip_counts(pair_dirs, data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = data.read_text().splitlines()
+    lines.insert(4, '{"messages": "not a list"}')
+    bad.write_text("\n".join(lines) + "\n")
+    common = ["--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1], "--data", bad,
+              "--top-k", 4, "--device", "cpu"]
+    res = _cli("precompute", *common, "--out", tmp_path / "s1")
+    assert res.returncode == 2 and "bad.jsonl:5" in res.stderr and "messages" in res.stderr
+    ok = _cli("precompute", *common, "--out", tmp_path / "s2", "--skip-bad-rows")
+    assert ok.returncode == 0 and "1 malformed" in ok.stdout
+    assert TargetStore.open(tmp_path / "s2").num_examples == 30
+
+
+def test_resume_with_other_settings_is_refused(store, pair_dirs, data):
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", data, "--out", store, "--top-k", 8, "--device", "cpu", "--r", 7)
+    assert res.returncode == 2 and "r" in res.stderr
+
+
+def test_missing_flags_and_files_are_clear(pair_dirs, tmp_path):
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--data", tmp_path / "none.jsonl",
+               "--out", tmp_path / "x")
+    assert res.returncode != 0 and "--reverse-model" in res.stderr
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", tmp_path / "none.jsonl", "--out", tmp_path / "x")
+    assert res.returncode == 2 and "no such file" in res.stderr
