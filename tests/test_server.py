@@ -218,3 +218,23 @@ def test_full_queue_sheds_with_429(pair_dirs, tmp_path):
         assert _post(url, body).status_code == 200
     finally:
         assert stop_server(proc) == 0
+
+
+def test_sigterm_finishes_in_flight_requests(pair_dirs, tmp_path):
+    import signal
+    import threading
+    import time
+
+    proc, url = start_server(*pair_dirs, "--top-k", "4", "--batch-wait-ms", "500",
+                             log_path=tmp_path / "log")
+    body = {"sequences": _sequences(8, seed=7)}
+    result = {}
+    sender = threading.Thread(target=lambda: result.setdefault("resp", _post(url, body)))
+    sender.start()
+    time.sleep(0.2)  # the request is queued in the 500 ms batching window
+    proc.send_signal(signal.SIGTERM)
+    sender.join(60)
+    assert proc.wait(60) == 0, (tmp_path / "log").read_text()[-2000:]
+    resp = result["resp"]
+    assert resp.status_code == 200
+    assert len(resp.json()["results"]) == 8
