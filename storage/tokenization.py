@@ -75,6 +75,17 @@ def tokenize_example(tokenizer: Any, example: Example, max_seq_len: int | None =
     return ids, prompt_len
 
 
+def tokenize_prompt(tokenizer: Any, messages: list[dict[str, str]], *, where: str = "prompt"
+                    ) -> list[int]:
+    """A prompt's ids with the assistant turn opened (generation prompt), rendered and encoded
+    exactly as :func:`tokenize_example` renders the prompt part: sampling from these ids and
+    scoring prompt + sample later gives the same boundary."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizationError(f"{where}: the tokenizer has no chat template; give it one or "
+                                f"pre-tokenise the prompts (input_ids)")
+    return _render(tokenizer, messages, add_generation_prompt=True, name=where)
+
+
 def tokenizer_sha256(tokenizer: Any) -> str:
     """Hex sha256 identifying the tokenizer's vocabulary mapping.
 

@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from storage.datasets import Example, parse_row, read_examples
-from storage.tokenization import TokenizationError, tokenize_example, tokenizer_sha256
+from storage.tokenization import (TokenizationError, tokenize_example, tokenize_prompt,
+                                  tokenizer_sha256)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,13 @@ def test_tokenizer_sha256_changes_with_any_token_or_id(tok_dir):
     other = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
     assert set(other.get_vocab()) == set(vocab)
     assert tokenizer_sha256(other) != base
+
+
+def test_tokenize_prompt_is_the_prompt_part_of_an_example(tok):
+    example = chat(("user", "sort 3 1 2"), ("assistant", "1 2 3"), ("user", "copy 4"),
+                   response="4")
+    ids, prompt_len = tokenize_example(tok, example)
+    assert tokenize_prompt(tok, list(example.prompt_messages)) == ids[:prompt_len]
+    tok.chat_template = None
+    with pytest.raises(TokenizationError, match="no chat template"):
+        tokenize_prompt(tok, [{"role": "user", "content": "x"}])

@@ -1,0 +1,142 @@
+"""From target records to padded tensors the student step consumes.
+
+Alignment (DESIGN §2): record target ``t`` is the teacher's distribution of ``input_ids[P+t]``
+given ``input_ids[:P+t]``, i.e. it meets the student's logit row ``P+t-1``. A batch therefore
+carries, besides the right-padded ``input_ids``/``attention_mask`` ``[B, L]``, the flat
+coordinates of every response position, ``row_idx`` / ``col_idx`` ``[N]`` (sequence, logit
+row ``P-1 .. L-2``), and the targets flattened the same way (``[N, k]`` and ``[N]``), in
+sequence order. ``response_mask`` ``[B, T_max]`` maps the flat positions back to a per-sequence
+layout: ``flat_values`` fill ``x[response_mask]`` in the same (row-major) order.
+
+Batches are cut by a token budget: the records of one optimizer step are sorted by length and
+packed greedily so that ``sequences x longest`` (padded tokens) stays under the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from storage.record import TargetRecord
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor        #: [B, L] long, right-padded
+    attention_mask: Tensor   #: [B, L] long
+    row_idx: Tensor          #: [N] long: sequence of each response position
+    col_idx: Tensor          #: [N] long: its logit row (P-1 .. L-2)
+    target_ids: Tensor       #: [N] long: the actual next token input_ids[P+t]
+    response_mask: Tensor    #: [B, T_max] bool
+    # teacher targets (absent for plain sequences, e.g. DPO)
+    topk_ids: Tensor | None = None          #: [N, k] long
+    topk_logprobs: Tensor | None = None     #: [N, k] float32
+    tail_logmass: Tensor | None = None      #: [N] float32
+    alpha: Tensor | None = None             #: [N] float32
+    dpo_logprobs: Tensor | None = None      #: [N] float32
+    reverse_logprobs: Tensor | None = None  #: [N] float32
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.row_idx.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=True)
+                                for f in fields(self) if getattr(self, f.name) is not None})
+
+    def unflatten(self, flat: Tensor, fill: float = 0.0) -> Tensor:
+        """``[N, ...]`` per-position values -> ``[B, T_max, ...]`` (``fill`` on padding)."""
+        out = flat.new_full((*self.response_mask.shape, *flat.shape[1:]), fill)
+        out[self.response_mask] = flat
+        return out
+
+
+def collate_sequences(sequences: Sequence[tuple[Sequence[int], int]], pad_id: int) -> Batch:
+    """Right-padded tensors and response coordinates for ``(input_ids, prompt_len)`` pairs."""
+    if not sequences:
+        raise ValueError("cannot collate an empty batch")
+    lengths = [len(ids) for ids, _ in sequences]
+    longest = max(lengths)
+    responses = [n - p for (_, p), n in zip(sequences, lengths)]
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    rmask = torch.zeros((len(sequences), max(responses)), dtype=torch.bool)
+    rows, cols = [], []
+    for b, ((seq, p), n, t) in enumerate(zip(sequences, lengths, responses)):
+        if not 1 <= p < n:
+            raise ValueError(f"sequence {b}: prompt_len must satisfy 1 <= prompt_len < "
+                             f"len(input_ids) = {n}, got {p}")
+        ids[b, :n] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+        mask[b, :n] = 1
+        rmask[b, :t] = True
+        rows.append(np.full(t, b, dtype=np.int64))
+        cols.append(np.arange(p - 1, n - 1, dtype=np.int64))
+    row_idx = torch.from_numpy(np.concatenate(rows))
+    col_idx = torch.from_numpy(np.concatenate(cols))
+    return Batch(input_ids=ids, attention_mask=mask, row_idx=row_idx, col_idx=col_idx,
+                 target_ids=ids[row_idx, col_idx + 1], response_mask=rmask)
+
+
+def collate_records(records: Sequence[TargetRecord], pad_id: int) -> Batch:
+    """:func:`collate_sequences` plus the records' teacher targets, flattened in the same order."""
+    batch = collate_sequences([(r.input_ids, r.prompt_len) for r in records], pad_id)
+    k = {r.top_k for r in records}
+    if len(k) != 1:
+        raise ValueError(f"records of one batch have different top-k sizes {sorted(k)}")
+
+    def cat(name: str, dtype) -> Tensor:
+        return torch.from_numpy(np.concatenate([getattr(r, name) for r in records]).astype(dtype))
+
+    return replace(
+        batch,
+        topk_ids=cat("topk_ids", np.int64),
+        topk_logprobs=cat("topk_logprobs", np.float32),
+        tail_logmass=cat("tail_logmass", np.float32),
+        alpha=cat("alpha", np.float32),
+        dpo_logprobs=cat("dpo_logprobs", np.float32),
+        reverse_logprobs=cat("reverse_logprobs", np.float32),
+    )
+
+
+def split_by_token_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group indices into micro-batches with ``count x longest <= max_tokens`` padded tokens.
+
+    Longest first, so each micro-batch holds similar lengths; ties keep input order, so the
+    split is deterministic. A sequence longer than the budget gets a micro-batch of its own.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        grown = max(longest, lengths[i])
+        if current and grown * (len(current) + 1) > max_tokens:
+            groups.append(current)
+            current, grown = [], lengths[i]
+        current.append(i)
+        longest = grown
+    if current:
+        groups.append(current)
+    return groups
+
+
+def micro_batches(records: Sequence[TargetRecord], *, max_tokens: int, pad_id: int
+                  ) -> list[Batch]:
+    """One optimizer step's records as token-budgeted, padded micro-batches."""
+    groups = split_by_token_budget([r.seq_len for r in records], max_tokens)
+    return [collate_records([records[i] for i in g], pad_id) for g in groups]

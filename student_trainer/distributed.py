@@ -1,0 +1,77 @@
+"""The process's place in a ``torchrun`` job (or a single process), and the few collectives the
+trainer needs. Without ``WORLD_SIZE > 1`` in the environment every helper is a local no-op."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_kind: str) -> DistEnv:
+    """Join the process group ``torchrun`` describes (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if device_kind == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return DistEnv(rank=rank, world_size=world, local_rank=local)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
+    """Sum a small float64 tensor over ranks (on the collective's device and back)."""
+    if not env.enabled:
+        return values
+    device = torch.device("cuda", env.local_rank) if dist.get_backend() == "nccl" else "cpu"
+    buf = values.to(device)
+    dist.all_reduce(buf)
+    return buf.to(values.device)
+
+
+def gather_objects(env: DistEnv, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (on every rank)."""
+    if not env.enabled:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(env: DistEnv, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,118 @@
+"""Prompts for on-policy training: a JSONL or Parquet file, tokenised once up front.
+
+Row shapes (the first key found wins):
+
+- ``{"prompt": "text"}`` (one user turn) or ``{"prompt": [messages]}``;
+- ``{"messages": [messages]}``: a trailing assistant message, if any, is dropped (its answer is
+  what the student will sample);
+- ``{"input_ids": [ids], "prompt_len": P}``: the first P ids (or all ids without ``prompt_len``).
+
+UltraFeedback-style preference rows have a ``prompt`` and so work as they are. Text prompts go
+through the student's chat template with the generation prompt opened, rendered to text and
+encoded without extra special tokens (the template places them), exactly as
+``storage.tokenization`` renders the prompt part of a training example.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from storage.tokenization import TokenizationError, tokenize_prompt
+
+
+class PromptError(ValueError):
+    """A prompt row that cannot be used; the message names the file and line/row."""
+
+
+def read_prompt_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for every data row of a JSONL or Parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"--prompts {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PromptError(f"{path.name}:{lineno}: invalid JSON ({exc})") from None
+                yield f"{path.name}:{lineno}", row
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path.name}:row {i}", row
+    else:
+        raise PromptError(f"--prompts {path}: unknown format {suffix!r}; expected .jsonl, "
+                          f".ndjson, .parquet or .pq")
+
+
+def prompt_ids(tokenizer, row: Any, where: str) -> list[int]:
+    """The token ids of one row's prompt, generation prompt opened."""
+    if not isinstance(row, dict):
+        raise PromptError(f"{where}: expected an object, got {type(row).__name__}")
+    row = {k: v for k, v in row.items() if v is not None}
+    if "input_ids" in row and "prompt" not in row and "messages" not in row:
+        ids = row["input_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise PromptError(f"{where}: field 'input_ids': expected a list of integers")
+        p = row.get("prompt_len", len(ids))
+        if not isinstance(p, int) or not 1 <= p <= len(ids):
+            raise PromptError(f"{where}: field 'prompt_len': must be in [1, {len(ids)}]")
+        bad = [t for t in ids[:p] if not 0 <= t < len(tokenizer)]
+        if bad:
+            raise PromptError(f"{where}: field 'input_ids': id(s) {bad[:5]} outside the "
+                              f"student's vocabulary of {len(tokenizer)}")
+        return list(ids[:p])
+    if "prompt" in row:
+        messages = _messages(row["prompt"], "prompt", where)
+    elif "messages" in row:
+        messages = _messages(row["messages"], "messages", where)
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    else:
+        raise PromptError(f"{where}: row has none of 'prompt', 'messages' or 'input_ids'")
+    if not messages:
+        raise PromptError(f"{where}: no prompt turns")
+    try:
+        return tokenize_prompt(tokenizer, messages, where=where)
+    except TokenizationError as exc:
+        raise PromptError(str(exc)) from None
+
+
+def load_prompts(path: str | Path, tokenizer, *, max_prompt_len: int | None = None
+                 ) -> list[list[int]]:
+    """Every prompt of the file as token ids; prompts longer than ``max_prompt_len`` are an
+    error naming the row (they would leave no room for a response)."""
+    prompts = []
+    for where, row in read_prompt_rows(path):
+        ids = prompt_ids(tokenizer, row, where)
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
+            raise PromptError(f"{where}: prompt of {len(ids)} tokens exceeds {max_prompt_len} "
+                              f"(max_seq_len minus at least one response token)")
+        prompts.append(ids)
+    if not prompts:
+        raise PromptError(f"--prompts {path}: no prompts")
+    return prompts
+
+
+def _messages(value: Any, name: str, where: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise PromptError(f"{where}: field '{name}': empty")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise PromptError(f"{where}: field '{name}': expected a string or a list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            raise PromptError(f"{where}: field '{name}': message {i} needs string 'role' and "
+                              f"'content'")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out

@@ -1,0 +1,107 @@
+"""``aligndistil dpo``: the dpo teacher learns to prefer the chosen answers, the reverse teacher
+(``--reverse``) the rejected ones. Measured independently with plain HF forwards."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from aligndistil.cli import main
+from tiny_models import load, save_model_dir
+from storage.datasets import read_examples
+from storage.tokenization import tokenize_example
+from student_trainer.dpo import dpo_loss
+from student_trainer.metrics import read_jsonl
+
+
+def _write_prefs(path, n=24, seed=0):
+    """Sort prompts; chosen = sorted numbers, rejected = a shuffle (UltraFeedback shape)."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            nums = [rng.randrange(100) for _ in range(4)]
+            prompt = "sort " + " ".join(map(str, nums))
+            good = " ".join(map(str, sorted(nums)))
+            bad = " ".join(map(str, rng.sample(nums, 4)))
+            if bad == good:
+                bad = " ".join(map(str, sorted(nums, reverse=True)))
+            user = {"role": "user", "content": prompt}
+            fh.write(json.dumps({"prompt": prompt,
+                                 "chosen": [user, {"role": "assistant", "content": good}],
+                                 "rejected": [user, {"role": "assistant", "content": bad}]})
+                     + "\n")
+    return path
+
+
+def _logprob(model, ids, p) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits[p - 1:len(ids) - 1], -1)
+    return float(logp.gather(-1, torch.tensor(ids[p:])[:, None]).sum())
+
+
+def chosen_preferred_fraction(model_dir, prefs) -> float:
+    """Fraction of pairs where the model gives the ORIGINAL chosen answer more likelihood."""
+    tok, model = load(model_dir)
+    wins = 0
+    pairs = list(zip(read_examples(prefs, response_field="chosen"),
+                     read_examples(prefs, response_field="rejected")))
+    for c, r in pairs:
+        wins += _logprob(model, *tokenize_example(tok, c)) > _logprob(model, *tokenize_example(tok, r))
+    return wins / len(pairs)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    return root, save_model_dir(root / "base", seed=3), _write_prefs(root / "prefs.jsonl")
+
+
+ARGS = ["--lr", "1e-3", "--batch-size", "8", "--max-tokens", "128", "--epochs", "3",
+        "--no-progress", "--device", "cpu", "--log-level", "warning"]
+
+
+def test_dpo_raises_and_reverse_dpo_lowers_preference_accuracy(setup):
+    root, base, prefs = setup
+    start = chosen_preferred_fraction(base, prefs)
+    assert 0.2 < start < 0.8  # the random base model has no preference either way
+
+    assert main(["dpo", "--model", str(base), "--data", str(prefs), "--out", str(root / "dpo"),
+                 *ARGS]) == 0
+    assert main(["dpo", "--model", str(base), "--data", str(prefs), "--out",
+                 str(root / "reverse"), "--reverse", *ARGS]) == 0
+    assert chosen_preferred_fraction(root / "dpo", prefs) >= 0.9
+    assert chosen_preferred_fraction(root / "reverse", prefs) <= 0.1
+
+    rows = read_jsonl(root / "dpo" / "metrics.jsonl")
+    assert len(rows) == 9  # 24 pairs / 8 per step x 3 epochs
+    # The reference is the initial model: the first step's policy equals it, loss = log 2.
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[-1]["loss"] < 0.5 and rows[-1]["preference_accuracy"] >= 0.75
+    summary = json.loads((root / "reverse" / "dpo_summary.json").read_text())
+    assert summary["reverse"] is True and summary["preference_accuracy"] >= 0.9
+    assert (root / "dpo" / "model.safetensors").is_file()
+    assert (root / "dpo" / "training_curves.png").is_file()
+
+
+def test_dpo_loss_is_the_sigmoid_loss():
+    pc, pr = torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0])
+    rc, rr = torch.tensor([-2.5, -2.0]), torch.tensor([-2.5, -2.0])
+    loss, r_c, r_r = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    margin = 0.1 * ((pc - rc) - (pr - rr))
+    assert torch.allclose(loss, torch.log1p(torch.exp(-margin)))
+    assert torch.allclose(r_c, 0.1 * (pc - rc)) and torch.allclose(r_r, 0.1 * (pr - rr))
+
+
+def test_dpo_refuses_rows_without_a_rejected_answer(setup, tmp_path, capsys):
+    _, base, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "sort 1 2", "chosen": [
+        {"role": "user", "content": "sort 1 2"}, {"role": "assistant", "content": "1 2"}]}) + "\n")
+    assert main(["dpo", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "o"),
+                 *ARGS]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err

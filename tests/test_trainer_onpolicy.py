@@ -1,0 +1,130 @@
+"""On-policy AlignDistil against a live ``aligndistil serve`` process on loopback (real HTTP,
+real uvicorn, Arrow IPC), sampling from the student with Hugging Face generate."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+import torch
+
+from aligndistil.cli import main
+from live_server import start_server, stop_server
+from tiny_models import save_model_dir, save_teacher_pair
+from student_trainer.batches import OnPolicySource
+from student_trainer.metrics import read_jsonl
+from student_trainer.modeling import load_student
+from student_trainer.prompts import load_prompts
+from student_trainer.rollout import RolloutConfig, generate_responses
+
+STEPS = 3
+PROMPTS = ["sort 3 1 2", "copy 5 6", "reverse the list 7 8 9", "hello how are you ?",
+           "what is 4 and 5 ?", "sort 9 8", "copy the numbers 1 2 3", "answer yes or no"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onpolicy")
+    dpo_dir, rev_dir = save_teacher_pair(root / "pair")
+    student = save_model_dir(root / "student", seed=7)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    proc, url = start_server(dpo_dir, rev_dir, "--top-k", "8", "--max-seq-len", "64",
+                             log_path=root / "server.log")
+    try:
+        yield {"root": root, "student": student, "prompts": prompts, "url": url}
+    finally:
+        stop_server(proc)
+
+
+def _args(world, out, *extra):
+    return ["train", "--mode", "on-policy", "--teacher-url", world["url"], "--prompts",
+            str(world["prompts"]), "--model", str(world["student"]), "--out", str(out),
+            "--global-batch-size", "4", "--epochs", "2", "--max-steps", str(STEPS), "--max-new-tokens", "6",
+            "--lr", "3e-3", "--save-every", "0", "--no-progress", "--no-tensorboard",
+            "--device", "cpu", "--log-level", "warning", *extra]
+
+
+def _score_requests(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    m = re.search(r'aligndistil_requests_total\{path="/v1/score",status="200"\} (\S+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
+def _expected_first_step_response_tokens(world) -> int:
+    """Replay step 0's rollouts with the initial student and the trainer's seeding."""
+    model, tok = load_student(world["student"], device=torch.device("cpu"))
+    prompts = load_prompts(world["prompts"], tok, max_prompt_len=63)
+    source = OnPolicySource(prompts, model=model, generate=None, score=None, seed=42)
+    _, first = source.prompts_for(0, 4)
+    seqs = generate_responses(model, first, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id,
+                              config=RolloutConfig(max_new_tokens=6), seed=42 * 1_000_003,
+                              max_seq_len=64)
+    return sum(len(ids) - p for ids, p in seqs)
+
+
+def test_on_policy_loop_against_a_live_server(world):
+    before = _score_requests(world["url"])
+    out = world["root"] / "sync"
+    assert main(_args(world, out)) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["sequences"] == 4 and r["rollout_s"] > 0 and r["score_s"] > 0
+        assert r["loss"] > 0 and r["kl"] > 0 and r["alpha_mean"] > 0
+    assert _score_requests(world["url"]) - before == STEPS  # one Arrow request per step
+    # Step 1 trained on the initial student's own samples, seeded as documented.
+    assert rows[0]["response_tokens"] == _expected_first_step_response_tokens(world)
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "training_curves.png").is_file()
+    world["sync_rows"] = rows
+
+
+def test_async_rollouts_overlap_with_one_step_of_staleness(world):
+    out = world["root"] / "async"
+    assert main(_args(world, out, "--async-rollouts")) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    sync_rows = world.get("sync_rows") or read_jsonl(world["root"] / "sync" / "metrics.jsonl")
+    # Step 1 samples from the initial weights in both modes, with the same seed.
+    assert rows[0]["response_tokens"] == sync_rows[0]["response_tokens"]
+    assert rows[0]["loss"] == pytest.approx(sync_rows[0]["loss"], rel=1e-5)
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_a_server_with_another_tokenizer_is_refused_before_the_first_step(world, tmp_path,
+                                                                           capsys):
+    other = save_model_dir(tmp_path / "other", extra_words=2)
+    args = _args(world, tmp_path / "run")
+    args[args.index("--model") + 1] = str(other)
+    assert main(args) == 2
+    assert "different tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_teacher_that_stays_down_stops_the_run_with_a_resumable_checkpoint(tmp_path, capsys):
+    """Two steps succeed, then the server answers 503 for good: the run stops with a clear
+    error after --max-retries, keeping the two finished steps as a checkpoint."""
+    from trainer_support import FailureInjector, ThreadedServer, teacher_app
+
+    dpo_dir, rev_dir = save_teacher_pair(tmp_path / "pair")
+    student = save_model_dir(tmp_path / "student", seed=7)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    injector = FailureInjector([(503, 0)] * 100, after=2)
+    out = tmp_path / "run"
+    with ThreadedServer(teacher_app(dpo_dir, rev_dir, middleware=injector)) as server:
+        world = {"url": server.url, "prompts": prompts, "student": student}
+        args = _args(world, out, "--max-retries", "1")
+        args[args.index("--max-steps") + 1] = "4"
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "unavailable" in err and "failed 2 times" in err and "503" in err
+    assert injector.seen == 4  # two good requests, then one try + one retry
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    state = torch.load(out / "checkpoint-00000002" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert not (out / "final").exists()
