@@ -185,6 +185,8 @@ def _run_dpo(args: argparse.Namespace) -> int:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per HTTP request drowns the training log; retries are logged by our client.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _report(fn) -> int:
@@ -192,8 +194,19 @@ def _report(fn) -> int:
     from student_trainer.errors import USER_ERRORS
 
     try:
-        fn()
+        result = fn()
     except USER_ERRORS as exc:
         print(f"aligndistil: error: {exc}", file=sys.stderr)
         return 2
+    if isinstance(result, dict) and "final" in result:
+        last = result.get("last") or {}
+        figures = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "kl", "alpha_mean")
+                            if isinstance(last.get(k), (int, float)))
+        print(f"done: {result.get('steps')} steps; model saved to {result['final']}"
+              + (f"; last step: {figures}" if figures else ""))
+    elif isinstance(result, dict) and "preference_accuracy" in result:
+        print(f"done: {result['steps']} steps on {result['pairs']} pairs"
+              f"{' (reverse)' if result['reverse'] else ''}; preference accuracy "
+              f"{result['preference_accuracy']:.3f}; log-prob ranking "
+              f"{result['logprob_accuracy_before']:.3f} -> {result['logprob_accuracy_after']:.3f}")
     return 0
