@@ -12,7 +12,8 @@ import importlib
 import sys
 
 #: Packages that contribute subcommands, in help order.
-SUBCOMMAND_MODULES = ("storage.cli", "teacher_service.cli", "student_trainer.cli")
+SUBCOMMAND_MODULES = ("storage.cli", "teacher_service.cli", "student_trainer.cli",
+                      "student_trainer.toyworld.cli", "aligndistil.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

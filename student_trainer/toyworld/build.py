@@ -1,0 +1,132 @@
+"""Build the toy world offline: tokenizer + tiny model folder, noisy demonstrations, prompts.
+
+The tokenizer is word-level (``tokenizers`` WordLevel, whitespace split) with a chat template,
+wrapped as a ``PreTrainedTokenizerFast``; the model is a randomly initialised Llama-architecture
+causal LM (head dim 32, so vLLM's CPU backend could load it too). Both are saved as an ordinary
+Hugging Face folder (safetensors), loaded back by every subcommand exactly like a real model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .task import SortTask, make_prompt, target_answer
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
+
+#: Each turn is ``<|role|> content``; an assistant turn ends with ``<eos>``; the generation
+#: prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|> ' }}{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ ' <eos>' }}{% endif %}{{ ' ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    out: str
+    seed: int = 0
+    hidden_size: int = 128
+    layers: int = 2
+    head_dim: int = 32
+    demos: int = 4000
+    noise: float = 0.2         #: probability that a demonstration's answer token is replaced
+    train_prompts: int = 512   #: prompts for preference pairs and on-policy training
+    eval_prompts: int = 128    #: held-out prompts for evaluation
+    task: SortTask = SortTask()
+
+
+def build_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        pad_token="<pad>", additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(vocab_size: int, *, seed: int, hidden_size: int, layers: int, head_dim: int):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if hidden_size % head_dim:
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of head_dim {head_dim}")
+    heads = hidden_size // head_dim
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        head_dim=head_dim, max_position_embeddings=64, tie_word_embeddings=False,
+        bos_token_id=SPECIAL_TOKENS.index("<bos>"), eos_token_id=SPECIAL_TOKENS.index("<eos>"),
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"))
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def noisy_answer(numbers: list[int], task: SortTask, noise: float, rng: random.Random) -> str:
+    """The sorted list with each token replaced by a random number with probability ``noise``."""
+    out = []
+    for n in sorted(numbers):
+        out.append(task.random_number(rng) if rng.random() < noise else n)
+    return " ".join(map(str, out))
+
+
+def build_world(config: WorldConfig) -> dict:
+    """Write ``init/`` (model + tokenizer), ``sft_demos.jsonl``, ``prompts_train.jsonl`` and
+    ``prompts_eval.jsonl`` into ``config.out``; returns their paths. Seeded: same files every run.
+    Evaluation prompts are disjoint from the training prompts and demonstrations."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task, rng = config.task, random.Random(config.seed)
+    tokenizer = build_tokenizer(task.words)
+    model = build_model(len(tokenizer), seed=config.seed, hidden_size=config.hidden_size,
+                        layers=config.layers, head_dim=config.head_dim)
+    init = out / "init"
+    model.save_pretrained(init, safe_serialization=True)
+    tokenizer.save_pretrained(init)
+
+    seen: set[tuple[int, ...]] = set()
+
+    def fresh(n: int) -> list[list[int]]:
+        found = []
+        while len(found) < n:
+            nums = task.sample_numbers(rng)
+            if tuple(nums) not in seen:
+                seen.add(tuple(nums))
+                found.append(nums)
+        return found
+
+    evals = fresh(config.eval_prompts)  # drawn first, so every other split avoids them
+    train = fresh(config.train_prompts)
+    demo_rows = []
+    for _ in range(config.demos):
+        nums = task.sample_numbers(rng)
+        if tuple(nums) in seen:
+            continue
+        demo_rows.append({"messages": [
+            {"role": "user", "content": make_prompt(nums)},
+            {"role": "assistant", "content": noisy_answer(nums, task, config.noise, rng)}]})
+    paths = {"model": init, "demos": out / "sft_demos.jsonl",
+             "prompts_train": out / "prompts_train.jsonl",
+             "prompts_eval": out / "prompts_eval.jsonl"}
+    _write_jsonl(paths["demos"], demo_rows)
+    _write_jsonl(paths["prompts_train"], [{"prompt": make_prompt(n)} for n in train])
+    _write_jsonl(paths["prompts_eval"], [{"prompt": make_prompt(n),
+                                          "reference": target_answer(n)} for n in evals])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")

@@ -1,0 +1,124 @@
+"""Supervised fine-tuning on chat demonstrations: cross-entropy on the assistant's response.
+
+Rows are anything :func:`storage.datasets.read_examples` reads (``{"messages": [...]}``,
+``{"prompt", "response"}``, ...), tokenised with the model's chat template exactly as the
+teachers' store tokenises them. The loss is the mean next-token cross-entropy over response
+tokens (prompt tokens are context only). Seeded and deterministic on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    model: str
+    data: str
+    out: str
+    lr: float = 1e-5
+    batch_size: int = 64
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    max_seq_len: int = 1024
+    seed: int = 42
+    device: str = "auto"
+    progress: bool = True
+
+
+def load_sequences(path: str, tokenizer, max_seq_len: int) -> list[tuple[list[int], int]]:
+    from storage.datasets import DataError, read_examples
+    from storage.tokenization import tokenize_example
+
+    seqs = [tokenize_example(tokenizer, ex, max_seq_len, truncation="response")
+            for ex in read_examples(path)]
+    if not seqs:
+        raise DataError(f"{path}: no examples")
+    return [(list(ids), p) for ids, p in seqs]
+
+
+def collate(seqs: list[tuple[list[int], int]], pad_id: int):
+    """``(input_ids, attention_mask, labels)``; labels are -100 on the prompt and padding."""
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (seq, p) in enumerate(seqs):
+        row = torch.tensor(seq, dtype=torch.long)
+        ids[i, :len(seq)] = row
+        mask[i, :len(seq)] = 1
+        labels[i, p:len(seq)] = row[p:]
+    return ids, mask, labels
+
+
+def run_sft(config: SFTConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    from student_trainer.metrics import MetricsLogger, plot_curves
+    from student_trainer.modeling import load_student, pad_token_id, resolve_device
+    from student_trainer.optim import (build_optimizer, build_scheduler, clip_grad_norm,
+                                       warmup_steps_for)
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_student(config.model, device=device)
+    pad_id = pad_token_id(tokenizer)
+    seqs = load_sequences(config.data, tokenizer, config.max_seq_len)
+    per_epoch = max(1, len(seqs) // config.batch_size)
+    total = per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=warmup_steps_for(total,
+                                config.warmup_ratio), total_steps=total,
+                                schedule=config.schedule)
+    metrics = MetricsLogger(out, tensorboard=False)
+    log.info("SFT on %d examples: %d steps of %d", len(seqs), total, config.batch_size)
+    started, step, last = time.perf_counter(), 0, {}
+    bar = tqdm(total=total, disable=not config.progress, unit="step", desc="sft")
+    model.train()
+    while step < total:
+        order = list(range(len(seqs)))
+        rng.shuffle(order)
+        for start in range(0, per_epoch * config.batch_size, config.batch_size):
+            if step >= total:
+                break
+            batch = collate([seqs[i] for i in order[start:start + config.batch_size]], pad_id)
+            ids, mask, labels = (t.to(device) for t in batch)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            last = {"loss": loss.item(), "grad_norm": float(grad_norm),
+                    "lr": scheduler.get_last_lr()[0]}
+            metrics.log(step + 1, last)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+    bar.close()
+    metrics.close()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    plot_curves(out / "metrics.jsonl", out / "training_curves.png", title="SFT")
+    summary = {"steps": step, "examples": len(seqs), "final": str(out), "last": last,
+               "seconds": round(time.perf_counter() - started, 1)}
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

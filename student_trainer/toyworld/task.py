@@ -1,0 +1,77 @@
+"""The toy task: sort a short list of numbers. The gold reward is exact and token-level.
+
+A prompt is ``"sort 7 2 15"``; the right answer is ``"2 7 15"``. The gold reward of an answer is
+the number of positions that hold the right number, divided by ``max(len(answer),
+len(target))``: in [0, 1], 1 only for the exact sorted list, and every wrong, missing or extra
+token costs the same ``1/len``. So an answer's errors are individual tokens, which is what
+token-level rewards (and AlignDistil) are about.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+VERB = "sort"
+
+
+@dataclass(frozen=True)
+class SortTask:
+    """Lists of ``min_len..max_len`` distinct numbers from ``0..max_value``."""
+
+    min_len: int = 3
+    max_len: int = 5
+    max_value: int = 19
+
+    @property
+    def words(self) -> list[str]:
+        """Every word the task uses (the tokenizer's content vocabulary)."""
+        return [VERB] + [str(i) for i in range(self.max_value + 1)]
+
+    def sample_numbers(self, rng: random.Random) -> list[int]:
+        n = rng.randint(self.min_len, self.max_len)
+        return rng.sample(range(self.max_value + 1), n)
+
+    def random_number(self, rng: random.Random) -> int:
+        return rng.randint(0, self.max_value)
+
+
+def make_prompt(numbers: list[int]) -> str:
+    return " ".join([VERB, *map(str, numbers)])
+
+
+def parse_prompt(prompt: str) -> list[int]:
+    """The numbers of a ``"sort a b c"`` prompt; ValueError for anything else."""
+    words = prompt.split()
+    if not words or words[0] != VERB or not all(w.isdigit() for w in words[1:]):
+        raise ValueError(f"not a sort prompt: {prompt!r}")
+    return [int(w) for w in words[1:]]
+
+
+def target_answer(numbers: list[int]) -> str:
+    return " ".join(map(str, sorted(numbers)))
+
+
+def gold_reward(prompt: str, answer: str) -> float:
+    """Per-position correctness against the sorted list over ``max(len(answer), len(target))``."""
+    target = sorted(parse_prompt(prompt))
+    words = answer.split()
+    if not target and not words:
+        return 1.0
+    hits = sum(1 for w, t in zip(words, target) if w == str(t))
+    return hits / max(len(words), len(target))
+
+
+def prompt_text(row: dict) -> str:
+    """The user text of a prompt row (``{"prompt": str | [messages]}`` or ``{"messages"}``)."""
+    value = row.get("prompt", row.get("messages"))
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        users = [m["content"] for m in value if m.get("role") == "user"]
+        if users:
+            return users[-1]
+    raise ValueError(f"row has no user prompt: {row!r}")
+
+
+TASKS = {"sort": SortTask}
