@@ -10,6 +10,7 @@ Why the care:
 - **Atomic.** Everything is written into a hidden temporary folder beside the target, then
   renamed into place with ``os.replace``. A run killed mid-write leaves a stray temporary folder
   (ignored, cleaned next time) and the previous checkpoint intact, never a half-written one.
+  Pruning renames a folder away before deleting it, so no ``checkpoint-N`` is ever partial.
 - **Safe to load.** ``trainer_state.pt`` is loaded with ``torch.load(weights_only=True)``, which
   unpickles tensors and plain containers only (no code runs). So RNG states are stored as
   tensors and plain numbers, not as the tuples of arbitrary objects the RNG APIs return.
@@ -93,15 +94,31 @@ def save_checkpoint(dest: str | Path, *, model, tokenizer, state: dict[str, Any]
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
+    _fsync_dir(dest.parent)  # make the rename itself durable
     return dest
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush the files to disk before the rename makes them visible (power-loss safety)."""
+    """Flush the files (and the folder's entries) to disk before the rename makes them visible
+    (power-loss safety; a killed process needs none of this, the page cache survives it)."""
     for path in folder.iterdir():
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int | None) -> list[Path]:
@@ -116,7 +133,14 @@ def prune_checkpoints(out_dir: str | Path, keep: int | None) -> list[Path]:
     if keep is None or keep <= 0:
         return removed
     for path in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        # Rename first, so a kill during the deletion leaves a temporary folder (cleared next
+        # time), never a checkpoint-N folder with some of its files gone.
+        doomed = path.parent / f"{_TMP_PREFIX}{path.name}-pruned-{os.getpid()}"
+        try:
+            os.replace(path, doomed)
+        except OSError:  # e.g. a leftover of that name that could not be removed
+            doomed = path
+        shutil.rmtree(doomed, ignore_errors=True)
         removed.append(path)
     return removed
 

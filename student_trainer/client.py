@@ -78,6 +78,7 @@ class TeacherClient:
                  sleep: Callable[[float], None] = time.sleep, seed: int | None = None,
                  transport: httpx.BaseTransport | None = None):
         self.base_url = base_url.rstrip("/")
+        self._vocab_size: int | None = None  # set by check_compatible
         self.retry = retry or RetryPolicy()
         self.max_request_sequences = max_request_sequences
         self.max_request_tokens = max_request_tokens
@@ -114,6 +115,7 @@ class TeacherClient:
                 f"{str(theirs_sha)[:16]}...; student vocab_size={vocab_size}, "
                 f"tokenizer_sha256={tokenizer_sha256[:16]}... Its targets' token ids would "
                 f"mean other tokens; train the student from a model with the teachers' tokenizer")
+        self._vocab_size = vocab_size  # from now on, every served top-k id is checked against it
         return info
 
     def score(self, sequences: Sequence[tuple[Sequence[int], int]], *, top_k: int | None = None
@@ -132,7 +134,8 @@ class TeacherClient:
                 raise TeacherError(f"teacher server answered content-type {kind!r}, expected "
                                    f"{ARROW_STREAM_MEDIA_TYPE}")
             try:
-                got = decode_arrow(response.content)
+                got = decode_arrow(response.content,
+                                   vocab_size=self._vocab_size)
             except WireError as exc:
                 raise TeacherError(f"teacher server sent an unreadable Arrow stream: {exc}"
                                    ) from None
