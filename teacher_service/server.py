@@ -7,6 +7,8 @@ for anything the client sent; a 5xx only ever means the server itself failed.
 
 The body is read by hand (bounded, before any parsing) rather than by FastAPI's body parameter,
 so that size limits, malformed JSON, NaN/Infinity and absurd nesting all get precise 4xx answers.
+The body must be UTF-8 JSON: a Content-Type other than JSON gets 415 (none at all is read as
+JSON), other encodings and strings holding lone surrogates (``"\\ud800"``) get 400 / 422.
 """
 
 
@@ -25,7 +27,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt,
+                      StrictStr, Tag, ValidationError)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage import wire
@@ -40,10 +43,24 @@ API_KEY_ENV = "ALIGNDISTIL_API_KEY"
 
 
 # ---------------------------------------------------------------------------- request models
+def _valid_unicode(value: str) -> str:
+    """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``); no tokenizer can encode one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains the lone surrogate {value[exc.start]!a} at index "
+                         f"{exc.start}; strings must be valid Unicode") from None
+    return value
+
+
+#: A JSON string that is valid Unicode (no lone surrogates).
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: StrictStr
-    content: StrictStr
+    role: Text
+    content: Text
 
 
 class TokenSequence(BaseModel):
@@ -57,13 +74,33 @@ class TextSequence(BaseModel):
     """A text sequence the server tokenises with the teachers' chat template."""
     model_config = ConfigDict(extra="forbid")
     messages: list[Message] | None = Field(default=None, min_length=1)
-    prompt: StrictStr | None = None
-    response: StrictStr = Field(min_length=1)
+    prompt: Text | None = None
+    response: Annotated[Text, Field(min_length=1)]
+
+
+def _sequence_kind(value: Any) -> str | None:
+    """Pick the one model a sequence object is meant as, so that errors name its real fields
+    (rather than listing why it fails BOTH models)."""
+    if isinstance(value, dict):
+        return "tokens" if "input_ids" in value or "prompt_len" in value else "text"
+    if isinstance(value, TokenSequence):
+        return "tokens"
+    if isinstance(value, TextSequence):
+        return "text"
+    return None
+
+
+#: One entry of ``sequences``: token ids (``input_ids`` + ``prompt_len``) or text.
+SequenceItem = Annotated[
+    Union[Annotated[TokenSequence, Tag("tokens")], Annotated[TextSequence, Tag("text")]],
+    Discriminator(_sequence_kind, custom_error_type="invalid_sequence",
+                  custom_error_message="a sequence must be an object with input_ids and "
+                                       "prompt_len, or with messages or prompt, and response")]
 
 
 class ScoreBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sequences: list[Union[TokenSequence, TextSequence]] = Field(min_length=1)
+    sequences: list[SequenceItem] = Field(min_length=1)
     top_k: StrictInt | None = Field(default=None, ge=1)
 
 
@@ -208,13 +245,18 @@ def create_app(engine_factory: Callable[[], TeacherEngine], settings: ServerSett
         return state.engine
 
     async def read_score_body(request: Request) -> ScoreBody:
+        _require_json_content_type(request)
         raw = await _read_bounded(request, settings.max_body_bytes)
         try:
-            data = json.loads(raw, parse_constant=_reject_constant)
+            # Strictly UTF-8 (RFC 8259 §8.1): json.loads(bytes) would also guess UTF-16/32.
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ApiError(400, "malformed_json",
+                           f"body is not UTF-8 (invalid byte at offset {exc.start})") from None
+        try:
+            data = json.loads(text, parse_constant=_reject_constant)
         except RecursionError:
             raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
-        except UnicodeDecodeError:
-            raise ApiError(400, "malformed_json", "body is not UTF-8") from None
         except ValueError as exc:
             raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
         try:
@@ -308,6 +350,20 @@ def _to_request(engine: TeacherEngine, index: int, seq: TokenSequence | TextSequ
     return ScoreRequest(list(ids), int(prompt_len))
 
 
+def _require_json_content_type(request: Request) -> None:
+    """JSON bodies only. A missing Content-Type is read as JSON (as FastAPI does); any other
+    type is refused, which also keeps browsers' form posts (text/plain, form-urlencoded: no CORS
+    preflight) from reaching the scorer cross-site."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media = declared.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    raise ApiError(415, "unsupported_media_type",
+                   f"Content-Type {_clip(media)!r} is not supported; send application/json")
+
+
 async def _read_bounded(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -332,7 +388,12 @@ def _reject_constant(name: str):
 def _format_errors(errors: list[dict]) -> str:
     parts = []
     for err in errors[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        loc = ".".join(_clip(str(p)) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
     more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    """Client-chosen names (unknown keys, media types) are echoed in messages only this long."""
+    return text if len(text) <= limit else text[:limit] + "..."
