@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,20 @@ def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise TeacherLoadError(f"--device: expected one of {DEVICES}, got {device!r}")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TeacherLoadError("--device cuda: no CUDA device is available on this machine")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise TeacherLoadError("--device cuda: no CUDA device is available on this machine")
+        # Under torchrun every worker sees every GPU: each takes the one of its LOCAL_RANK
+        # (without torchrun LOCAL_RANK is unset and this is cuda:0, or CUDA_VISIBLE_DEVICES's).
+        return torch.device("cuda", local_cuda_index(torch.cuda.device_count()))
     return torch.device(device)
+
+
+def local_cuda_index(device_count: int) -> int:
+    """The GPU of this process: ``LOCAL_RANK`` modulo the visible devices, else 0."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return local_rank % max(1, device_count)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -188,3 +188,16 @@ def test_pickle_weights_are_refused(tmp_path):
         f.rename(f.with_suffix(".bin"))
     with pytest.raises(TeacherLoadError, match="only safetensors"):
         load_teacher_pair(d, d, device="cpu")
+
+
+def test_each_torchrun_worker_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """Pure index logic (no GPU here): under torchrun LOCAL_RANK picks the device."""
+    from teacher_service.models import local_cuda_index
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert local_cuda_index(8) == 0
+    for rank in range(8):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        assert local_cuda_index(8) == rank
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_cuda_index(1) == 0  # one visible device (CUDA_VISIBLE_DEVICES per worker)

@@ -1,0 +1,50 @@
+# aligndistil in a container: `docker build -t aligndistil .`, then `docker run aligndistil --help`.
+# docker-compose.yml builds it for you (README, "Docker").
+#
+# torch is pinned to 2.13.0 (pyproject.toml). Which build you get:
+#   --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index>   the CPU build (2.13.0+cpu), installed
+#       first, so the aligndistil install finds the pin satisfied: a CPU image a few GB smaller;
+#   TORCH_INDEX_URL unset                                     torch 2.13.0 from pip's default index,
+#       which on Linux x86_64 is the CUDA build: the GPU image (it runs on a CPU too);
+#   --build-arg TORCH_INDEX_URL=<a CUDA wheel index>          a particular CUDA build.
+# The same approach as scripts/setup_env.sh.
+FROM python:3.11-slim
+
+ARG TORCH_INDEX_URL=
+ARG UID=1000
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/aligndistil \
+    PATH=/opt/aligndistil/bin:$PATH
+
+RUN python -m venv /opt/aligndistil
+
+# torch first, in its own layer: the largest download, and it changes least.
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        pip install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"; \
+    fi
+
+WORKDIR /opt/aligndistil-src
+COPY pyproject.toml README.md ./
+COPY aligndistil ./aligndistil
+COPY storage ./storage
+COPY teacher_service ./teacher_service
+COPY student_trainer ./student_trainer
+RUN pip install . \
+    && python -c "import torch; print('torch', torch.__version__)" \
+    && aligndistil --help > /dev/null
+
+# Run as a user, not root. /data belongs to it before VOLUME, so a fresh named volume mounted
+# there is writable (Docker copies the ownership into it).
+RUN useradd --create-home --uid "$UID" aligndistil \
+    && mkdir /data && chown aligndistil:aligndistil /data
+USER aligndistil
+WORKDIR /data
+VOLUME /data
+
+# The teacher server's port (`aligndistil serve --host 0.0.0.0 --port 8000` in a container).
+EXPOSE 8000
+ENTRYPOINT ["aligndistil"]
+CMD ["--help"]
