@@ -11,7 +11,7 @@ Writes ``OUT.md`` and ``OUT.json``. Also ``--npz PATH``: save the engine's recor
 ``benchmarks/bench_store.py --npz`` reads.
 
 Variants, each in its OWN subprocess (so that its peak RSS is its own), on the same teachers,
-the same sequences and the same batches (``teacher_service.engine.pack_batches`` with the same
+the same sequences and the same batches (``storage.packing.pack_by_token_budget`` with the same
 token budget):
 
 ``engine``
@@ -64,6 +64,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.machine_info import cpu_model  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PAIR = Path("/work/cache/smollm2-135m")
@@ -81,13 +82,7 @@ def proc_status(key: str) -> int:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     import torch
     import transformers
 
@@ -104,7 +99,7 @@ def naive_score(pair, config, requests, max_batch_tokens: int):
     import torch
 
     from storage.record import TargetRecord
-    from teacher_service.engine import pack_batches
+    from storage.packing import pack_by_token_budget as pack_batches
 
     vocab, k = pair.vocab_size, config.top_k
     out: list[Any] = [None] * len(requests)
@@ -179,7 +174,7 @@ def run_child(variant: str, work: Path, args: argparse.Namespace) -> None:
     extra: dict[str, float] = {}
     records = None
     if variant == "decoder":
-        from teacher_service.engine import pack_batches
+        from storage.packing import pack_by_token_budget as pack_batches
 
         def decoders(reqs):
             with torch.inference_mode():
@@ -342,7 +337,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"template applied), {d['len_min']}..{d['len_max']} tokens (median "
         f"{d['len_median']:.0f}), {d['tokens']} tokens of which {d['response_tokens']} response "
         f"tokens (prompt fraction {d['prompt_fraction']:.2f}). Batches: "
-        f"`pack_batches` with {res['max_batch_tokens']} padded tokens for every variant; engine "
+        f"`pack_by_token_budget` with {res['max_batch_tokens']} padded tokens for every variant; engine "
         f"chunk {res['chunk_size']} positions.", "",
         "| variant | tokens/s | response tokens/s | speed vs naive | tokens per CPU-s (vs naive) "
         "| peak RSS MiB | above loaded models MiB | peak vs naive (total / above loaded) | "
@@ -505,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(work / "engine.npz", args.npz)
             print(f"saved the engine's records to {args.npz}")
         spec = json.loads((work / "requests.json").read_text())
-        from teacher_service.engine import pack_batches
+        from storage.packing import pack_by_token_budget as pack_batches
 
         positions = sum(len(b) * max(len(spec[i][0]) for i in b)
                         for b in pack_batches([len(s[0]) for s in spec], args.max_batch_tokens))

@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 from student_trainer.modeling import load_student, pad_token_id  # noqa: E402
 from student_trainer.prompts import prompt_ids, read_prompt_rows  # noqa: E402
 from student_trainer.rollout import RolloutConfig, generate_responses  # noqa: E402
+from benchmarks.machine_info import cpu_model  # noqa: E402
 
 CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
            "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -133,14 +134,7 @@ def bench_model(name: str, model_dir: Path, prompts_path: Path, args, *, n_promp
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import vllm
 
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,

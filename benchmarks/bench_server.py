@@ -54,6 +54,7 @@ import httpx  # noqa: E402
 
 from storage import wire  # noqa: E402
 from tests.live_server import start_server, stop_server  # noqa: E402
+from benchmarks.machine_info import cpu_model  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PAIR = Path("/work/cache/smollm2-135m")
@@ -62,13 +63,7 @@ ARROW = wire.ARROW_STREAM_MEDIA_TYPE
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh
-                       if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "loadavg_start": os.getloadavg()}

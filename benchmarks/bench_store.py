@@ -74,6 +74,7 @@ from storage.store import (LAYOUTS, StoreMetadata, TargetBatch, TargetStore,  # 
 from storage.store.layout import (freq_dict_encode, q8_decode, q8_encode,  # noqa: E402
                                   rowdelta_encode)
 from storage.store.shardio import load_shard  # noqa: E402
+from benchmarks.machine_info import cpu_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -424,14 +425,7 @@ def bench_streaming(records: list[TargetRecord], vocab: int, k: int, workdir: Pa
 
 # ---------------------------------------------------------------------- report
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     import numcodecs
     import zarr
     return {"nproc": os.cpu_count(), "cpu": model, "date": time.strftime("%Y-%m-%d %H:%M %Z"),

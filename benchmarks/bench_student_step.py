@@ -35,7 +35,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from student_trainer.distributed import DistEnv  # noqa: E402
 from student_trainer.modeling import StudentForward  # noqa: E402
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm  # noqa: E402
 from student_trainer.train import TrainConfig, train_step  # noqa: E402
+from benchmarks.machine_info import cpu_model  # noqa: E402
 
 STEP_VARIANTS = ("aligndistil", "sft-hf", "sft-rows")
 LOSS_VARIANTS = ("sparse", "sparse-chunked", "exact")
@@ -282,14 +282,7 @@ def mib(x: float) -> str:
 
 def report(args, step, loss) -> str:
     device = torch.device(args.device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     machine = (torch.cuda.get_device_name() if device.type == "cuda"
                else f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
                     f"{torch.get_num_threads()} threads")

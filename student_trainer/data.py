@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from storage.packing import pack_by_token_budget
 from storage.record import TargetRecord
 
 
@@ -111,32 +112,8 @@ def collate_records(records: Sequence[TargetRecord], pad_id: int) -> Batch:
     )
 
 
-def split_by_token_budget(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group indices into micro-batches with ``count x longest <= max_tokens`` padded tokens.
-
-    Longest first, so each micro-batch holds similar lengths; ties keep input order, so the
-    split is deterministic. A sequence longer than the budget gets a micro-batch of its own.
-    """
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        grown = max(longest, lengths[i])
-        if current and grown * (len(current) + 1) > max_tokens:
-            groups.append(current)
-            current, grown = [], lengths[i]
-        current.append(i)
-        longest = grown
-    if current:
-        groups.append(current)
-    return groups
-
-
 def micro_batches(records: Sequence[TargetRecord], *, max_tokens: int, pad_id: int
                   ) -> list[Batch]:
     """One optimizer step's records as token-budgeted, padded micro-batches."""
-    groups = split_by_token_budget([r.seq_len for r in records], max_tokens)
+    groups = pack_by_token_budget([r.seq_len for r in records], max_tokens)
     return [collate_records([records[i] for i in g], pad_id) for g in groups]

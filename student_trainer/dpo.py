@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from student_trainer.data import Batch, collate_sequences, split_by_token_budget
+from storage.packing import pack_by_token_budget
+from student_trainer.data import Batch, collate_sequences
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward, load_student, pad_token_id, resolve_device
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
@@ -113,7 +114,7 @@ def pair_micro_batches(pairs: Sequence[PreferencePair], max_tokens: int) -> list
     """Indices of pairs per micro-batch; a micro-batch holds chosen AND rejected sequences, so
     each pair costs twice its longer sequence."""
     lengths = [2 * max(len(p.chosen[0]), len(p.rejected[0])) for p in pairs]
-    return split_by_token_budget(lengths, max_tokens)
+    return pack_by_token_budget(lengths, max_tokens)
 
 
 def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> Batch:

@@ -63,7 +63,7 @@ def sample_answers(model_path: str, prompts_path: str, *, n: int, max_new_tokens
         model, tokenizer = load_student(model_path, device=resolve_device(device))
     else:
         model, tokenizer = loaded
-    rows = [(where, row) for where, row in read_prompt_rows(prompts_path)]
+    rows = list(read_prompt_rows(prompts_path))
     ids = [prompt_ids(tokenizer, row, where) for where, row in rows]
     flat = [i for i in range(len(rows)) for _ in range(n)]
     results = generate_responses(
@@ -93,12 +93,13 @@ def response_logprobs(model, samples: list[Sample], pad_id: int, batch_size: int
         for r, seq in enumerate(seqs):
             ids[r, :len(seq)] = torch.tensor(seq)
             mask[r, :len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).cpu()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for r, s in enumerate(chunk):
+            # Only this row's response positions go to float32: O(T x V) extra, not [B, L, V].
             p, t = len(s.prompt_ids), len(s.response_ids)
-            pos = torch.arange(p - 1, p - 1 + t)
-            out.append(logp[r, pos, torch.tensor(s.response_ids)])
+            rows = logits[r, p - 1:p - 1 + t].float()
+            picked = rows.gather(-1, torch.tensor(s.response_ids, device=device)[:, None])[:, 0]
+            out.append((picked - torch.logsumexp(rows, dim=-1)).cpu())
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from storage.packing import pack_by_token_budget
 from storage.record import TargetRecord
 from teacher_service.models import TeacherPair
 from teacher_service.targets import SparseTargets, TargetConfig, compute_targets
@@ -37,29 +38,6 @@ class ScoreRequest:
     input_ids: Sequence[int]
     prompt_len: int
     example_index: int = -1
-
-
-def pack_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Group sequence indices into batches whose padded size (count x longest) fits the budget.
-
-    Sequences are taken longest first so that each batch holds similar lengths (little padding).
-    A sequence longer than the budget gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        new_longest = max(longest, lengths[i])
-        if current and new_longest * (len(current) + 1) > max_batch_tokens:
-            batches.append(current)
-            current, longest = [], 0
-            new_longest = lengths[i]
-        current.append(i)
-        longest = new_longest
-    if current:
-        batches.append(current)
-    return batches
 
 
 class TeacherEngine:
@@ -111,7 +89,7 @@ class TeacherEngine:
             self.validate(i, req.input_ids, req.prompt_len)
         results: list[TargetRecord | None] = [None] * len(requests)
         lengths = [len(r.input_ids) for r in requests]
-        for batch in pack_batches(lengths, self.max_batch_tokens):
+        for batch in pack_by_token_budget(lengths, self.max_batch_tokens):
             for i, record in zip(batch, self._score_batch([requests[i] for i in batch], k)):
                 results[i] = record
         return results  # type: ignore[return-value]

@@ -8,7 +8,8 @@ import torch
 
 from reference import dense_targets, full_logits
 from tiny_models import build_model, build_tokenizer, load, save_model_dir, save_teacher_pair
-from teacher_service.engine import ScoreRequest, TeacherEngine, pack_batches, truncate_topk
+from storage.packing import pack_by_token_budget as pack_batches
+from teacher_service.engine import ScoreRequest, TeacherEngine, truncate_topk
 from teacher_service.models import TeacherLoadError, load_teacher_pair
 from teacher_service.targets import TargetConfig, compute_targets
 

@@ -13,7 +13,8 @@ import torch
 from tiny_models import build_model, build_tokenizer, save_model_dir, save_teacher_pair
 from trainer_support import dense_records, random_sequences
 from student_trainer import checkpoint as ckpt
-from student_trainer.data import collate_records, micro_batches, split_by_token_budget
+from storage.packing import pack_by_token_budget as split_by_token_budget
+from student_trainer.data import collate_records, micro_batches
 from student_trainer.metrics import MetricsLogger, plot_curves, read_jsonl
 from student_trainer.modeling import StudentForward, load_student
 from student_trainer.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups

@@ -11,40 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
+from student_trainer.toyworld.build import build_tokenizer as build_word_tokenizer
+
 WORDS = (
     [str(i) for i in range(100)]
     + "sort copy reverse the list numbers please answer done , . : ? ! a an and or is of to in"
       " hello world how are you fine thanks what which yes no".split()
 )
 
-#: Jinja chat template: each turn is ``<|role|> content``; the generation prompt opens an
-#: assistant turn; an assistant turn ends with ``<eos>``.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{{ '<|' + m['role'] + '|> ' }}{{ m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ ' <eos>' }}{% endif %}{{ ' ' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
-)
-
 
 def build_tokenizer(extra_words: int = 0) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer; ``extra_words`` pads the vocabulary with dummy words."""
-    vocab_list = SPECIAL_TOKENS + WORDS + [f"w{i}" for i in range(extra_words)]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
-        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    """The toy world's word-level tokenizer and chat template over :data:`WORDS`;
+    ``extra_words`` pads the vocabulary with dummy words."""
+    return build_word_tokenizer(WORDS + [f"w{i}" for i in range(extra_words)])
 
 
 def build_model(vocab_size: int, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
