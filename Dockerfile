@@ -30,6 +30,7 @@ WORKDIR /opt/aligndistil-src
 COPY pyproject.toml README.md ./
 COPY aligndistil ./aligndistil
 COPY storage ./storage
+COPY causal_lm ./causal_lm
 COPY teacher_service ./teacher_service
 COPY student_trainer ./student_trainer
 RUN pip install . \

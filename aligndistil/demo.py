@@ -15,7 +15,6 @@ where it stopped. Child output goes to ``WORKDIR/logs/<stage>.log``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -27,6 +26,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from storage.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -63,34 +65,36 @@ MODELS = {"sft": "sft", "dpo": "dpo", "reverse": "reverse",
           "aligndistil-on-policy": "on_policy/final"}
 
 
-class DemoError(RuntimeError):
-    pass
+class DemoError(UserError, RuntimeError):
+    """A stage of the demo failed; the message names it and shows its log's last lines."""
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "demo", help="run the whole pipeline on the embedded toy world (CPU, minutes)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Toy world -> SFT -> preference pairs -> dpo and reverse teachers -> "
-                    "precompute -> serve -> off-policy and on-policy AlignDistil -> eval of "
-                    "every model; prints each aligndistil command it runs, a results table, "
-                    "and writes results.json and results.png into the workdir.")
-    p.add_argument("--workdir", default="aligndistil-demo")
-    p.add_argument("--size", choices=sorted(SIZES), default="default")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fresh", action="store_true", help="delete the workdir first")
-    p.add_argument("--port", type=int, default=0, help="teacher server port (0: a free one)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
-    p.set_defaults(func=_run)
+@dataclass(kw_only=True)
+class DemoConfig:
+    """``aligndistil demo``: where and how big."""
+    workdir: Annotated[str, "where every stage writes (a rerun skips finished stages)"] = \
+        "aligndistil-demo"
+    size: Annotated[Literal["default", "small"], "how much data (small: the CI test's size)"] = \
+        "default"
+    seed: Annotated[int, "seed of the whole pipeline"] = 0
+    fresh: Annotated[bool, "delete the workdir first"] = False
+    port: Annotated[int, "teacher server port (0: a free one)"] = 0
+    device: Annotated[Literal["auto", "cpu", "cuda"], "where every stage runs"] = "cpu"
 
 
-def _run(args: argparse.Namespace) -> int:
-    try:
-        run_demo(Path(args.workdir), SIZES[args.size], seed=args.seed, fresh=args.fresh,
-                 port=args.port, device=args.device)
-    except DemoError as exc:
-        print(f"aligndistil demo: error: {exc}", file=sys.stderr)
-        return 1
+def run_demo_command(config: DemoConfig) -> int:
+    """``aligndistil demo``: the pipeline, with the demo's own resolved config saved in the
+    workdir (``demo_config.yaml``; ``aligndistil demo --config`` of it replays the run)."""
+    from aligndistil.config import dump_config
+    from storage.fsio import atomic_write_text
+
+    workdir = Path(config.workdir)
+    if config.fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(workdir / "demo_config.yaml", dump_config(config, "demo"))
+    run_demo(workdir, SIZES[config.size], seed=config.seed, port=config.port,
+             device=config.device)
     return 0
 
 
@@ -348,4 +352,4 @@ def _last_line(log: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-__all__ = ["DemoSize", "SIZES", "run_demo", "register"]
+__all__ = ["DemoConfig", "DemoSize", "SIZES", "run_demo", "run_demo_command"]

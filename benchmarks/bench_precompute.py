@@ -225,7 +225,7 @@ def select_sequences(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     subset JSONL (for the CLI) and the token ids (for the in-process variants)."""
     from storage.datasets import read_examples
     from storage.tokenization import TokenizationError, tokenize_example
-    from teacher_service.models import load_tokenizer
+    from causal_lm.loading import load_tokenizer
 
     tok = load_tokenizer(args.dpo)
     lines = Path(args.data).read_text(encoding="utf-8").splitlines()

@@ -47,9 +47,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from student_trainer.modeling import load_student, pad_token_id  # noqa: E402
+from causal_lm.loading import pad_token_id  # noqa: E402
+from student_trainer.modeling import load_student  # noqa: E402
 from student_trainer.prompts import prompt_ids, read_prompt_rows  # noqa: E402
-from student_trainer.rollout import RolloutConfig, generate_responses  # noqa: E402
+from student_trainer.rollout.hf_generate import RolloutConfig, generate_responses  # noqa: E402
 from benchmarks.machine_info import cpu_model  # noqa: E402
 
 CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -77,7 +78,7 @@ def timed(fn):
 
 def bench_model(name: str, model_dir: Path, prompts_path: Path, args, *, n_prompts: int,
                 max_prompt_len: int, max_new_tokens: int) -> dict:
-    from student_trainer.rollout_vllm import VLLMRollouts
+    from student_trainer.rollout.vllm_engine import VLLMRollouts
 
     device = torch.device("cpu")
     model, tok = load_student(model_dir, device=device)
@@ -238,7 +239,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         toy = args.toy
         if toy is None and not args.skip_toy:
-            from student_trainer.toyworld.build import WorldConfig, build_world
+            from aligndistil.worlds.toy.build import WorldConfig, build_world
 
             toy = Path(tmp) / "world"
             build_world(WorldConfig(out=str(toy)))

@@ -72,7 +72,7 @@ def machine() -> dict[str, Any]:
 def load_sequences(args: argparse.Namespace) -> list[tuple[list[int], int]]:
     from storage.datasets import read_examples
     from storage.tokenization import TokenizationError, tokenize_example
-    from teacher_service.models import load_tokenizer
+    from causal_lm.loading import load_tokenizer
 
     tok = load_tokenizer(args.dpo)
     out = []

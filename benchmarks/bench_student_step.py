@@ -49,11 +49,12 @@ sys.path.insert(0, str(REPO))
 
 from storage.record import TargetRecord  # noqa: E402
 from student_trainer import losses  # noqa: E402
-from student_trainer.data import collate_records, collate_sequences  # noqa: E402
+from student_trainer.collate import collate_records, collate_sequences  # noqa: E402
 from student_trainer.distributed import DistEnv  # noqa: E402
 from student_trainer.modeling import StudentForward  # noqa: E402
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm  # noqa: E402
-from student_trainer.train import TrainConfig, train_step  # noqa: E402
+from student_trainer.recipes.configs import TrainConfig  # noqa: E402
+from student_trainer.recipes.train import train_step  # noqa: E402
 from benchmarks.machine_info import cpu_model  # noqa: E402
 
 STEP_VARIANTS = ("aligndistil", "sft-hf", "sft-rows")

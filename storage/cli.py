@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,35 +24,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from storage.store import StoreError, TargetStore, format_summary, summarize, verify_store
+    from storage.errors import UserError
+    from storage.store import TargetStore, format_summary, summarize, verify_store
 
-    try:
-        if args.verify:
-            report = verify_store(args.store)
-            if args.json:
-                print(json.dumps({"ok": report.ok, "checked_shards": report.checked_shards,
-                                  "bad": report.bad}))
-            else:
-                for name, problems in report.bad.items():
-                    for problem in problems:
-                        print(f"BAD {name}: {problem}")
-                print(f"{'ok' if report.ok else 'FAILED'}: {report.checked_shards} shard(s) "
-                      f"checked, {len(report.bad)} bad")
-            return 0 if report.ok else 1
-        store = TargetStore.open(args.store)
-        if args.example is not None or args.example_index is not None:
+    # Errors reach aligndistil's entry point (a UserError: one line, exit status 2).
+    if args.verify:
+        report = verify_store(args.store)
+        if args.json:
+            print(json.dumps({"ok": report.ok, "checked_shards": report.checked_shards,
+                              "bad": report.bad}))
+        else:
+            for name, problems in report.bad.items():
+                for problem in problems:
+                    print(f"BAD {name}: {problem}")
+            print(f"{'ok' if report.ok else 'FAILED'}: {report.checked_shards} shard(s) "
+                  f"checked, {len(report.bad)} bad")
+        return 0 if report.ok else 1
+    store = TargetStore.open(args.store)
+    if args.example is not None or args.example_index is not None:
+        try:
             position = (args.example if args.example is not None
                         else store.position_of(args.example_index))
-            if not 0 <= position < len(store):
-                raise IndexError(f"example {position} out of range: the store has "
-                                 f"{len(store)} examples")
-            record = store[position]
-            print(json.dumps(record.to_dict(), indent=None if args.json else 1))
-            return 0
-        summary = summarize(store)
-        print(json.dumps(summary) if args.json else format_summary(summary))
+        except KeyError as exc:
+            raise UserError(exc.args[0] if exc.args else str(exc)) from None
+        if not 0 <= position < len(store):
+            raise UserError(f"example {position} out of range: the store has "
+                             f"{len(store)} examples")
+        record = store[position]
+        print(json.dumps(record.to_dict(), indent=None if args.json else 1))
         return 0
-    except (StoreError, IndexError, KeyError, OSError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"aligndistil inspect: error: {message}", file=sys.stderr)
-        return 2
+    summary = summarize(store)
+    print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping
 
+from storage.errors import UserError
+
 #: File suffixes read as JSON Lines and as Parquet.
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -47,7 +49,7 @@ PARQUET_BATCH_ROWS = 1024
 MAX_KEPT_ERRORS = 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A malformed input row or unreadable file; the message starts with ``file:line``."""
 
 
@@ -107,15 +109,7 @@ def read_examples(path: str | Path, *, response_field: str | None = None,
                          f", num_workers={num_workers}")
     path = Path(path)
     stats = stats if stats is not None else ReadStats()
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        rows = _jsonl_rows(path, worker_index, num_workers)
-    elif suffix in PARQUET_SUFFIXES:
-        rows = _parquet_rows(path, worker_index, num_workers)
-    else:
-        raise DataError(f"{path}: unknown data format {suffix!r}; expected one of "
-                        f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")
-    for index, where, row in rows:
+    for index, where, row in _rows(path, worker_index, num_workers):
         stats.rows += 1
         try:
             if isinstance(row, _BadRow):
@@ -259,9 +253,30 @@ def _is_int(value: Any) -> bool:
 
 
 # ====================================================================== file readers
+def read_rows(path: str | Path, *, worker_index: int = 0, num_workers: int = 1
+              ) -> Iterator[tuple[int, str, Any]]:
+    """``(index, where, row)`` for every data row of a JSONL or Parquet file (by suffix), before
+    any parsing into examples (prompt files use this too). ``where`` is ``FILE:LINE`` or
+    ``FILE:row N``; a line that is not UTF-8 JSON raises :class:`DataError` naming it."""
+    for index, where, row in _rows(Path(path), worker_index, num_workers):
+        if isinstance(row, _BadRow):
+            raise DataError(f"{where}: {row.message}")
+        yield index, where, row
+
+
 @dataclass(frozen=True)
 class _BadRow:
     message: str
+
+
+def _rows(path: Path, worker_index: int, num_workers: int) -> Iterator[tuple[int, str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return _jsonl_rows(path, worker_index, num_workers)
+    if suffix in PARQUET_SUFFIXES:
+        return _parquet_rows(path, worker_index, num_workers)
+    raise DataError(f"{path}: unknown data format {suffix!r}; expected one of "
+                    f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")
 
 
 def _jsonl_rows(path: Path, worker_index: int, num_workers: int

@@ -33,6 +33,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from storage.errors import UserError
+
 #: Field name -> numpy dtype. The order is the canonical order used by every encoding.
 FIELD_DTYPES: dict[str, np.dtype] = {
     "example_index": np.dtype(np.int64),
@@ -60,7 +62,7 @@ PER_POSITION_FIELDS: tuple[str, ...] = (
 WIRE_FIELDS: tuple[str, ...] = tuple(f for f in FIELD_DTYPES if f != "example_index")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record that breaks the contract: the message names the field and what is wrong."""
 
 

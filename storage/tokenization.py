@@ -34,9 +34,10 @@ import json
 from typing import Any, Literal
 
 from storage.datasets import Example
+from storage.errors import UserError
 
 
-class TokenizationError(ValueError):
+class TokenizationError(UserError, ValueError):
     """An example that cannot be tokenised as asked; the message names the example."""
 
 

@@ -51,6 +51,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from storage.errors import UserError
+from storage.ragged import offsets_from_lengths
 from storage.record import FIELD_DTYPES, WIRE_FIELDS, RecordError, TargetRecord
 
 #: What ``Accept`` / ``Content-Type`` say for the Arrow encoding.
@@ -69,7 +71,7 @@ _LIST_DEPTH: dict[str, int] = {
 _SCALAR_FIELDS = ("example_index", "prompt_len")
 
 
-class WireError(ValueError):
+class WireError(UserError, ValueError):
     """A payload that does not decode to valid records; the message names the field."""
 
 
@@ -270,13 +272,12 @@ def _encode_column(name: str, records: Sequence[TargetRecord]) -> pa.Array:
         row_lengths = np.repeat(
             np.fromiter((a.shape[1] for a in arrays), dtype=np.int64, count=len(arrays)),
             outer_lengths)
-        values = pa.ListArray.from_arrays(_offsets(name, row_lengths), values)
-    return pa.ListArray.from_arrays(_offsets(name, outer_lengths), values)
+        values = pa.ListArray.from_arrays(_arrow_offsets(name, row_lengths), values)
+    return pa.ListArray.from_arrays(_arrow_offsets(name, outer_lengths), values)
 
 
-def _offsets(name: str, lengths: np.ndarray) -> pa.Array:
-    offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+def _arrow_offsets(name: str, lengths: np.ndarray) -> pa.Array:
+    offsets = offsets_from_lengths(lengths)
     if offsets[-1] > np.iinfo(np.int32).max:
         raise WireError(f"{name}: {offsets[-1]} values exceed one Arrow list column's int32 "
                         "offsets; send fewer records per response")

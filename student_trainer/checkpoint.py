@@ -28,13 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.errors import UserError
+from storage.fsio import fsync_dir, fsync_tree
+
 STATE_FILE = "trainer_state.pt"
 FORMAT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the folder and what is wrong."""
 
 
@@ -85,7 +88,7 @@ def save_checkpoint(dest: str | Path, *, model, tokenizer, state: dict[str, Any]
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE_FILE)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if dest.exists():
         # A folder cannot be renamed onto a non-empty one: move the old one aside first.
         old = dest.parent / f"{_TMP_PREFIX}{dest.name}-old-{os.getpid()}"
@@ -94,31 +97,8 @@ def save_checkpoint(dest: str | Path, *, model, tokenizer, state: dict[str, Any]
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
-    _fsync_dir(dest.parent)  # make the rename itself durable
+    fsync_dir(dest.parent)  # make the rename itself durable
     return dest
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush the files (and the folder's entries) to disk before the rename makes them visible
-    (power-loss safety; a killed process needs none of this, the page cache survives it)."""
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int | None) -> list[Path]:

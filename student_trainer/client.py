@@ -23,15 +23,17 @@ from typing import Any, Callable, Sequence
 
 import httpx
 
+from storage.errors import UserError
 from storage.record import TargetRecord
 from storage.wire import ARROW_STREAM_MEDIA_TYPE, WireError, decode_arrow
+from student_trainer.errors import check_same_tokenizer
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
-class TeacherError(RuntimeError):
+class TeacherError(UserError, RuntimeError):
     """Base class of the client's errors."""
 
 
@@ -104,17 +106,14 @@ class TeacherClient:
         """``GET /v1/info``: the models, ``vocab_size``, ``tokenizer_sha256``, ``top_k``, ..."""
         return self._request("GET", "/v1/info").json()
 
-    def check_compatible(self, *, tokenizer_sha256: str, vocab_size: int) -> dict[str, Any]:
+    def check_compatible(self, *, tokenizer_sha256: str, vocab_size: int,
+                         student: str = "--model") -> dict[str, Any]:
         """Refuse a server whose tokenizer is not the student's; returns its info."""
         info = self.info()
-        theirs_sha, theirs_vocab = info.get("tokenizer_sha256"), info.get("vocab_size")
-        if theirs_sha != tokenizer_sha256 or theirs_vocab != vocab_size:
-            raise TeacherMismatch(
-                f"the teacher server at {self.base_url} uses a different tokenizer than the "
-                f"student: server vocab_size={theirs_vocab}, tokenizer_sha256="
-                f"{str(theirs_sha)[:16]}...; student vocab_size={vocab_size}, "
-                f"tokenizer_sha256={tokenizer_sha256[:16]}... Its targets' token ids would "
-                f"mean other tokens; train the student from a model with the teachers' tokenizer")
+        check_same_tokenizer(f"the teacher server at {self.base_url}",
+                             theirs_sha256=info.get("tokenizer_sha256"),
+                             theirs_vocab=info.get("vocab_size"), student_sha256=tokenizer_sha256,
+                             student_vocab=vocab_size, student=student, error=TeacherMismatch)
         self._vocab_size = vocab_size  # from now on, every served top-k id is checked against it
         return info
 

@@ -66,12 +66,3 @@ def gather_objects(env: DistEnv, obj: Any) -> list[Any]:
     out: list[Any] = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(env: DistEnv, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not env.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -1,4 +1,4 @@
-"""The student model: loading it, and a forward that yields only what the losses need.
+"""The student's forward: only what the losses need (loading lives in :mod:`causal_lm.loading`).
 
 The AlignDistil loss needs the student's logits at the response positions only (rows
 ``P-1 .. L-2``), never at the prompt. :class:`StudentForward` runs the decoder over the padded
@@ -10,63 +10,22 @@ hidden states a chunk of rows at a time, see ``losses.chunked_sparse_reverse_kl`
 The whole computation, loss included, happens inside ``forward`` so the module can be wrapped
 in DistributedDataParallel as is: DDP only sees parameters used inside the wrapped forward.
 
-Logits are cut to the tokenizer's vocabulary: models often pad their embedding matrix past
-it, and those rows are never valid ids (the teacher engine drops them the same way).
+The decoder at response rows and the LM head (post-processing, the cut to the tokenizer's
+vocabulary) are :mod:`causal_lm.head`'s, the same code the teacher engine runs.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from causal_lm.head import head_logits, head_weight, logit_postprocess, response_hidden
+from causal_lm.loading import load_model_and_tokenizer
 from student_trainer import losses
 
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(ValueError):
-    """A --model folder that cannot be loaded; the message names it and what is missing."""
-
-
-def load_student(path: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32,
-                 trust_remote_code: bool = False):
-    """``(model, tokenizer)`` from a local Hugging Face folder (safetensors only), in train mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise ModelLoadError(f"--model {path}: not a Hugging Face model folder (expected "
-                             f"config.json and *.safetensors)")
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"--model {path}: no *.safetensors weights; only safetensors are "
-                             f"loaded (pickle-based .bin files can run code)")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                              trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                 use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
-    rows = model.get_output_embeddings().weight.shape[0]
-    if rows < len(tokenizer):
-        raise ModelLoadError(f"--model {path}: the model emits {rows} logits but its tokenizer "
-                             f"has {len(tokenizer)} tokens")
-    return model.to(device).train(), tokenizer
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id used for padding (never attended to, never a target)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def _head_postprocess(model) -> tuple[float | None, float | None]:
-    config = model.config
-    return getattr(config, "logit_scale", None) or None, \
-        getattr(config, "final_logit_softcapping", None) or None
 
 
 class StudentForward(nn.Module):
@@ -83,32 +42,19 @@ class StudentForward(nn.Module):
         self.vocab_size = int(vocab_size)
         self.tail = tail
         self.loss_chunk_size = loss_chunk_size or None
-        scale, cap = _head_postprocess(model)
+        scale, cap = logit_postprocess(model)
         if self.loss_chunk_size and (scale or cap):
             raise ValueError("--loss-chunk-size needs a plain linear LM head; this model "
                              "scales or soft-caps its logits (use the unchunked loss)")
 
-    def response_hidden(self, input_ids: Tensor, attention_mask: Tensor, row_idx: Tensor,
-                        col_idx: Tensor) -> Tensor:
-        decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         use_cache=False).last_hidden_state
-        return hidden[row_idx, col_idx]
-
     def head(self, hidden: Tensor) -> Tensor:
-        logits = self.model.get_output_embeddings()(hidden)
-        scale, cap = _head_postprocess(self.model)
-        if scale:
-            logits = logits * scale
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits[..., :self.vocab_size]
+        return head_logits(self.model, hidden, self.vocab_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, row_idx: Tensor,
                 col_idx: Tensor, *, mode: str = "kl", topk_ids: Tensor | None = None,
                 topk_logprobs: Tensor | None = None, tail_logmass: Tensor | None = None,
                 target_ids: Tensor | None = None) -> Tensor:
-        hidden = self.response_hidden(input_ids, attention_mask, row_idx, col_idx)
+        hidden = response_hidden(self.model, input_ids, attention_mask, row_idx, col_idx)
         if mode == "logprobs":
             logits = self.head(hidden)
             logp = torch.log_softmax(logits.float(), dim=-1)
@@ -116,9 +62,7 @@ class StudentForward(nn.Module):
         if mode != "kl":
             raise ValueError(f"mode must be 'kl' or 'logprobs', got {mode!r}")
         if self.loss_chunk_size:
-            head = self.model.get_output_embeddings()
-            weight = head.weight[:self.vocab_size]
-            bias = head.bias[:self.vocab_size] if getattr(head, "bias", None) is not None else None
+            weight, bias = head_weight(self.model, self.vocab_size)
             if weight.dtype != hidden.dtype:  # autocast: bf16 hidden states, fp32 master weight
                 weight = weight.to(hidden.dtype)
                 bias = bias.to(hidden.dtype) if bias is not None else None
@@ -129,14 +73,9 @@ class StudentForward(nn.Module):
                                         tail_logmass, tail=self.tail)
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: this process's GPU when CUDA is available, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError("--device cuda: no CUDA device is available on this machine")
-        return torch.device("cuda", local_rank)
-    if device != "cpu":
-        raise ModelLoadError(f"--device: expected auto, cpu or cuda, got {device!r}")
-    return torch.device("cpu")
+def load_student(path, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                 trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of the student, in train mode (:mod:`causal_lm.loading`'s checks:
+    safetensors only, a logit for every token)."""
+    return load_model_and_tokenizer(path, device=device, dtype=dtype, train=True,
+                                    trust_remote_code=trust_remote_code)

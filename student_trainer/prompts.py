@@ -15,14 +15,15 @@ encoded without extra special tokens (the template places them), exactly as
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from storage.datasets import read_rows
+from storage.errors import UserError
 from storage.tokenization import TokenizationError, tokenize_prompt
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt row that cannot be used; the message names the file and line/row."""
 
 
@@ -30,26 +31,10 @@ def read_prompt_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, row)`` for every data row of a JSONL or Parquet file."""
     path = Path(path)
     if not path.is_file():
-        raise PromptError(f"--prompts {path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PromptError(f"{path.name}:{lineno}: invalid JSON ({exc})") from None
-                yield f"{path.name}:{lineno}", row
-    elif suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path.name}:row {i}", row
-    else:
-        raise PromptError(f"--prompts {path}: unknown format {suffix!r}; expected .jsonl, "
-                          f".ndjson, .parquet or .pq")
+        raise PromptError(f"--prompts {path}: no such file"
+                          + (" (it is a directory)" if path.is_dir() else ""))
+    for _, where, row in read_rows(path):
+        yield where, row
 
 
 def prompt_ids(tokenizer, row: Any, where: str) -> list[int]:
@@ -116,3 +101,16 @@ def _messages(value: Any, name: str, where: str) -> list[dict[str, str]]:
                               f"'content'")
         out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def prompt_text(row: dict) -> str:
+    """The user text of a prompt row (``{"prompt": str | [messages]}`` or ``{"messages"}``): what
+    a task's gold reward reads."""
+    value = row.get("prompt", row.get("messages"))
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        users = [m["content"] for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        if users:
+            return users[-1]
+    raise PromptError(f"row has no user prompt: {str(row)[:200]}")

@@ -13,24 +13,30 @@ disagree: the float32 targets are rounded to the record's dtypes in exactly one 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from causal_lm.head import head_logits, response_hidden
+from causal_lm.positions import response_coordinates
+from storage.errors import ConfigError, UserError
 from storage.packing import pack_by_token_budget
 from storage.record import TargetRecord
-from teacher_service.models import TeacherPair
+from teacher_service.models import TeacherPair, describe
 from teacher_service.targets import SparseTargets, TargetConfig, compute_targets
 
 
-class InvalidSequenceError(ValueError):
+class InvalidSequenceError(UserError, ValueError):
     """A sequence the engine cannot score; ``index`` is its position in the request."""
 
     def __init__(self, index: int, message: str):
         super().__init__(f"sequences[{index}]: {message}")
         self.index = index
+
+
+class SequenceTooLongError(InvalidSequenceError):
+    """A sequence longer than the engine's ``max_seq_len`` (the server answers 413)."""
 
 
 @dataclass(frozen=True)
@@ -46,18 +52,26 @@ class TeacherEngine:
     def __init__(self, pair: TeacherPair, config: TargetConfig, *, max_batch_tokens: int = 8192,
                  max_seq_len: int | None = None):
         if config.top_k > pair.vocab_size:
-            raise ValueError(f"top_k = {config.top_k} exceeds the vocabulary size "
+            raise ConfigError(f"--top-k = {config.top_k} exceeds the vocabulary size "
                              f"{pair.vocab_size}")
         if max_batch_tokens < 2:
-            raise ValueError(f"max_batch_tokens must be >= 2, got {max_batch_tokens}")
+            raise ConfigError(f"--max-batch-tokens must be >= 2, got {max_batch_tokens}")
         model_max = getattr(pair.dpo.config, "max_position_embeddings", None)
         self.pair = pair
         self.config = config
         self.max_batch_tokens = max_batch_tokens
         self.max_seq_len = max_seq_len or model_max or 4096
         if model_max and self.max_seq_len > model_max:
-            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the models' "
+            raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the models' "
                              f"max_position_embeddings {model_max}")
+
+    def info(self) -> dict[str, Any]:
+        """What ``/v1/info`` reports and the store's metadata records: the models, the
+        vocabulary and tokenizer, and every setting that shapes the targets."""
+        c = self.config
+        return {**describe(self.pair), "top_k": c.top_k, "r": c.r, "eps": c.eps,
+                "tvd_norm": c.tvd_norm, "mode": c.mode, "beta0": c.beta0, "beta": c.beta,
+                "max_seq_len": self.max_seq_len}
 
     # ------------------------------------------------------------------ validation
     def validate(self, index: int, input_ids: Sequence[int], prompt_len: int) -> None:
@@ -66,7 +80,7 @@ class TeacherEngine:
             raise InvalidSequenceError(index, f"input_ids has {n} token(s); need a prompt and a "
                                               f"response (>= 2)")
         if n > self.max_seq_len:
-            raise InvalidSequenceError(index, f"input_ids has {n} tokens, over max_seq_len "
+            raise SequenceTooLongError(index, f"input_ids has {n} tokens, over max_seq_len "
                                               f"{self.max_seq_len}")
         if not 1 <= prompt_len < n:
             raise InvalidSequenceError(index, f"prompt_len must satisfy 1 <= prompt_len < "
@@ -94,46 +108,32 @@ class TeacherEngine:
                 results[i] = record
         return results  # type: ignore[return-value]
 
-    def iter_score(self, requests: Iterable[ScoreRequest], *, group_size: int = 256
-                   ) -> Iterable[TargetRecord]:
-        """Stream records for a long iterable, sorting within groups of ``group_size``."""
-        group: list[ScoreRequest] = []
-        for req in requests:
-            group.append(req)
-            if len(group) >= group_size:
-                yield from self.score(group)
-                group = []
-        if group:
-            yield from self.score(group)
-
     @torch.inference_mode()
     def _score_batch(self, batch: list[ScoreRequest], k: int) -> list[TargetRecord]:
         device = self.pair.device
         longest = max(len(r.input_ids) for r in batch)
         ids = torch.zeros((len(batch), longest), dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        rows, cols = [], []
         for b, req in enumerate(batch):
             n = len(req.input_ids)
             ids[b, :n] = torch.as_tensor(req.input_ids, dtype=torch.long)
             mask[b, :n] = 1
-            # The logit at position i predicts token i + 1: response targets use P-1 .. L-2.
-            rows.extend([b] * (n - req.prompt_len))
-            cols.extend(range(req.prompt_len - 1, n - 1))
+        rows, cols = response_coordinates([len(r.input_ids) for r in batch],
+                                          [r.prompt_len for r in batch])
         ids, mask = ids.to(device), mask.to(device)
-        row_idx = torch.tensor(rows, device=device)
-        col_idx = torch.tensor(cols, device=device)
+        row_idx = torch.from_numpy(rows).to(device)
+        col_idx = torch.from_numpy(cols).to(device)
         next_ids = ids[row_idx, col_idx + 1]
 
-        hidden_dpo = _response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx)
-        hidden_other = _response_hidden(self.pair.other, ids, mask, row_idx, col_idx)
+        hidden_dpo = response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx)
+        hidden_other = response_hidden(self.pair.other, ids, mask, row_idx, col_idx)
         parts: list[SparseTargets] = []
         chunk = self.config.chunk_size
         for start in range(0, hidden_dpo.shape[0], chunk):
             sl = slice(start, start + chunk)
             parts.append(compute_targets(
-                _head(self.pair.dpo, hidden_dpo[sl], self.pair.vocab_size),
-                _head(self.pair.other, hidden_other[sl], self.pair.vocab_size),
+                head_logits(self.pair.dpo, hidden_dpo[sl], self.pair.vocab_size),
+                head_logits(self.pair.other, hidden_other[sl], self.pair.vocab_size),
                 next_ids[sl], self.config))
         targets = SparseTargets(*(torch.cat(field_parts).cpu() for field_parts in zip(*parts)))
         if k < self.config.top_k:
@@ -157,11 +157,6 @@ class TeacherEngine:
             ))
         return records
 
-    def with_config(self, **changes) -> "TeacherEngine":
-        return TeacherEngine(self.pair, dataclasses.replace(self.config, **changes),
-                             max_batch_tokens=self.max_batch_tokens, max_seq_len=self.max_seq_len)
-
-
 def truncate_topk(targets: SparseTargets, k: int) -> SparseTargets:
     """Keep the first ``k`` entries; the dropped log-probs join the tail by a logsumexp."""
     dropped = targets.topk_logprobs[:, k:]
@@ -170,22 +165,18 @@ def truncate_topk(targets: SparseTargets, k: int) -> SparseTargets:
                             topk_logprobs=targets.topk_logprobs[:, :k], tail_logmass=tail)
 
 
-def _response_hidden(model, ids, mask, row_idx, col_idx) -> torch.Tensor:
-    """The decoder's last hidden states at the response-predicting positions only: [N, H]."""
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return hidden[row_idx, col_idx]
+def build_engine(options) -> TeacherEngine:
+    """Load the teacher pair named by ``options`` (a :class:`~teacher_service.config.
+    TeacherOptions`) and wrap it in the engine both ``serve`` and ``precompute`` use."""
+    from teacher_service.models import load_teacher_pair
+    from teacher_service.targets import TargetConfig
 
-
-def _head(model, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """LM head on a chunk of hidden states, with the model's own logit post-processing, cut to
-    the tokenizer's vocabulary (padding rows past it are never valid ids; see models.py)."""
-    logits = model.get_output_embeddings()(hidden)
-    config = model.config
-    scale = getattr(config, "logit_scale", None)
-    if scale:
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits[:, :vocab_size]
+    target_config = TargetConfig(top_k=options.top_k, r=options.resolved_r(), eps=options.eps,
+                                 tvd_norm=options.tvd_norm, mode=options.mode,
+                                 beta0=options.beta0, beta=options.beta,
+                                 chunk_size=options.chunk_size)
+    pair = load_teacher_pair(options.dpo_model, options.other_model(), mode=options.mode,
+                             device=options.device, dtype=options.dtype,
+                             trust_remote_code=options.trust_remote_code)
+    return TeacherEngine(pair, target_config, max_batch_tokens=options.max_batch_tokens,
+                         max_seq_len=options.max_seq_len)

@@ -15,26 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from causal_lm.loading import (ModelLoadError, check_model_dir, load_causal_lm, load_tokenizer,
+                               output_rows, resolve_device, resolve_dtype)
 from storage.tokenization import tokenizer_sha256
 
 log = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 #: Bytes of each weight file hashed into a teacher's identity (plus name and size): hashing a
 #: 15 GB checkpoint in full would cost a minute at every start for little extra safety.
 _IDENTITY_SAMPLE_BYTES = 8 << 20
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(ModelLoadError):
     """The teacher models cannot be used together; the message says what differs."""
 
 
@@ -50,34 +48,6 @@ class TeacherPair:
     dtype: torch.dtype
     tokenizer_sha256: str
     identities: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device not in DEVICES:
-        raise TeacherLoadError(f"--device: expected one of {DEVICES}, got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise TeacherLoadError("--device cuda: no CUDA device is available on this machine")
-        # Under torchrun every worker sees every GPU: each takes the one of its LOCAL_RANK
-        # (without torchrun LOCAL_RANK is unset and this is cuda:0, or CUDA_VISIBLE_DEVICES's).
-        return torch.device("cuda", local_cuda_index(torch.cuda.device_count()))
-    return torch.device(device)
-
-
-def local_cuda_index(device_count: int) -> int:
-    """The GPU of this process: ``LOCAL_RANK`` modulo the visible devices, else 0."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return local_rank % max(1, device_count)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise TeacherLoadError(f"--dtype: expected one of {DTYPES}, got {dtype!r}")
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 def model_identity(path: str | Path) -> dict[str, str]:
@@ -96,39 +66,6 @@ def model_identity(path: str | Path) -> dict[str, str]:
     return {"path": str(path.resolve()), "fingerprint": digest.hexdigest()}
 
 
-def _check_model_dir(path: Path, flag: str) -> None:
-    if not path.is_dir():
-        raise TeacherLoadError(f"{flag} {path}: not a directory (expected a Hugging Face model "
-                               f"folder with config.json and *.safetensors)")
-    if not (path / "config.json").is_file():
-        raise TeacherLoadError(f"{flag} {path}: no config.json")
-    if not any(path.glob("*.safetensors")):
-        found = sorted(p.name for p in path.glob("*.bin")) or ["no weight files"]
-        raise TeacherLoadError(f"{flag} {path}: no *.safetensors weights (found {', '.join(found)}); "
-                               f"only safetensors are loaded (pickle-based .bin can run code)")
-
-
-def load_causal_lm(path: str | Path, *, device: torch.device, dtype: torch.dtype,
-                   trust_remote_code: bool = False, flag: str = "--model"):
-    """One local causal LM, safetensors only, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    _check_model_dir(path, flag)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-        local_files_only=True,
-    )
-    return model.to(device).eval().requires_grad_(False)
-
-
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code,
-                                         local_files_only=True)
-
-
 def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str = "adaptive",
                       device: str = "auto", dtype: str = "auto",
                       trust_remote_code: bool = False) -> TeacherPair:
@@ -138,8 +75,8 @@ def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     dpo_path, other_path = Path(dpo_path), Path(other_path)
-    _check_model_dir(dpo_path, "--dpo-model")
-    _check_model_dir(other_path, other_flag)
+    check_model_dir(dpo_path, "--dpo-model")
+    check_model_dir(other_path, other_flag)
 
     tok_dpo = load_tokenizer(dpo_path, trust_remote_code=trust_remote_code)
     tok_other = load_tokenizer(other_path, trust_remote_code=trust_remote_code)
@@ -154,8 +91,8 @@ def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str
                          flag="--dpo-model")
     other = load_causal_lm(other_path, device=dev, dtype=dt,
                            trust_remote_code=trust_remote_code, flag=other_flag)
-    rows_dpo = dpo.get_output_embeddings().weight.shape[0]
-    rows_other = other.get_output_embeddings().weight.shape[0]
+    rows_dpo = output_rows(dpo)
+    rows_other = output_rows(other)
     if rows_dpo != rows_other:
         raise TeacherLoadError(f"the teachers' output vocabularies differ: dpo emits {rows_dpo} "
                                f"logits, {other_role} emits {rows_other}")

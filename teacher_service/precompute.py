@@ -5,150 +5,138 @@ Worker ``I`` of ``N`` owns the examples whose index is ``I mod N`` and writes it
 shards are skipped; a shard that was being written when the process died was never committed
 and is rewritten. The store's metadata pins everything that shapes the targets (teachers,
 tokenizer, k, r, eps, norm, mode, source data), so a resume with different settings is refused.
+
+Read top to bottom: :func:`store_metadata` (what the store records), :func:`example_groups`
+(this worker's examples, tokenised, in fixed groups), :func:`run_precompute` (the loop).
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
-from storage.datasets import DataError, ReadStats, read_examples, source_fingerprint
-from storage.store import StoreError, StoreMetadata, TargetStore, TargetStoreWriter, summarize
+from storage.datasets import ReadStats, read_examples, source_fingerprint
+from storage.errors import ConfigError
+from storage.store import StoreMetadata, TargetStore, TargetStoreWriter, summarize
 from storage.tokenization import TokenizationError, tokenize_example
-from teacher_service.cli import build_engine, other_model_path
-from teacher_service.engine import ScoreRequest
+from teacher_service.config import PrecomputeConfig
+from teacher_service.engine import ScoreRequest, TeacherEngine, build_engine
+
+log = logging.getLogger(__name__)
 
 
-def worker_placement(args: argparse.Namespace) -> tuple[int, int]:
-    """--worker-index/--num-workers, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    index = args.worker_index if args.worker_index is not None else int(os.environ.get("RANK", 0))
-    count = args.num_workers if args.num_workers is not None else int(os.environ.get("WORLD_SIZE", 1))
-    if count < 1 or not 0 <= index < count:
-        raise SystemExit(f"aligndistil precompute: need 0 <= --worker-index < --num-workers, "
-                         f"got {index} of {count}")
-    return index, count
-
-
-def teacher_identities(engine) -> dict[str, str]:
+def teacher_identities(engine: TeacherEngine) -> dict[str, str]:
     """Role -> 'folder-name@sha256:fingerprint' (no absolute path: workers on different machines
     mount the same teachers at different places)."""
     return {role: f"{Path(ident['path']).name}@sha256:{ident['fingerprint']}"
             for role, ident in engine.pair.identities.items()}
 
 
-def run_precompute(args: argparse.Namespace) -> int:
-    worker, workers = worker_placement(args)
-    other_model_path(args)  # a missing teacher flag is the first thing to report
-    data = Path(args.data)
-    if not data.is_file():
-        print(f"aligndistil precompute: --data {data}: no such file", file=sys.stderr)
-        return 2
-    started = time.perf_counter()
-    try:
-        engine = build_engine(args)
-    except ValueError as exc:  # TeacherLoadError and config errors: say what, no traceback
-        print(f"aligndistil precompute: {exc}", file=sys.stderr)
-        return 2
-    config = engine.config
-    metadata = StoreMetadata(
+def store_metadata(engine: TeacherEngine, config: PrecomputeConfig, num_workers: int
+                   ) -> StoreMetadata:
+    """Everything that shapes the targets, recorded once in the store."""
+    target = engine.config
+    return StoreMetadata(
         teachers=teacher_identities(engine), tokenizer_sha256=engine.pair.tokenizer_sha256,
-        vocab_size=engine.pair.vocab_size, top_k=config.top_k, r=float(config.r),
-        eps=float(config.eps), tvd_norm=config.tvd_norm, mode=config.mode,
-        source_fingerprint=source_fingerprint(data), num_workers=workers,
-        extra={"beta0": config.beta0, "beta": config.beta, "max_seq_len": engine.max_seq_len,
-               "response_field": args.response_field},
+        vocab_size=engine.pair.vocab_size, top_k=target.top_k, r=float(target.r),
+        eps=float(target.eps), tvd_norm=target.tvd_norm, mode=target.mode,
+        source_fingerprint=source_fingerprint(Path(config.data)), num_workers=num_workers,
+        extra={"beta0": target.beta0, "beta": target.beta, "max_seq_len": engine.max_seq_len,
+               "response_field": config.response_field},
     )
-    try:
-        # Shard boundaries are placed by this module (at group ends), not by token count.
-        writer = TargetStoreWriter(args.out, metadata, worker_index=worker,
-                                   shard_tokens=sys.maxsize)
-    except (StoreError, ValueError) as exc:
-        print(f"aligndistil precompute: {exc}", file=sys.stderr)
-        return 2
 
+
+@dataclass
+class SkipCounts:
+    """Rows left out with ``--skip-bad-rows``, by reason."""
+    read: ReadStats = field(default_factory=ReadStats)
+    untokenisable: int = 0
+
+
+def example_groups(config: PrecomputeConfig, tokenizer, max_seq_len: int, *, worker: int,
+                   workers: int, done: set[int], skips: SkipCounts
+                   ) -> Iterator[tuple[int, list[ScoreRequest]]]:
+    """``(rows consumed, requests)`` for this worker's examples in fixed groups of
+    ``group_size`` (by position in its stream), tokenised, with committed examples dropped.
+
+    Shards are committed only at group ends, so a resumed run forms exactly the groups (and
+    batches) of an uninterrupted one and writes bit-identical records.
+    """
+    group: list[ScoreRequest] = []
+    consumed = 0
+    for example in read_examples(Path(config.data), response_field=config.response_field,
+                                 on_error="skip" if config.skip_bad_rows else "raise",
+                                 worker_index=worker, num_workers=workers, stats=skips.read):
+        if config.limit is not None and example.index >= config.limit:
+            break
+        consumed += 1
+        if example.index not in done:
+            try:
+                ids, prompt_len = tokenize_example(tokenizer, example, max_seq_len)
+                group.append(ScoreRequest(ids, prompt_len, example_index=example.index))
+            except TokenizationError as exc:
+                if not config.skip_bad_rows:
+                    raise
+                skips.untokenisable += 1
+                log.warning("skipped: %s", exc)
+        if consumed % config.group_size == 0:
+            yield consumed, group
+            consumed, group = 0, []
+    if consumed:
+        yield consumed, group
+
+
+def run_precompute(config: PrecomputeConfig) -> dict:
+    """Score this worker's part of ``config.data`` into the store ``config.out``; returns a
+    summary (what was written, the store's totals, the skipped rows)."""
+    worker, workers = config.placement(os.environ)
+    config.other_model()  # a missing teacher flag is the first thing to report
+    data = Path(config.data)
+    if not data.is_file():
+        raise ConfigError(f"--data {data}: no such file"
+                          + (" (it is a directory)" if data.is_dir() else ""))
+    started = time.perf_counter()
+    engine = build_engine(config)
+    # Shard boundaries are placed here (at group ends), not by the writer's token count.
+    writer = TargetStoreWriter(config.out, store_metadata(engine, config, workers),
+                               worker_index=worker, shard_tokens=sys.maxsize)
     done = set(writer.committed_example_indices().tolist())
-    stats = ReadStats()
-    skipped_tokenize = 0
-    tokenizer = engine.pair.tokenizer
-
-    def groups():
-        """This worker's examples in fixed groups of --group-size (by position in its stream),
-        tokenised, with already-committed examples dropped. Shards are committed only at group
-        ends, so a resumed run forms exactly the groups (and batches) of an uninterrupted one
-        and writes bit-identical records."""
-        nonlocal skipped_tokenize
-        group: list[ScoreRequest] = []
-        position = 0
-        for example in read_examples(data, response_field=args.response_field,
-                                     on_error="skip" if args.skip_bad_rows else "raise",
-                                     worker_index=worker, num_workers=workers, stats=stats):
-            if args.limit is not None and example.index >= args.limit:
-                break
-            position += 1
-            if example.index not in done:
-                try:
-                    ids, prompt_len = tokenize_example(tokenizer, example, engine.max_seq_len)
-                    group.append(ScoreRequest(ids, prompt_len, example_index=example.index))
-                except TokenizationError as exc:
-                    if not args.skip_bad_rows:
-                        raise
-                    skipped_tokenize += 1
-                    tqdm.write(f"skipped: {exc}", file=sys.stderr)
-            if position % args.group_size == 0:
-                yield group
-                group = []
-        if group:
-            yield group
-
-    resumed = len(done)
+    skips = SkipCounts()
     tokens = response_tokens = examples = buffered = 0
     bar = tqdm(desc=f"precompute w{worker}/{workers}", unit="ex", dynamic_ncols=True,
-               file=sys.stderr)
+               file=sys.stderr, disable=not config.progress)
     try:
-        for group in groups():
-            if not group:
-                continue
-            for record in engine.score(group):
+        for consumed, group in example_groups(config, engine.pair.tokenizer, engine.max_seq_len,
+                                              worker=worker, workers=workers, done=done,
+                                              skips=skips):
+            for record in engine.score(group) if group else []:
                 writer.write(record)
                 examples += 1
                 tokens += record.seq_len
                 response_tokens += record.response_len
                 buffered += record.response_len
-            if buffered >= args.shard_tokens:
+            if buffered >= config.shard_tokens:
                 writer.flush()
                 buffered = 0
-            bar.update(len(group))
+            bar.update(consumed)
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}",
                             refresh=False)
         writer.close()
-    except (DataError, TokenizationError) as exc:
-        writer.close(finished=False)  # keep every committed shard; the rerun resumes
-        print(f"aligndistil precompute: {exc}", file=sys.stderr)
-        print("  (fix the row, or pass --skip-bad-rows to skip and count bad rows)",
-              file=sys.stderr)
-        return 2
     except BaseException:
-        writer.close(finished=False)
+        writer.close(finished=False)  # keep every committed shard; the rerun resumes
         raise
     finally:
         bar.close()
-
     wall = time.perf_counter() - started
-    summary = summarize(TargetStore.open(args.out))
-    print(f"precompute worker {worker}/{workers}: {examples} new examples "
-          f"({resumed} already committed), {response_tokens} response tokens, "
-          f"{tokens} tokens in {wall:.1f} s = {tokens / max(wall, 1e-9):.0f} tokens/s")
-    bpt = summary["bytes_per_token"]
-    print(f"store {args.out}: {summary['examples']} examples, {summary['response_tokens']} "
-          f"response tokens, {summary['bytes_on_disk']} bytes on disk"
-          + (f" = {bpt:.1f} B/response token" if bpt else "")
-          + ("" if summary["complete"] else " (other workers not finished yet)"))
-    if stats.skipped or skipped_tokenize:
-        print(f"skipped rows: {stats.skipped} malformed, {skipped_tokenize} untokenisable "
-              f"(first errors: {stats.errors[:3]})")
-    return 0
+    return {"worker": worker, "workers": workers, "examples": examples, "resumed": len(done),
+            "response_tokens": response_tokens, "tokens": tokens, "seconds": wall,
+            "store": str(config.out), "summary": summarize(TargetStore.open(config.out)),
+            "skipped_malformed": skips.read.skipped, "skipped_untokenisable": skips.untokenisable,
+            "skip_errors": skips.read.errors[:3]}

@@ -21,11 +21,13 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any, Callable, Union
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt,
                       StrictStr, Tag, ValidationError)
@@ -35,7 +37,8 @@ from storage import wire
 from storage.datasets import Example
 from storage.tokenization import TokenizationError, tokenize_example
 from teacher_service.batcher import MicroBatcher, QueueFull
-from teacher_service.engine import InvalidSequenceError, ScoreRequest, TeacherEngine
+from teacher_service.engine import (InvalidSequenceError, ScoreRequest, SequenceTooLongError,
+                                    TeacherEngine)
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +160,9 @@ class Metrics:
 class ServerState:
     """Holds the engine once it is loaded; loading runs in a thread so /healthz answers at once."""
 
-    def __init__(self, engine_factory: Callable[[], TeacherEngine], settings: ServerSettings,
-                 info: Callable[[TeacherEngine], dict[str, Any]]):
+    def __init__(self, engine_factory: Callable[[], TeacherEngine], settings: ServerSettings):
         self.engine_factory = engine_factory
         self.settings = settings
-        self.info_fn = info
         self.engine: TeacherEngine | None = None
         self.batcher: MicroBatcher | None = None
         self.load_error: str | None = None
@@ -186,139 +187,225 @@ class ServerState:
         log.info("teachers loaded; ready")
 
 
+# ---------------------------------------------------------------------------- response models
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error: ``{"error": {"type", "message"}}``."""
+    error: ErrorBody
+
+
+class Status(BaseModel):
+    status: str
+
+
+class TeacherInfo(BaseModel):
+    """``GET /v1/info``: the models, the vocabulary and tokenizer, and every target setting."""
+    models: dict[str, dict[str, str]]
+    vocab_size: int
+    model_vocab_size: int
+    tokenizer_sha256: str
+    device: str
+    dtype: str
+    top_k: int
+    r: float
+    eps: float
+    tvd_norm: str
+    mode: str
+    beta0: float
+    beta: float
+    max_seq_len: int
+
+
+class ScoreResult(BaseModel):
+    """One sequence's sparse targets (the store's record fields, DESIGN §4)."""
+    input_ids: list[int]
+    prompt_len: int
+    alpha: list[float]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+    tail_logmass: list[float | None]  #: null: no mass outside the top-k (-inf)
+    dpo_logprobs: list[float]
+    reverse_logprobs: list[float]
+
+
+class ScoreResponse(BaseModel):
+    results: list[ScoreResult]
+
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 503)}
+
+
+# ---------------------------------------------------------------------------- dependencies
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+#: ``Authorization: Bearer KEY``; declared so OpenAPI shows the scheme. ``auto_error=False``:
+#: a missing or malformed header reaches :func:`require_key`, which answers our own 401 body.
+bearer_scheme = HTTPBearer(auto_error=False, description="the server's --api-key")
+
+
+def require_key(state: Annotated[ServerState, Depends(get_state)],
+                credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                       Security(bearer_scheme)]) -> None:
+    key = state.settings.api_key
+    if not key:
+        return
+    token = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong bearer token",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+def require_ready(state: Annotated[ServerState, Depends(get_state)]) -> TeacherEngine:
+    if state.engine is None:
+        detail = state.load_error or "the teachers are still loading"
+        raise ApiError(503, "not_ready", detail, {"Retry-After": "5"})
+    return state.engine
+
+
+async def read_score_body(request: Request,
+                          state: Annotated[ServerState, Depends(get_state)]) -> ScoreBody:
+    """The body, read by hand: bounded, strictly UTF-8 JSON, no NaN/Infinity, then validated."""
+    _require_json_content_type(request)
+    raw = await _read_bounded(request, state.settings.max_body_bytes)
+    try:
+        # Strictly UTF-8 (RFC 8259 §8.1): json.loads(bytes) would also guess UTF-16/32.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "malformed_json",
+                       f"body is not UTF-8 (invalid byte at offset {exc.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+    except ValueError as exc:
+        raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
+    try:
+        return ScoreBody.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", _format_errors(exc.errors())) from None
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+
+
+# ---------------------------------------------------------------------------- routes
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Status)
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}})
+async def readyz(state: Annotated[ServerState, Depends(get_state)]):
+    if state.engine is None:
+        return error_response(503, "not_ready", state.load_error or "the teachers are still loading")
+    return {"status": "ready"}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(state: Annotated[ServerState, Depends(get_state)]):
+    if state.batcher is not None:
+        state.metrics.queue_depth.set(state.batcher.queued_requests)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/info", response_model=TeacherInfo, dependencies=[Depends(require_key)],
+            responses={401: _ERRORS[401], 503: _ERRORS[503]})
+async def v1_info(engine: Annotated[TeacherEngine, Depends(require_ready)]):
+    return engine.info()
+
+
+@router.post("/v1/score", dependencies=[Depends(require_key)],
+             responses={200: {"model": ScoreResponse, "content": {
+                 wire.ARROW_STREAM_MEDIA_TYPE: {}}}, **_ERRORS},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": ScoreBody.model_json_schema(
+                     ref_template="#/components/schemas/{model}")}}}})
+async def v1_score(request: Request, state: Annotated[ServerState, Depends(get_state)],
+                   engine: Annotated[TeacherEngine, Depends(require_ready)],
+                   body: Annotated[ScoreBody, Depends(read_score_body)]):
+    """Sparse teacher targets for every sequence, in order: JSON (:class:`ScoreResponse`),
+    or an Arrow IPC stream of the same fields for ``Accept: application/vnd.apache.arrow.stream``
+    (the body is encoded directly from the records, never through the models above)."""
+    settings = state.settings
+    started = time.perf_counter()
+    if len(body.sequences) > settings.max_sequences:
+        raise ApiError(413, "too_many_sequences",
+                       f"{len(body.sequences)} sequences; the limit is {settings.max_sequences}")
+    top_k = body.top_k
+    if top_k is not None and top_k > engine.config.top_k:
+        raise ApiError(422, "invalid_request",
+                       f"top_k {top_k} exceeds the server's top_k {engine.config.top_k}")
+    requests = [_to_request(engine, i, seq) for i, seq in enumerate(body.sequences)]
+    total = sum(len(r.input_ids) for r in requests)
+    if total > settings.max_request_tokens:
+        raise ApiError(413, "too_many_tokens", f"{total} tokens in one request; the limit is "
+                                               f"{settings.max_request_tokens}")
+    try:
+        records = await state.batcher.submit(requests, top_k)
+    except QueueFull as exc:
+        state.metrics.rejected.inc()
+        raise ApiError(429, "overloaded", str(exc),
+                       {"Retry-After": str(int(exc.retry_after_s + 0.999))}) from None
+    state.metrics.latency.observe(time.perf_counter() - started)
+    if wire.ARROW_STREAM_MEDIA_TYPE in request.headers.get("accept", ""):
+        return Response(wire.encode_arrow(records), media_type=wire.ARROW_STREAM_MEDIA_TYPE)
+    return Response(wire.encode_json(records), media_type="application/json")
+
+
+# ---------------------------------------------------------------------------- errors
+async def _api_error(request: Request, exc: ApiError):
+    return error_response(exc.status, exc.type, exc.message, exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return error_response(422, "invalid_request", _format_errors(exc.errors()))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, kind, str(exc.detail))
+
+
+async def _count_requests(request: Request, call_next):
+    response = await call_next(request)
+    request.app.state.server.metrics.requests.labels(
+        request.url.path if request.url.path in _PATHS else "other",
+        str(response.status_code)).inc()
+    return response
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state: ServerState = app.state.server
+    loader = asyncio.create_task(state.load())
+    yield
+    await loader
+    if state.batcher is not None:
+        await state.batcher.stop()  # finish what is queued and in flight
+
+
 # ---------------------------------------------------------------------------- the app
-def create_app(engine_factory: Callable[[], TeacherEngine], settings: ServerSettings | None = None,
-               info: Callable[[TeacherEngine], dict[str, Any]] | None = None) -> FastAPI:
+def create_app(engine_factory: Callable[[], TeacherEngine],
+               settings: ServerSettings | None = None) -> FastAPI:
+    """The app; the engine is built by ``engine_factory`` in a thread once the app starts."""
     settings = settings or ServerSettings()
     if settings.api_key is None:
         settings.api_key = os.environ.get(API_KEY_ENV) or None
-    state = ServerState(engine_factory, settings, info or (lambda e: {}))
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        loader = asyncio.create_task(state.load())
-        yield
-        await loader
-        if state.batcher is not None:
-            await state.batcher.stop()  # finish what is queued and in flight
-
-    app = FastAPI(title="aligndistil teacher", version="1", lifespan=lifespan)
-    app.state.server = state
-
-    # ---- errors: always the JSON error body, 4xx for the client's mistakes
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.type, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        return error_response(422, "invalid_request", _format_errors(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, kind, str(exc.detail))
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        state.metrics.requests.labels(request.url.path if request.url.path in _PATHS else "other",
-                                      str(response.status_code)).inc()
-        return response
-
-    # ---- dependencies
-    def require_key(request: Request) -> None:
-        key = settings.api_key
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
-        if not ok:
-            raise ApiError(401, "unauthorized", "missing or wrong bearer token",
-                           {"WWW-Authenticate": "Bearer"})
-
-    def require_ready() -> TeacherEngine:
-        if state.engine is None:
-            detail = state.load_error or "the teachers are still loading"
-            raise ApiError(503, "not_ready", detail, {"Retry-After": "5"})
-        return state.engine
-
-    async def read_score_body(request: Request) -> ScoreBody:
-        _require_json_content_type(request)
-        raw = await _read_bounded(request, settings.max_body_bytes)
-        try:
-            # Strictly UTF-8 (RFC 8259 §8.1): json.loads(bytes) would also guess UTF-16/32.
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ApiError(400, "malformed_json",
-                           f"body is not UTF-8 (invalid byte at offset {exc.start})") from None
-        try:
-            data = json.loads(text, parse_constant=_reject_constant)
-        except RecursionError:
-            raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
-        except ValueError as exc:
-            raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
-        try:
-            return ScoreBody.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(422, "invalid_request", _format_errors(exc.errors())) from None
-        except RecursionError:
-            raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
-
-    # ---- routes
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz():
-        if state.engine is None:
-            return error_response(503, "not_ready",
-                                  state.load_error or "the teachers are still loading")
-        return {"status": "ready"}
-
-    @app.get("/metrics")
-    async def metrics():
-        if state.batcher is not None:
-            state.metrics.queue_depth.set(state.batcher.queued_requests)
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/info", dependencies=[Depends(require_key)])
-    async def v1_info(engine: Annotated[TeacherEngine, Depends(require_ready)]):
-        return state.info_fn(engine)
-
-    @app.post("/v1/score", dependencies=[Depends(require_key)],
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": ScoreBody.model_json_schema(
-                      ref_template="#/components/schemas/{model}")}}}})
-    async def v1_score(request: Request,
-                       engine: Annotated[TeacherEngine, Depends(require_ready)],
-                       body: Annotated[ScoreBody, Depends(read_score_body)]):
-        started = time.perf_counter()
-        if len(body.sequences) > settings.max_sequences:
-            raise ApiError(413, "too_many_sequences",
-                           f"{len(body.sequences)} sequences; the limit is {settings.max_sequences}")
-        top_k = body.top_k
-        if top_k is not None and top_k > engine.config.top_k:
-            raise ApiError(422, "invalid_request",
-                           f"top_k {top_k} exceeds the server's top_k {engine.config.top_k}")
-        requests = [_to_request(engine, i, seq) for i, seq in enumerate(body.sequences)]
-        total = sum(len(r.input_ids) for r in requests)
-        if total > settings.max_request_tokens:
-            raise ApiError(413, "too_many_tokens", f"{total} tokens in one request; the limit is "
-                                                   f"{settings.max_request_tokens}")
-        try:
-            records = await state.batcher.submit(requests, top_k)
-        except QueueFull as exc:
-            state.metrics.rejected.inc()
-            raise ApiError(429, "overloaded", str(exc),
-                           {"Retry-After": str(int(exc.retry_after_s + 0.999))}) from None
-        state.metrics.latency.observe(time.perf_counter() - started)
-        if wire.ARROW_STREAM_MEDIA_TYPE in request.headers.get("accept", ""):
-            return Response(wire.encode_arrow(records), media_type=wire.ARROW_STREAM_MEDIA_TYPE)
-        return Response(wire.encode_json(records), media_type="application/json")
-
+    app = FastAPI(title="aligndistil teacher", version="1", lifespan=_lifespan)
+    app.state.server = ServerState(engine_factory, settings)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.middleware("http")(_count_requests)
+    app.include_router(router)
     return app
 
 
@@ -344,9 +431,10 @@ def _to_request(engine: TeacherEngine, index: int, seq: TokenSequence | TextSequ
             raise ApiError(422, "invalid_request", f"sequences[{index}]: {exc}") from None
     try:
         engine.validate(index, ids, prompt_len)
+    except SequenceTooLongError as exc:
+        raise ApiError(413, "invalid_sequence", str(exc)) from None
     except InvalidSequenceError as exc:
-        status = 413 if "max_seq_len" in str(exc) else 422
-        raise ApiError(status, "invalid_sequence", str(exc)) from None
+        raise ApiError(422, "invalid_sequence", str(exc)) from None
     return ScoreRequest(list(ids), int(prompt_len))
 
 
@@ -397,3 +485,33 @@ def _format_errors(errors: list[dict]) -> str:
 def _clip(text: str, limit: int = 64) -> str:
     """Client-chosen names (unknown keys, media types) are echoed in messages only this long."""
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------------------- the process
+def run_serve(config) -> int:
+    """``aligndistil serve``: uvicorn over :func:`create_app` until SIGTERM/SIGINT.
+
+    ``config`` is a :class:`~teacher_service.config.ServeConfig`."""
+    import signal
+    import sys
+
+    import uvicorn
+
+    from teacher_service.engine import build_engine
+
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.validate()  # a missing teacher flag fails before the port is bound
+    config.resolved_r()
+    settings = ServerSettings(
+        max_body_bytes=config.max_body_bytes, max_request_tokens=config.max_request_tokens,
+        max_batch_tokens=config.max_batch_tokens, batch_wait_s=config.batch_wait_ms / 1000,
+        max_queue_requests=config.max_queue,
+        api_key=config.api_key or os.environ.get(API_KEY_ENV) or None)
+    app = create_app(partial(build_engine, config), settings)
+    # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal to whatever
+    # handler was there before: make that a clean exit, since the shutdown was graceful.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                timeout_graceful_shutdown=30)
+    return 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from live_server import free_port
-from tiny_models import build_tokenizer, save_teacher_pair
+from tiny_models import build_tokenizer
 from trainer_support import FailureInjector, ThreadedServer, random_sequences, teacher_app
 from storage.tokenization import tokenizer_sha256
 from student_trainer.client import (
@@ -16,8 +16,8 @@ from student_trainer.client import (
 
 
 @pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-    return save_teacher_pair(tmp_path_factory.mktemp("client_pair"))
+def pair_dirs(teacher_pair):
+    return teacher_pair
 
 
 @pytest.fixture(scope="module")

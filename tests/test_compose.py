@@ -4,7 +4,7 @@ parse, wired together as the README says; no Docker engine needed.
 Each service's command (the image's ENTRYPOINT ``aligndistil`` plus ``command``, or a ``sh -c``
 script of several commands, some under ``torchrun`` or ``xargs``) is cut into the ``aligndistil``
 invocations it runs; compose variables are substituted with their defaults or with the sample
-values of .env.example, and each invocation goes through ``aligndistil.cli.build_parser()``.
+values of .env.example, and each invocation goes through ``aligndistil.cli.parse_command()``.
 The CPU services must run what ``aligndistil demo`` runs at its default size. When the
 ``docker-compose`` binary (or the ``docker compose`` plugin) is installed, the file is also
 checked by Compose's own validator (CI installs it: see .ci/run).
@@ -19,14 +19,14 @@ import shutil
 import subprocess
 import threading
 import tomllib
-from argparse import ArgumentParser, Namespace
+from argparse import Namespace
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import yaml
 
-from aligndistil.cli import build_parser
+from aligndistil.cli import parse_command
 from aligndistil.demo import MODELS, SIZES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,17 +174,12 @@ def _segment(tokens: list[str]) -> list[list[str]]:
     raise AssertionError(f"not an aligndistil command nor an allowed helper: {tokens}")
 
 
-@lru_cache(maxsize=1)
-def _parser() -> ArgumentParser:
-    return build_parser()
-
-
 def parse(argv: list[str]) -> Namespace:
     try:
-        args = _parser().parse_args(argv)
+        args = parse_command(argv)
     except SystemExit as exc:  # argparse's way of saying no
         raise AssertionError(f"aligndistil {shlex.join(argv)}: does not parse ({exc})") from None
-    assert getattr(args, "func", None) is not None, f"no subcommand in {argv}"
+    assert getattr(args, "command", None) is not None, f"no subcommand in {argv}"
     return args
 
 

@@ -38,7 +38,7 @@ import pytest
 
 from aligndistil.cli import main
 from live_server import REPO
-from tiny_models import save_teacher_pair
+
 from storage.store import StoreCorruptionError, TargetStore, TargetStoreWriter
 from student_trainer.metrics import read_jsonl
 
@@ -57,11 +57,11 @@ def _write_data(path: Path, n: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, teacher_pair):
     """A teacher pair, a pristine store (precompute CLI) and another store of the same
     examples with other targets and other metadata (TargetStoreWriter, ``r = 7``)."""
     root = tmp_path_factory.mktemp("corruption")
-    pair = save_teacher_pair(root / "pair")
+    pair = teacher_pair
     data = _write_data(root / "data.jsonl", N_EXAMPLES)
     stores = {"pristine": root / "pristine", "other": root / "other"}
     res = subprocess.run(

@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 
 from live_server import REPO
-from tiny_models import save_teacher_pair
 from storage.store import StoreNotFoundError, TargetStore, read_metadata, summarize, verify_store
 
 #: One torch thread per process: the machines running the tests are small and shared, and the
@@ -298,8 +297,8 @@ def _check_crashed_state(crashed: Path, clean_manifest: dict, expected: dict) ->
 
 
 @pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-    return save_teacher_pair(tmp_path_factory.mktemp("pair"))
+def pair_dirs(teacher_pair):
+    return teacher_pair
 
 
 def test_random_sigkills_with_concurrent_reader_resume_to_the_uninterrupted_store(

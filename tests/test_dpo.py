@@ -14,7 +14,7 @@ from aligndistil.cli import main
 from tiny_models import load, save_model_dir
 from storage.datasets import read_examples
 from storage.tokenization import tokenize_example
-from student_trainer.dpo import dpo_loss
+from student_trainer.recipes.dpo import dpo_loss
 from student_trainer.metrics import read_jsonl
 
 

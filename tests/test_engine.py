@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from reference import dense_targets, full_logits
-from tiny_models import build_model, build_tokenizer, load, save_model_dir, save_teacher_pair
+from tiny_models import build_model, build_tokenizer, load, save_model_dir
 from storage.packing import pack_by_token_budget as pack_batches
 from teacher_service.engine import ScoreRequest, TeacherEngine, truncate_topk
+from causal_lm.loading import ModelLoadError
 from teacher_service.models import TeacherLoadError, load_teacher_pair
 from teacher_service.targets import TargetConfig, compute_targets
 
 
 @pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-    return save_teacher_pair(tmp_path_factory.mktemp("pair"))
+def pair_dirs(teacher_pair):
+    return teacher_pair
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +188,13 @@ def test_pickle_weights_are_refused(tmp_path):
     d = save_model_dir(tmp_path / "m")
     for f in d.glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
-    with pytest.raises(TeacherLoadError, match="only safetensors"):
+    with pytest.raises(ModelLoadError, match="only safetensors"):
         load_teacher_pair(d, d, device="cpu")
 
 
 def test_each_torchrun_worker_takes_the_gpu_of_its_local_rank(monkeypatch):
     """Pure index logic (no GPU here): under torchrun LOCAL_RANK picks the device."""
-    from teacher_service.models import local_cuda_index
+    from causal_lm.loading import local_cuda_index
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert local_cuda_index(8) == 0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from live_server import REPO, start_server, stop_server
-from tiny_models import save_teacher_pair
+
 from storage import wire
 from storage.datasets import read_examples
 from storage.store import TargetStore
@@ -58,8 +58,8 @@ def _records(store_path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-    return save_teacher_pair(tmp_path_factory.mktemp("pair"))
+def pair_dirs(teacher_pair):
+    return teacher_pair
 
 
 @pytest.fixture(scope="module")

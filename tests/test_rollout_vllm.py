@@ -24,7 +24,7 @@ import torch
 
 from live_server import REPO, start_server, stop_server
 from tiny_models import save_model_dir, save_teacher_pair
-from student_trainer.rollout import RolloutConfig
+from student_trainer.rollout.hf_generate import RolloutConfig
 
 pytestmark = pytest.mark.vllm
 
@@ -45,7 +45,7 @@ def world(tmp_path_factory):
         for key, value in CPU_ENV.items():
             os.environ.setdefault(key, value)
     from student_trainer.modeling import load_student
-    from student_trainer.rollout_vllm import VLLMRollouts
+    from student_trainer.rollout.vllm_engine import VLLMRollouts
 
     root = tmp_path_factory.mktemp("vllm")
     student_dir = save_model_dir(root / "student", seed=7)
@@ -220,7 +220,7 @@ def test_sync_weights_switches_the_policy_and_never_reuses_stale_kv(world, monke
 
 def test_a_missing_vllm_is_a_clear_config_error(monkeypatch):
     from student_trainer.errors import ConfigError
-    from student_trainer.rollout_vllm import require_vllm
+    from student_trainer.rollout.vllm_engine import require_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[vllm\]'"):
@@ -265,7 +265,7 @@ def _train(world, server, out, *extra) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_on_policy_training_with_vllm_rollouts(world, server, mode):
-    from student_trainer.batches import OnPolicySource
+    from student_trainer.sources.on_policy import OnPolicySource
     from student_trainer.metrics import read_jsonl
     from student_trainer.prompts import load_prompts
 
@@ -286,7 +286,7 @@ def test_on_policy_training_with_vllm_rollouts(world, server, mode):
     engine, model, tok = world["engine"], world["model"], world["tokenizer"]
     engine.sync_weights(model)
     source = OnPolicySource(load_prompts(server["prompts"], tok, max_prompt_len=63),
-                            model=model, generate=None, score=None, seed=42)
+                            model=model, rollouts=None, scorer=None, seed=42)
     _, first = source.prompts_for(0, 4)
     saved = engine.config
     engine.config = dataclasses.replace(saved, max_new_tokens=6)

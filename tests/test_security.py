@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aligndistil.cli import build_parser, main
+from aligndistil.cli import main, parse_command
 from live_server import start_server, stop_server
 from tiny_models import save_model_dir, save_teacher_pair
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("aligndistil", "storage", "teacher_service", "student_trainer")
+PACKAGES = ("aligndistil", "storage", "causal_lm", "teacher_service", "student_trainer")
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve",
                   "joblib", "pickletools", "copyreg"}
 
@@ -93,7 +93,8 @@ def test_every_torch_load_passes_weights_only_true():
 
 def test_model_loading_is_local_safetensors_and_remote_code_is_opt_in():
     calls = [(p, c) for p, tree in _package_sources() for c in _calls(tree, "from_pretrained")]
-    assert len(calls) >= 4, calls  # student model + tokenizer, teacher model + tokenizer
+    # model + tokenizer, written once in causal_lm.loading for the student and the teachers
+    assert len(calls) >= 2, calls
     for path, call in calls:
         where = f"{path}:{call.lineno}"
         assert _is_true(_keyword(call, "local_files_only")), where
@@ -141,17 +142,16 @@ def test_the_api_key_is_compared_in_constant_time():
 
 
 def test_cli_defaults_are_the_safe_ones():
-    parser = build_parser()
-    serve = parser.parse_args(["serve", "--dpo-model", "d", "--reverse-model", "r"])
+    serve = parse_command(["serve", "--dpo-model", "d", "--reverse-model", "r"])
     assert serve.host == "127.0.0.1"
     assert serve.api_key is None and not serve.trust_remote_code
     assert serve.max_body_bytes == 8 << 20 and serve.max_request_tokens == 65536
     assert serve.max_seq_len is None  # -> the models' max_position_embeddings (else 4096)
     assert serve.max_queue == 256 and serve.max_batch_tokens == 8192
-    pre = parser.parse_args(["precompute", "--dpo-model", "d", "--reverse-model", "r",
+    pre = parse_command(["precompute", "--dpo-model", "d", "--reverse-model", "r",
                              "--data", "x", "--out", "y"])
-    train = parser.parse_args(["train", "--mode", "off-policy", "--model", "m", "--out", "o"])
-    dpo = parser.parse_args(["dpo", "--model", "m", "--data", "d", "--out", "o"])
+    train = parse_command(["train", "--mode", "off-policy", "--model", "m", "--out", "o"])
+    dpo = parse_command(["dpo", "--model", "m", "--data", "d", "--out", "o"])
     assert not (pre.trust_remote_code or train.trust_remote_code or dpo.trust_remote_code)
 
 
@@ -184,8 +184,8 @@ def test_a_hostile_trainer_state_is_refused_without_running_code(evil_pickle, tm
 
 
 def test_pickle_weights_are_refused_and_never_unpickled(evil_pickle, tmp_path, capsys):
-    from student_trainer.modeling import ModelLoadError, load_student
-    from teacher_service.models import TeacherLoadError, load_causal_lm
+    from causal_lm.loading import ModelLoadError, load_causal_lm
+    from student_trainer.modeling import load_student
 
     evil, marker = evil_pickle
     cpu = torch.device("cpu")
@@ -195,7 +195,7 @@ def test_pickle_weights_are_refused_and_never_unpickled(evil_pickle, tmp_path, c
     (only_bin / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="only safetensors"):
         load_student(only_bin, device=cpu)
-    with pytest.raises(TeacherLoadError, match="only safetensors"):
+    with pytest.raises(ModelLoadError, match="only safetensors"):
         load_causal_lm(only_bin, device=cpu, dtype=torch.float32)
     assert main(["train", "--mode", "off-policy", "--store", str(tmp_path / "no_store"),
                  "--model", str(only_bin), "--out", str(tmp_path / "run"), "--device", "cpu",

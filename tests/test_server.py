@@ -11,7 +11,7 @@ import pytest
 
 from live_server import start_server, stop_server
 from reference import dense_targets, full_logits
-from tiny_models import load, save_teacher_pair
+from tiny_models import load
 from storage import wire
 from storage.datasets import Example
 from storage.tokenization import tokenize_example
@@ -23,8 +23,8 @@ TOP_K = 16
 
 
 @pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-    return save_teacher_pair(tmp_path_factory.mktemp("pair"))
+def pair_dirs(teacher_pair):
+    return teacher_pair
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +238,27 @@ def test_sigterm_finishes_in_flight_requests(pair_dirs, tmp_path):
     resp = result["resp"]
     assert resp.status_code == 200
     assert len(resp.json()["results"]) == 8
+
+
+def test_openapi_shows_the_bearer_scheme_and_the_response_models(server):
+    """The schema a client generator reads: the bearer-token scheme on the two /v1 routes,
+    ScoreResponse (with every record field) for /v1/score's 200 and TeacherInfo for /v1/info;
+    and what /v1/info serves really has TeacherInfo's fields."""
+    doc = httpx.get(server + "/openapi.json", timeout=30).json()
+    schemes = doc["components"]["securitySchemes"]
+    assert any(s.get("type") == "http" and s.get("scheme") == "bearer" for s in schemes.values())
+    for path, method in (("/v1/score", "post"), ("/v1/info", "get")):
+        assert doc["paths"][path][method]["security"], path
+    ok = doc["paths"]["/v1/score"]["post"]["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"]["$ref"].endswith("/ScoreResponse")
+    assert wire.ARROW_STREAM_MEDIA_TYPE in ok
+    result = doc["components"]["schemas"]["ScoreResult"]["properties"]
+    assert set(result) == set(wire.WIRE_FIELDS)
+    for status in ("401", "413", "422", "429", "503"):
+        assert status in doc["paths"]["/v1/score"]["post"]["responses"]
+    info_schema = doc["paths"]["/v1/info"]["get"]["responses"]["200"]["content"][
+        "application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    assert info_schema == "TeacherInfo"
+    info = httpx.get(server + "/v1/info", timeout=30).json()
+    assert set(info) == set(doc["components"]["schemas"]["TeacherInfo"]["properties"])
+    assert info["top_k"] == TOP_K and len(info["tokenizer_sha256"]) == 64

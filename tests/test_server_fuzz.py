@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from live_server import start_server, stop_server
 from storage import wire
-from tiny_models import save_teacher_pair
+
 
 TOP_K = 16
 MAX_SEQ_LEN = 64
@@ -92,9 +92,9 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory):
+def live(tmp_path_factory, teacher_pair):
     """One server for the whole module, plus its answer to REFERENCE_BODY before any fuzzing."""
-    pair = save_teacher_pair(tmp_path_factory.mktemp("pair"))
+    pair = teacher_pair
     log = tmp_path_factory.mktemp("log") / "server.log"
     proc, url = start_server(*pair, "--top-k", str(TOP_K), "--max-seq-len", str(MAX_SEQ_LEN),
                              "--max-body-bytes", str(MAX_BODY),

@@ -34,7 +34,7 @@ from storage.record import TargetRecord
 from teacher_service.engine import ScoreRequest, TeacherEngine
 from teacher_service.models import load_teacher_pair
 from teacher_service.targets import TargetConfig, default_r
-from tiny_models import save_teacher_pair
+
 
 TOP_K = 16
 MAX_SEQ_LEN = 64
@@ -48,8 +48,8 @@ SERVER_ENV = {"OMP_NUM_THREADS": "1"}
 
 # ---------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-    return save_teacher_pair(tmp_path_factory.mktemp("pair"))
+def pair_dirs(teacher_pair):
+    return teacher_pair
 
 
 @pytest.fixture(scope="module")

@@ -376,20 +376,25 @@ def test_store_pickles_for_spawned_workers(epoch_store):
     assert got == _count_in_spawned_child(store)
 
 
+def _read_part(store: TargetStore, part: int, parts: int) -> list[int]:
+    return [r.example_index for r in store.iter_records(epoch=1, seed=3, rank=part,
+                                                        world_size=parts)]
+
+
 @pytest.mark.parametrize("context", ["spawn", "fork"])
-def test_torch_dataloader_workers(epoch_store, context):
-    torch = pytest.importorskip("torch")
-    from storage.store.torch_dataset import TargetIterableDataset
+def test_worker_processes_split_a_rank_without_loss_or_repeats(epoch_store, context):
+    """Worker processes (spawned, or forked after the parent used zarr and its event loop)
+    each read their own part of rank 1's epoch, as data-loader workers would."""
     store, records = epoch_store
-    store[0]                       # the parent has used zarr (its event loop) before forking
-    ds = TargetIterableDataset(store, batch_size=8, seed=3, rank=1, world_size=2)
-    ds.set_epoch(1)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
-                                         multiprocessing_context=context)
-    seen = [int(e) for b in loader for e in b.example_index]
-    # Rank 1's half of epoch 1, split between the two workers without loss or repeats.
-    want = [r.example_index for r in store.iter_records(epoch=1, seed=3, rank=1,
-                                                        world_size=2)]
+    store[0]                       # the parent has used zarr before forking
+    workers, rank, world = 2, 1, 2
+    ctx = multiprocessing.get_context(context)
+    with ctx.Pool(workers) as pool:
+        seen = [i for part in pool.starmap(
+            _read_part, [(store, rank * workers + w, world * workers) for w in range(workers)])
+            for i in part]
+    want = [r.example_index for r in store.iter_records(epoch=1, seed=3, rank=rank,
+                                                        world_size=world)]
     assert sorted(seen) == sorted(want) and len(seen) == len(set(seen))
     assert 0 < len(seen) < len(records)
 

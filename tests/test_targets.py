@@ -26,7 +26,7 @@ from teacher_service.targets import (
     response_logit_positions,
     teacher_logprobs,
 )
-from tiny_models import load, save_teacher_pair
+from tiny_models import load
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])
@@ -406,15 +406,15 @@ def test_response_logit_positions():
 # ---------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
-def teacher_pair(tmp_path_factory):
-    dpo_dir, reverse_dir = save_teacher_pair(tmp_path_factory.mktemp("pair"))
+def loaded_pair(teacher_pair):
+    dpo_dir, reverse_dir = teacher_pair
     tokenizer, dpo = load(dpo_dir)
     _, reverse = load(reverse_dir)
     return tokenizer, dpo, reverse
 
 
-def test_end_to_end_with_tiny_hf_pair(teacher_pair):
-    tokenizer, dpo_model, reverse_model = teacher_pair
+def test_end_to_end_with_tiny_hf_pair(loaded_pair):
+    tokenizer, dpo_model, reverse_model = loaded_pair
     prompt = [{"role": "user", "content": "sort the list 7 3 9 1 please"}]
     chat = prompt + [{"role": "assistant", "content": "1 3 7 9 done"}]
     prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True,

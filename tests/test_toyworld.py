@@ -17,9 +17,9 @@ import pytest
 
 from storage.datasets import read_examples
 from storage.tokenization import tokenize_example
-from student_trainer.toyworld.build import WorldConfig, build_world
-from student_trainer.toyworld.task import (SortTask, gold_reward, make_prompt, parse_prompt,
-                                           target_answer)
+from aligndistil.worlds.toy.build import WorldConfig, build_world
+from aligndistil.worlds.toy.task import (SortTask, gold_reward, make_prompt, parse_prompt,
+                                         target_answer)
 
 
 # ------------------------------------------------------------------------------ the task
@@ -56,10 +56,8 @@ def test_a_prompt_from_another_task_is_refused():
 
 # ------------------------------------------------------------------------------ the world
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    paths = build_world(WorldConfig(out=str(out), demos=300, train_prompts=40, eval_prompts=16))
-    return out, paths
+def world(toy_world):
+    return toy_world
 
 
 def test_tokenizer_and_model_load_through_auto_classes_and_round_trip(world):

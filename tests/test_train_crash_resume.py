@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from student_trainer.checkpoint import (STATE_FILE, CheckpointError, checkpoint_name,
                                         list_checkpoints, load_state, read_step)
-from tiny_models import build_tokenizer, save_model_dir, save_teacher_pair
+from tiny_models import build_tokenizer, save_model_dir
 from trainer_support import dense_records, random_sequences, write_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,10 +130,10 @@ def _kill_between_checkpoints(proc: subprocess.Popen, out: Path, log: Path, *,
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, teacher_pair):
     """A teacher pair and an initial student (tiny Llamas, one tokenizer)."""
     root = tmp_path_factory.mktemp("crash_resume")
-    return {"root": root, "pair": save_teacher_pair(root / "pair"),
+    return {"root": root, "pair": teacher_pair,
             "student": save_model_dir(root / "student", seed=7)}
 
 

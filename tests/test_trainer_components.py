@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import build_model, build_tokenizer, save_model_dir, save_teacher_pair
+from tiny_models import build_model, build_tokenizer, save_model_dir
 from trainer_support import dense_records, random_sequences
 from student_trainer import checkpoint as ckpt
 from storage.packing import pack_by_token_budget as split_by_token_budget
-from student_trainer.data import collate_records, micro_batches
+from student_trainer.collate import collate_records, micro_batches
 from student_trainer.metrics import MetricsLogger, plot_curves, read_jsonl
 from student_trainer.modeling import StudentForward, load_student
 from student_trainer.optim import build_optimizer, build_scheduler, lr_multiplier, param_groups
-from student_trainer.rollout import RolloutConfig, cut_at_eos, generate_responses
+from student_trainer.rollout.hf_generate import RolloutConfig, cut_at_eos, generate_responses
 
 
 # ---------------------------------------------------------------------------- optim
@@ -141,8 +141,8 @@ def test_split_by_token_budget_respects_the_budget():
 
 
 @pytest.fixture(scope="module")
-def pair_dirs(tmp_path_factory):
-    return save_teacher_pair(tmp_path_factory.mktemp("components_pair"))
+def pair_dirs(teacher_pair):
+    return teacher_pair
 
 
 def test_batches_align_targets_with_logit_rows_end_to_end(pair_dirs):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from aligndistil.cli import main
-from tiny_models import build_tokenizer, load, save_model_dir, save_teacher_pair
+from tiny_models import build_tokenizer, load, save_model_dir
 from trainer_support import dense_records, random_sequences, write_store
 from student_trainer.losses import exact_reverse_kl
 from student_trainer.metrics import read_jsonl
@@ -25,9 +25,9 @@ COMMON = ["--global-batch-size", "8", "--max-tokens", "64", "--lr", "3e-3",
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, teacher_pair):
     root = tmp_path_factory.mktemp("offpolicy")
-    dpo_dir, rev_dir = save_teacher_pair(root / "pair")
+    dpo_dir, rev_dir = teacher_pair
     student = save_model_dir(root / "student", seed=7)
     tok = build_tokenizer()
     records, log_pis = dense_records(dpo_dir, rev_dir, random_sequences(len(tok), 16, seed=1))

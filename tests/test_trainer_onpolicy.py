@@ -13,11 +13,11 @@ import torch
 from aligndistil.cli import main
 from live_server import start_server, stop_server
 from tiny_models import save_model_dir, save_teacher_pair
-from student_trainer.batches import OnPolicySource
+from student_trainer.sources.on_policy import OnPolicySource
 from student_trainer.metrics import read_jsonl
 from student_trainer.modeling import load_student
 from student_trainer.prompts import load_prompts
-from student_trainer.rollout import RolloutConfig, generate_responses
+from student_trainer.rollout.hf_generate import RolloutConfig, generate_responses
 
 STEPS = 3
 PROMPTS = ["sort 3 1 2", "copy 5 6", "reverse the list 7 8 9", "hello how are you ?",
@@ -25,9 +25,9 @@ PROMPTS = ["sort 3 1 2", "copy 5 6", "reverse the list 7 8 9", "hello how are yo
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, teacher_pair):
     root = tmp_path_factory.mktemp("onpolicy")
-    dpo_dir, rev_dir = save_teacher_pair(root / "pair")
+    dpo_dir, rev_dir = teacher_pair
     student = save_model_dir(root / "student", seed=7)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -57,7 +57,7 @@ def _expected_first_step_response_tokens(world) -> int:
     """Replay step 0's rollouts with the initial student and the trainer's seeding."""
     model, tok = load_student(world["student"], device=torch.device("cpu"))
     prompts = load_prompts(world["prompts"], tok, max_prompt_len=63)
-    source = OnPolicySource(prompts, model=model, generate=None, score=None, seed=42)
+    source = OnPolicySource(prompts, model=model, rollouts=None, scorer=None, seed=42)
     _, first = source.prompts_for(0, 4)
     seqs = generate_responses(model, first, pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
 
-from student_trainer.toyworld.build import build_tokenizer as build_word_tokenizer
+from aligndistil.worlds.toy.build import build_tokenizer as build_word_tokenizer
 
 WORDS = (
     [str(i) for i in range(100)]

@@ -17,7 +17,6 @@ from live_server import free_port
 
 def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None):
     """The real FastAPI teacher app (``teacher_service.server.create_app``) over tiny models."""
-    from teacher_service.cli import engine_info
     from teacher_service.engine import TeacherEngine
     from teacher_service.models import load_teacher_pair
     from teacher_service.server import create_app
@@ -27,7 +26,7 @@ def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None):
         pair = load_teacher_pair(dpo_dir, reverse_dir, device="cpu")
         return TeacherEngine(pair, TargetConfig(top_k=top_k))
 
-    app = create_app(factory, info=engine_info)
+    app = create_app(factory)
     if middleware is not None:
         app.middleware("http")(middleware)
     return app

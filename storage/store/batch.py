@@ -14,6 +14,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..ragged import offsets_from_lengths
+
 from ..record import FIELD_DTYPES, PER_POSITION_FIELDS, TargetRecord
 
 
@@ -87,9 +89,9 @@ class TargetBatch:
         return cls(
             example_index=np.array([r.example_index for r in records], dtype=np.int64),
             prompt_len=np.array([r.prompt_len for r in records], dtype=np.int32),
-            seq_offsets=_offsets(seq_lens),
+            seq_offsets=offsets_from_lengths(seq_lens),
             input_ids=np.concatenate([r.input_ids for r in records]).astype(np.int32, copy=False),
-            pos_offsets=_offsets(pos_lens),
+            pos_offsets=offsets_from_lengths(pos_lens),
             **{name: np.concatenate([getattr(r, name) for r in records]).astype(
                 FIELD_DTYPES[name], copy=False) for name in PER_POSITION_FIELDS},
         )
@@ -129,9 +131,11 @@ class TargetBatch:
         return cls(
             example_index=np.concatenate([b.example_index for b in batches]),
             prompt_len=np.concatenate([b.prompt_len for b in batches]),
-            seq_offsets=_offsets(np.concatenate([np.diff(b.seq_offsets) for b in batches])),
+            seq_offsets=offsets_from_lengths(
+                np.concatenate([np.diff(b.seq_offsets) for b in batches])),
             input_ids=np.concatenate([b.input_ids for b in batches]),
-            pos_offsets=_offsets(np.concatenate([np.diff(b.pos_offsets) for b in batches])),
+            pos_offsets=offsets_from_lengths(
+                np.concatenate([np.diff(b.pos_offsets) for b in batches])),
             **{name: np.concatenate([getattr(b, name) for b in batches])
                for name in PER_POSITION_FIELDS},
         )
@@ -151,17 +155,11 @@ class TargetBatch:
             raise ValueError("prompt_len: differs from sequence length - response length")
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
 def _ragged_gather(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat row indices selecting segments ``idx`` of a ragged array, and the new offsets."""
     starts = offsets[idx]
     lengths = offsets[idx + 1] - starts
-    new_offsets = _offsets(lengths)
+    new_offsets = offsets_from_lengths(lengths)
     # Row j of the result comes from starts[seg(j)] + (j - new_offsets[seg(j)]).
     shift = np.repeat(starts - new_offsets[:-1], lengths)
     return np.arange(new_offsets[-1], dtype=np.int64) + shift, new_offsets

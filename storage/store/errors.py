@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
 
-class StoreError(Exception):
+
+class StoreError(UserError):
     """Base class: something about a target store is wrong (the message says what and where)."""
 
 

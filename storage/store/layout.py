@@ -37,6 +37,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..ragged import offsets_from_lengths
+
 from ..record import FIELD_DTYPES
 from .batch import TargetBatch
 from .errors import StoreFormatError
@@ -175,10 +177,8 @@ def decode_shard(arrays: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]]) -> 
 
     seq_len = get("seq_len").astype(np.int64)
     prompt_len = get("prompt_len")
-    pos_offsets = np.zeros(seq_len.shape[0] + 1, dtype=np.int64)
-    np.cumsum(seq_len - prompt_len, out=pos_offsets[1:])
-    seq_offsets = np.zeros_like(pos_offsets)
-    np.cumsum(seq_len, out=seq_offsets[1:])
+    pos_offsets = offsets_from_lengths(seq_len - prompt_len)
+    seq_offsets = offsets_from_lengths(seq_len)
     batch = TargetBatch(
         example_index=get("example_index"), prompt_len=prompt_len, seq_offsets=seq_offsets,
         input_ids=get("input_ids"), pos_offsets=pos_offsets, alpha=get("alpha"),

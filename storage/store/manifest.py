@@ -18,11 +18,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fsio import atomic_write, fsync_dir
 from .errors import StoreCorruptionError, StoreFormatError
 
 MANIFEST_VERSION = 1
@@ -117,31 +117,6 @@ def write_manifest(store: Path, manifest: WorkerManifest, *, durable: bool = Tru
     """Replace the worker's manifest atomically (temp file, fsync, rename, fsync dir)."""
     path = manifest_path(store, manifest.worker_index)
     atomic_write(path, json.dumps(manifest.to_json(), indent=1).encode(), durable=durable)
-
-
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------- checksums

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..fsio import write_new_file
 from .errors import StoreFormatError, StoreMetadataMismatchError, StoreNotFoundError
 from .layout import DEFAULT_LAYOUT
 
@@ -142,23 +142,6 @@ def read_metadata(store: str | os.PathLike) -> StoreMetadata:
 def group_document(attributes: dict[str, Any]) -> dict[str, Any]:
     """A zarr v3 group's ``zarr.json`` document."""
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
-
-
-def write_new_file(path: Path, data: bytes) -> bool:
-    """Create ``path`` with ``data`` atomically and exclusively; False if it already exists."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        os.unlink(tmp)
 
 
 def create_or_check(store: str | os.PathLike, metadata: StoreMetadata) -> StoreMetadata:

@@ -85,10 +85,6 @@ class TargetStoreWriter:
         """Examples this worker has committed (its next example position)."""
         return sum(s.num_examples for s in self._manifest.shards)
 
-    @property
-    def committed_shards(self) -> list[ShardEntry]:
-        return list(self._manifest.shards)
-
     def committed_example_indices(self) -> np.ndarray:
         """``example_index`` of every record this worker committed, in write order (int64).
 

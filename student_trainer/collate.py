@@ -1,7 +1,8 @@
 """From target records to padded tensors the student step consumes.
 
-Alignment (DESIGN §2): record target ``t`` is the teacher's distribution of ``input_ids[P+t]``
-given ``input_ids[:P+t]``, i.e. it meets the student's logit row ``P+t-1``. A batch therefore
+Alignment (DESIGN §2, :mod:`causal_lm.positions`): record target ``t`` is the teacher's
+distribution of ``input_ids[P+t]`` given ``input_ids[:P+t]``, i.e. it meets the student's logit
+row ``P+t-1``. A batch therefore
 carries, besides the right-padded ``input_ids``/``attention_mask`` ``[B, L]``, the flat
 coordinates of every response position, ``row_idx`` / ``col_idx`` ``[N]`` (sequence, logit
 row ``P-1 .. L-2``), and the targets flattened the same way (``[N, k]`` and ``[N]``), in
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from causal_lm.positions import response_coordinates
 from storage.packing import pack_by_token_budget
 from storage.record import TargetRecord
 
@@ -75,7 +77,6 @@ def collate_sequences(sequences: Sequence[tuple[Sequence[int], int]], pad_id: in
     ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), longest), dtype=torch.long)
     rmask = torch.zeros((len(sequences), max(responses)), dtype=torch.bool)
-    rows, cols = [], []
     for b, ((seq, p), n, t) in enumerate(zip(sequences, lengths, responses)):
         if not 1 <= p < n:
             raise ValueError(f"sequence {b}: prompt_len must satisfy 1 <= prompt_len < "
@@ -83,10 +84,8 @@ def collate_sequences(sequences: Sequence[tuple[Sequence[int], int]], pad_id: in
         ids[b, :n] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
         mask[b, :n] = 1
         rmask[b, :t] = True
-        rows.append(np.full(t, b, dtype=np.int64))
-        cols.append(np.arange(p - 1, n - 1, dtype=np.int64))
-    row_idx = torch.from_numpy(np.concatenate(rows))
-    col_idx = torch.from_numpy(np.concatenate(cols))
+    rows, cols = response_coordinates(lengths, [p for _, p in sequences])
+    row_idx, col_idx = torch.from_numpy(rows), torch.from_numpy(cols)
     return Batch(input_ids=ids, attention_mask=mask, row_idx=row_idx, col_idx=col_idx,
                  target_ids=ids[row_idx, col_idx + 1], response_mask=rmask)
 

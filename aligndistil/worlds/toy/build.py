@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from .task import SortTask, make_prompt, target_answer
 
@@ -28,18 +29,20 @@ CHAT_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WorldConfig:
-    out: str
-    seed: int = 0
-    hidden_size: int = 128
-    layers: int = 2
-    head_dim: int = 32
-    demos: int = 4000
-    noise: float = 0.2         #: probability that a demonstration's answer token is replaced
-    train_prompts: int = 512   #: prompts for preference pairs and on-policy training
-    eval_prompts: int = 128    #: held-out prompts for evaluation
-    task: SortTask = SortTask()
+    """``aligndistil toyworld``: the files of the toy world."""
+    out: Annotated[str, "the world's folder"]
+    seed: Annotated[int, "seed of everything the world draws"] = 0
+    hidden_size: Annotated[int, "the tiny model's hidden size"] = 128
+    layers: Annotated[int, "the tiny model's layers"] = 2
+    head_dim: Annotated[int, "attention head size (vLLM's CPU backend needs >= 32)"] = 32
+    demos: Annotated[int, "noisy SFT demonstrations"] = 4000
+    noise: Annotated[float, "probability that a demonstration's answer token is a random "
+                     "number"] = 0.2
+    train_prompts: Annotated[int, "prompts for preference pairs and on-policy training"] = 512
+    eval_prompts: Annotated[int, "held-out prompts for evaluation"] = 128
+    task: SortTask = field(default=SortTask(), init=False)
 
 
 def build_tokenizer(words: list[str]):

@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from storage.packing import pack_by_token_budget
-from student_trainer.data import Batch, collate_sequences
+from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
+from student_trainer.collate import Batch, collate_sequences
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
-from student_trainer.modeling import StudentForward, load_student, pad_token_id, resolve_device
+from student_trainer.modeling import StudentForward
+from student_trainer.recipes.configs import DPOConfig
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
 
 log = logging.getLogger(__name__)
@@ -43,30 +45,6 @@ class PreferencePair:
     index: int           #: row in the source file
     chosen: Sequence_    #: the preferred sequence (after --reverse: the source's rejected one)
     rejected: Sequence_
-
-
-@dataclass
-class DPOConfig:
-    model: str
-    data: str
-    out: str
-    reverse: bool = False
-    beta: float = 0.1
-    lr: float = 5e-7
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    batch_size: int = 64          #: pairs per optimizer step
-    max_tokens: int = 4096        #: padded tokens per micro-batch (chosen + rejected)
-    epochs: int = 1
-    max_steps: int | None = None
-    max_grad_norm: float = 1.0
-    max_seq_len: int | None = 1024
-    seed: int = 42
-    device: str = "auto"
-    trust_remote_code: bool = False
-    progress: bool = True
 
 
 # ---------------------------------------------------------------------------- the math
@@ -157,8 +135,8 @@ def run_dpo(config: DPOConfig) -> dict:
     device = resolve_device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_student(config.model, device=device,
-                                    trust_remote_code=config.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(config.model, device=device, train=True,
+                                                trust_remote_code=config.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     forward = StudentForward(model, len(tokenizer))
     pairs = load_pairs(config.data, tokenizer, max_seq_len=config.max_seq_len,
@@ -177,7 +155,7 @@ def run_dpo(config: DPOConfig) -> dict:
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=warmup_steps_for(total_steps,
                                                                          config.warmup_ratio),
-                                total_steps=total_steps, schedule=config.schedule,
+                                total_steps=total_steps, schedule=config.lr_schedule,
                                 min_lr_ratio=config.min_lr_ratio)
     metrics = MetricsLogger(out)
     rng = random.Random(config.seed)
@@ -193,7 +171,7 @@ def run_dpo(config: DPOConfig) -> dict:
         started = time.perf_counter()
         stats = _dpo_step(forward, [pairs[i] for i in chosen_ids], ref_chosen[chosen_ids],
                           ref_rejected[chosen_ids], config, pad_id, device)
-        stats["grad_norm"] = clip_grad_norm(model.parameters(), config.max_grad_norm)
+        stats["grad_norm"] = clip_grad_norm(model.parameters(), config.max_grad_norm or None)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

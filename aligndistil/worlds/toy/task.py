@@ -60,18 +60,3 @@ def gold_reward(prompt: str, answer: str) -> float:
         return 1.0
     hits = sum(1 for w, t in zip(words, target) if w == str(t))
     return hits / max(len(words), len(target))
-
-
-def prompt_text(row: dict) -> str:
-    """The user text of a prompt row (``{"prompt": str | [messages]}`` or ``{"messages"}``)."""
-    value = row.get("prompt", row.get("messages"))
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        users = [m["content"] for m in value if m.get("role") == "user"]
-        if users:
-            return users[-1]
-    raise ValueError(f"row has no user prompt: {row!r}")
-
-
-TASKS = {"sort": SortTask}

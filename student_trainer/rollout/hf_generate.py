@@ -96,3 +96,22 @@ def _as_set(eos) -> set[int]:
     if isinstance(eos, int):
         return {eos}
     return {int(e) for e in eos}
+
+
+class HFRollouts:
+    """The ``hf`` rollout backend: :func:`generate_responses` with fixed settings."""
+
+    def __init__(self, config: RolloutConfig, *, pad_token_id: int,
+                 eos_token_id: int | Sequence[int] | None, max_seq_len: int | None = None):
+        self.config = config
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.max_seq_len = max_seq_len
+
+    def sample(self, model, prompts: Sequence[Sequence[int]], seed: int
+               ) -> list[tuple[list[int], int]]:
+        return generate_responses(model, prompts, pad_token_id=self.pad_token_id,
+                                  eos_token_id=self.eos_token_id, config=self.config, seed=seed,
+                                  max_seq_len=self.max_seq_len)
+
+    def close(self) -> None:
+        pass

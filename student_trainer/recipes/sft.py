@@ -12,31 +12,13 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from student_trainer.recipes.configs import SFTConfig
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    model: str
-    data: str
-    out: str
-    lr: float = 1e-5
-    batch_size: int = 64
-    epochs: int = 1
-    max_steps: int | None = None
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    max_seq_len: int = 1024
-    seed: int = 42
-    device: str = "auto"
-    progress: bool = True
 
 
 def load_sequences(path: str, tokenizer, max_seq_len: int) -> list[tuple[list[int], int]]:
@@ -67,8 +49,8 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int):
 def run_sft(config: SFTConfig) -> dict:
     from tqdm.auto import tqdm
 
+    from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
     from student_trainer.metrics import MetricsLogger, plot_curves
-    from student_trainer.modeling import load_student, pad_token_id, resolve_device
     from student_trainer.optim import (build_optimizer, build_scheduler, clip_grad_norm,
                                        warmup_steps_for)
 
@@ -77,7 +59,7 @@ def run_sft(config: SFTConfig) -> dict:
     device = resolve_device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_student(config.model, device=device)
+    model, tokenizer = load_model_and_tokenizer(config.model, device=device, train=True)
     pad_id = pad_token_id(tokenizer)
     seqs = load_sequences(config.data, tokenizer, config.max_seq_len)
     per_epoch = max(1, len(seqs) // config.batch_size)
@@ -87,7 +69,7 @@ def run_sft(config: SFTConfig) -> dict:
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=warmup_steps_for(total,
                                 config.warmup_ratio), total_steps=total,
-                                schedule=config.schedule)
+                                schedule=config.lr_schedule)
     metrics = MetricsLogger(out, tensorboard=False)
     log.info("SFT on %d examples: %d steps of %d", len(seqs), total, config.batch_size)
     started, step, last = time.perf_counter(), 0, {}

@@ -10,34 +10,40 @@ give no pair. Rows are UltraFeedback-style, so the same reader a real run uses r
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from storage.errors import ConfigError
+from storage.fsio import atomic_write_text
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True)
 class PairsConfig:
-    model: str
-    prompts: str
-    out: str
-    task: str = "sort"
-    samples_per_prompt: int = 4
-    max_new_tokens: int = 16
-    batch_size: int = 256
-    seed: int = 42
-    device: str = "auto"
+    """``aligndistil pairs``: preference pairs sampled from a model, labelled by a task."""
+    model: Annotated[str, "the model to sample from"]
+    prompts: Annotated[str, "JSONL/Parquet rows with 'prompt' or 'messages'"]
+    out: Annotated[str, "the pairs file to write (JSONL)"]
+    task: Annotated[str, "the registered task whose gold reward labels the pairs"] = "sort"
+    samples_per_prompt: Annotated[int, "samples per prompt (the best and worst become a "
+                                  "pair)"] = 4
+    max_new_tokens: Annotated[int, "longest sampled answer"] = 16
+    batch_size: Annotated[int, "prompts per generate call"] = 256
+    seed: Annotated[int, "sampling seed"] = 42
+    device: Annotated[Literal["auto", "cpu", "cuda"], "where the model runs"] = "auto"
+
+    def validate(self) -> None:
+        if self.samples_per_prompt < 2:
+            raise ConfigError("--samples-per-prompt must be at least 2 to form a pair")
 
 
 def run_pairs(config: PairsConfig) -> dict:
-    from student_trainer.errors import ConfigError
-    from student_trainer.evaluate import sample_answers
+    from student_trainer.sampling import sample_answers
+    from student_trainer.tasks import get_task
 
-    from .task import TASKS, gold_reward
-
-    if config.task not in TASKS:
-        raise ConfigError(f"--task {config.task!r}: known tasks are {sorted(TASKS)}")
-    if config.samples_per_prompt < 2:
-        raise ConfigError("--samples-per-prompt must be at least 2 to form a pair")
+    config.validate()
+    task = get_task(config.task)
+    where = f"--prompts {config.prompts}"
     samples = sample_answers(config.model, config.prompts, n=config.samples_per_prompt,
                              max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                              seed=config.seed, device=config.device)
@@ -51,7 +57,7 @@ def run_pairs(config: PairsConfig) -> dict:
         if len(group) < 2:
             ties += 1
             continue
-        scored = sorted(((gold_reward(s.prompt, s.text), i, s) for i, s in enumerate(group)),
+        scored = sorted(((task.score(s.prompt, s.text, where), i, s) for i, s in enumerate(group)),
                         key=lambda x: (-x[0], x[1]))
         (best, _, win), (worst, _, lose) = scored[0], scored[-1]
         if best == worst:
@@ -64,11 +70,8 @@ def run_pairs(config: PairsConfig) -> dict:
                      "score_chosen": best, "score_rejected": worst})
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(partial, out)  # a killed run never leaves a short file under the final name
-    mean = sum(gold_reward(s.prompt, s.text) for s in samples) / max(1, len(samples))
+    # A killed run never leaves a short file under the final name.
+    atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
+    mean = sum(task.score(s.prompt, s.text, where) for s in samples) / max(1, len(samples))
     return {"pairs": len(rows), "prompts": len(by_prompt), "ties_skipped": ties,
             "samples": len(samples), "sample_gold_reward": round(mean, 4), "out": str(out)}

@@ -16,11 +16,13 @@ from typing import Iterator
 import numpy as np
 
 from storage.record import TargetRecord
-from student_trainer.batches import StepData, position
-from student_trainer.errors import TokenizerMismatch
+from student_trainer.errors import ConfigError, check_same_tokenizer
+from student_trainer.sources.plan import StepData, position
 
 
 class StoreSource:
+    """This rank's records of the store, step by step (see the module docstring)."""
+
     def __init__(self, path: str, *, seed: int, rank: int = 0, world_size: int = 1,
                  prefetch: int = 1):
         from storage.store import TargetStore
@@ -32,7 +34,7 @@ class StoreSource:
         # Parts differ by at most one record; every rank takes the smallest part's size.
         self.records_per_epoch = len(self.store) // world_size
         if self.records_per_epoch < 1:
-            raise ValueError(f"store {path} holds {len(self.store)} examples: too few for "
+            raise ConfigError(f"store {path} holds {len(self.store)} examples: too few for "
                              f"{world_size} ranks")
 
     @property
@@ -41,13 +43,9 @@ class StoreSource:
 
     def check_tokenizer(self, *, tokenizer_sha256: str, vocab_size: int, model: str) -> None:
         meta = self.store.metadata
-        if meta.tokenizer_sha256 != tokenizer_sha256 or meta.vocab_size != vocab_size:
-            raise TokenizerMismatch(
-                f"store {self.path} was made with a different tokenizer than the student "
-                f"--model {model}: store vocab_size={meta.vocab_size}, tokenizer_sha256="
-                f"{meta.tokenizer_sha256[:16]}...; student vocab_size={vocab_size}, "
-                f"tokenizer_sha256={tokenizer_sha256[:16]}... Its token ids would mean other "
-                f"tokens; train a student that shares the teachers' tokenizer")
+        check_same_tokenizer(f"store {self.path}", theirs_sha256=meta.tokenizer_sha256,
+                             theirs_vocab=meta.vocab_size, student_sha256=tokenizer_sha256,
+                             student_vocab=vocab_size, student=f"--model {model}")
 
     def steps_per_epoch(self, per_rank_batch: int) -> int:
         return math.ceil(self.records_per_epoch / per_rank_batch)

@@ -1,0 +1,57 @@
+"""The decoder at response rows, and the LM head with the model's own post-processing.
+
+Only the response rows ever need logits (prompt rows never do), so the decoder's last hidden
+states are gathered at those rows first (``[N, H]``) and the head is applied to them alone: the
+largest vocabulary-sized tensor is ``[N, V]`` (or a chunk of it), never ``[B, L, V]``.
+
+Post-processing is part of the model (Gemma-style soft-capping, Cohere-style logit scale), so it
+is applied here for both the teachers and the student. Logits are cut to the tokenizer's
+vocabulary: models often pad their embedding matrix past it (Qwen2.5: 151,936 rows for 151,665
+tokens), and those rows are never valid ids.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, row_idx: Tensor,
+                    col_idx: Tensor) -> Tensor:
+    """The decoder's last hidden states at ``(row_idx, col_idx)``: ``[N, H]``."""
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                     use_cache=False).last_hidden_state
+    return hidden[row_idx, col_idx]
+
+
+def logit_postprocess(model) -> tuple[float | None, float | None]:
+    """``(logit_scale, final_logit_softcapping)`` from the model's config (None when unused)."""
+    config = model.config
+    return (getattr(config, "logit_scale", None) or None,
+            getattr(config, "final_logit_softcapping", None) or None)
+
+
+def finish_logits(logits: Tensor, scale: float | None, cap: float | None) -> Tensor:
+    """Apply the model's logit scale, then its soft-cap."""
+    if scale:
+        logits = logits * scale
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def head_logits(model, hidden: Tensor, vocab_size: int) -> Tensor:
+    """The LM head on ``hidden`` (``[..., H]``), post-processed, cut to ``vocab_size``."""
+    logits = model.get_output_embeddings()(hidden)
+    scale, cap = logit_postprocess(model)
+    return finish_logits(logits, scale, cap)[..., :vocab_size]
+
+
+def head_weight(model, vocab_size: int) -> tuple[Tensor, Tensor | None]:
+    """The head's weight (and bias) rows for the tokenizer's vocabulary, for losses that apply
+    the head themselves a chunk at a time (only valid without post-processing)."""
+    head = model.get_output_embeddings()
+    weight = head.weight[:vocab_size]
+    bias = getattr(head, "bias", None)
+    return weight, (bias[:vocab_size] if bias is not None else None)

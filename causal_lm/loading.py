@@ -1,0 +1,121 @@
+"""Safe loading of local Hugging Face folders, and where a model runs.
+
+Safetensors only (pickle-based ``.bin`` weights can run code when loaded), local files only (no
+hub access at run time), ``trust_remote_code`` off unless asked. Every failure is a
+:class:`ModelLoadError` naming the flag and the folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from storage.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ModelLoadError(UserError, ValueError):
+    """A model or tokenizer folder that cannot be used; the message names it and what is wrong."""
+
+
+def check_model_dir(path: str | Path, flag: str = "--model") -> Path:
+    """Refuse anything but a folder with ``config.json`` and ``*.safetensors``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{flag} {path}: not a directory (expected a Hugging Face model "
+                             f"folder with config.json and *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{flag} {path}: no config.json")
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin")) or ["no weight files"]
+        raise ModelLoadError(f"{flag} {path}: no *.safetensors weights (found "
+                             f"{', '.join(found)}); only safetensors are loaded (pickle-based "
+                             f".bin can run code)")
+    return path
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code,
+                                         local_files_only=True)
+
+
+def load_causal_lm(path: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32,
+                   trust_remote_code: bool = False, flag: str = "--model", train: bool = False):
+    """One local causal LM on ``device``: in train mode, or frozen in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path, flag)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+        local_files_only=True)
+    model = model.to(device)
+    return model.train() if train else model.eval().requires_grad_(False)
+
+
+def output_rows(model) -> int:
+    """How many logits the model emits (rows of its output embedding)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_vocab(model, tokenizer, flag: str, path: str | Path) -> None:
+    """A model must emit a logit for every token id its tokenizer can produce."""
+    rows, vocab = output_rows(model), len(tokenizer)
+    if rows < vocab:
+        raise ModelLoadError(f"{flag} {path}: the model emits {rows} logits but its tokenizer "
+                             f"has {vocab} tokens: ids {rows}..{vocab - 1} would have no logit")
+
+
+def load_model_and_tokenizer(path: str | Path, *, device: torch.device,
+                             dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                             flag: str = "--model", train: bool = False):
+    """``(model, tokenizer)`` from one folder, checked to agree on the vocabulary."""
+    path = check_model_dir(path, flag)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                           flag=flag, train=train)
+    check_vocab(model, tokenizer, flag, path)
+    return model, tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding (never attended to, never a target)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def local_cuda_index(device_count: int, local_rank: int | None = None) -> int:
+    """This process's GPU: ``local_rank`` (default ``$LOCAL_RANK``, set by torchrun) modulo the
+    visible devices; 0 without torchrun."""
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return local_rank % max(1, device_count)
+
+
+def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """``auto``: this process's GPU when CUDA is available, else the CPU."""
+    if device not in DEVICES:
+        raise ModelLoadError(f"--device: expected one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("--device cuda: no CUDA device is available on this machine")
+        return torch.device("cuda", local_cuda_index(torch.cuda.device_count(), local_rank))
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU, float32 on the CPU."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype: expected one of {DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)

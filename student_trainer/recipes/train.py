@@ -1,0 +1,332 @@
+"""AlignDistil student training: the loop (off-policy from a store, on-policy through the
+teacher server) and the one step function both share.
+
+Read top to bottom: :func:`train_step` (one optimizer step over token-budgeted micro-batches),
+:class:`Run` (what a run holds, built by :func:`setup`), :func:`save` (a checkpoint),
+:func:`train` (the loop) and :func:`run_train` (set-up, the loop, the end). The options are
+:class:`~student_trainer.recipes.configs.TrainConfig`. The components it assembles live in their
+own modules: ``losses`` (the math), ``collate`` (records -> tensors), ``sources`` (which records
+each step gets), ``modeling`` (the student's forward), ``optim``, ``checkpoint``, ``metrics``.
+
+Batch semantics follow the paper: an optimizer step consumes ``global_batch_size`` sequences
+(128), split evenly over the ranks and, within a rank, into micro-batches of at most
+``max_tokens`` padded tokens (gradient accumulation). The loss of a step is the mean over its
+sequences of ``(1/T) sum_t beta_t KL_t``, exactly, however it is split: each micro-batch's
+mean is weighted by its share of the rank's sequences, and DDP averages equal-sized ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
+from storage.tokenization import tokenizer_sha256
+from student_trainer import losses
+from student_trainer.checkpoint import (
+    CheckpointError, capture_rng_state, checkpoint_name, latest_checkpoint, load_state,
+    prune_checkpoints, restore_rng_state, save_checkpoint)
+from student_trainer.client import TeacherUnavailable
+from student_trainer.collate import Batch, micro_batches
+from student_trainer.distributed import (
+    DistEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown)
+from student_trainer.errors import ConfigError
+from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
+from student_trainer.modeling import StudentForward
+from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
+from student_trainer.recipes.configs import TrainConfig
+from student_trainer.sources.plan import BatchSource
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================ the step
+@dataclass
+class StepStats:
+    """Sums over a step's response positions / sequences, reduced over ranks."""
+    values: torch.Tensor = field(default_factory=lambda: torch.zeros(8, dtype=torch.float64))
+    KEYS = ("loss_x_seqs", "kl", "beta", "alpha", "reward", "positions", "tokens", "sequences")
+
+    def add(self, **kw: float) -> None:
+        for key, v in kw.items():
+            self.values[self.KEYS.index(key)] += float(v)
+
+    def as_dict(self) -> dict[str, float]:
+        v = dict(zip(self.KEYS, self.values.tolist()))
+        positions, seqs = max(v["positions"], 1.0), max(v["sequences"], 1.0)
+        return {"loss": v["loss_x_seqs"] / seqs, "kl": v["kl"] / positions,
+                "beta_mean": v["beta"] / positions, "alpha_mean": v["alpha"] / positions,
+                "reward_token_mean": v["reward"] / positions,
+                "response_tokens": v["positions"], "tokens": v["tokens"],
+                "sequences": v["sequences"]}
+
+
+def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, scheduler,
+               params: list[torch.nn.Parameter], config: TrainConfig, rank_sequences: int,
+               env: DistEnv, device: torch.device, amp: bool) -> dict[str, float]:
+    """One optimizer step over ``batches`` (this rank's micro-batches of the step).
+
+    ``module`` is the :class:`StudentForward`, DDP-wrapped when distributed: gradients are
+    synchronised only on the last micro-batch's backward.
+    """
+    stats = StepStats()
+    ddp = isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if (last or not ddp) else module.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                kl = module(batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
+                            topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
+                            tail_logmass=batch.tail_logmass)
+            loss = losses.aligndistil_loss(
+                batch.unflatten(kl.float()), batch.unflatten(batch.alpha, 1.0),
+                batch.response_mask, beta0=config.beta0, weighting=config.weighting)
+            (loss * (batch.num_sequences / rank_sequences)).backward()
+        with torch.no_grad():
+            beta = losses.sequence_weights(batch.alpha, config.beta0, config.weighting)
+            reward = losses.token_contrastive_reward(batch.dpo_logprobs, batch.reverse_logprobs,
+                                                     config.beta0)
+            stats.add(loss_x_seqs=float(loss) * batch.num_sequences, kl=kl.float().sum(),
+                      beta=beta.sum(), alpha=batch.alpha.sum(), reward=reward.sum(),
+                      positions=batch.num_response_tokens, tokens=batch.num_tokens,
+                      sequences=batch.num_sequences)
+    lr = optimizer.param_groups[0]["lr"]
+    grad_norm = clip_grad_norm(params, config.max_grad_norm or None)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats.values = all_reduce_sum(env, stats.values)
+    return {**stats.as_dict(), "lr": lr, "grad_norm": grad_norm,
+            "micro_batches": len(batches)}
+
+
+# ============================================================================ the run
+@dataclass
+class Run:
+    """What a training run holds between set-up and the end (built by :func:`setup`)."""
+    config: TrainConfig
+    env: DistEnv
+    device: torch.device
+    out: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    module: torch.nn.Module          #: the StudentForward, DDP-wrapped when distributed
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    source: BatchSource
+    metrics: MetricsLogger
+    amp: bool
+    per_rank: int                    #: sequences per step on this rank
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int
+    resumed_from: Path | None
+    run_info: dict[str, Any] = field(default_factory=dict)
+
+
+def run_train(config: TrainConfig) -> dict[str, Any]:
+    """Train the student; returns a summary (rank 0's view). See the module docstring."""
+    config.validate()
+    device = resolve_device(config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    env = init_distributed(device.type)
+    try:
+        run = setup(config, env, device)
+        try:
+            return train(run)
+        finally:
+            run.source.close()
+            run.metrics.close()
+    finally:
+        shutdown(env)
+
+
+def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
+    """Model, data source, optimizer and schedule, restored from a checkpoint on --resume."""
+    out = Path(config.out)
+    resume_from = _resolve_resume(config, out)
+    state = load_state(resume_from) if resume_from else None
+    _seed_everything(config.seed + env.rank)
+
+    model, tokenizer = load_model_and_tokenizer(resume_from or config.model, device=device,
+                                                train=True,
+                                                trust_remote_code=config.trust_remote_code)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    source = open_source(config, env, model, tokenizer)
+    try:
+        if config.global_batch_size % env.world_size:
+            raise ConfigError(f"--global-batch-size {config.global_batch_size} is not divisible "
+                              f"by the {env.world_size} ranks")
+        per_rank = config.global_batch_size // env.world_size
+        steps_per_epoch = source.steps_per_epoch(per_rank)
+        total_steps = steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            total_steps = min(total_steps, config.max_steps)
+        run_info = {"mode": config.mode, "global_batch_size": config.global_batch_size,
+                    "world_size": env.world_size, "seed": config.seed,
+                    "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                    "data": str(Path(config.store or config.prompts).resolve())}
+
+        forward = StudentForward(model, len(tokenizer), tail=config.tail,
+                                 loss_chunk_size=config.loss_chunk_size)
+        module: torch.nn.Module = forward
+        if env.enabled:
+            module = torch.nn.parallel.DistributedDataParallel(
+                forward, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                                    betas=tuple(config.adam_betas))
+        scheduler = build_scheduler(
+            optimizer, warmup_steps=warmup_steps_for(total_steps, config.warmup_ratio),
+            total_steps=total_steps, schedule=config.lr_schedule,
+            min_lr_ratio=config.min_lr_ratio)
+        start_step = 0
+        if state is not None:
+            _check_resumable(state, run_info, resume_from)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng_state(state["rng"][env.rank])
+            start_step = int(state["step"])
+            if env.is_main:
+                log.info("resumed from %s at step %d of %d", resume_from, start_step,
+                         total_steps)
+        amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
+        metrics = MetricsLogger(out, enabled=env.is_main,
+                                resume_step=start_step if state is not None else None,
+                                tensorboard=config.tensorboard)
+    except BaseException:
+        source.close()
+        raise
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return Run(config=config, env=env, device=device, out=out, model=model,
+               tokenizer=tokenizer, module=module,
+               params=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+               scheduler=scheduler, source=source, metrics=metrics, amp=amp, per_rank=per_rank,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps, start_step=start_step,
+               resumed_from=resume_from, run_info=run_info)
+
+
+def train(run: Run) -> dict[str, Any]:
+    """The loop: one :func:`train_step` per planned step, checkpoints every ``save_every``
+    steps, the final model at the end. If the teacher server gives up mid-run, the finished
+    steps are saved first (one process only), so ``--resume`` continues from there."""
+    from tqdm.auto import tqdm
+
+    config, env = run.config, run.env
+    pad_id = pad_token_id(run.tokenizer)
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc=f"train {config.mode}",
+               disable=not (config.progress and env.is_main), unit="step")
+    last: dict[str, float] = {}
+    epoch = run.start_step // max(run.steps_per_epoch, 1)
+    completed = saved = run.start_step
+    steps = run.source.iterate(run.start_step, run.total_steps, run.per_rank)
+    try:
+        waited = time.perf_counter()
+        for data in steps:
+            wait_s = time.perf_counter() - waited
+            started = time.perf_counter()
+            epoch = data.epoch
+            batches = micro_batches(data.records, max_tokens=config.max_tokens, pad_id=pad_id)
+            stats = train_step(run.module, batches, optimizer=run.optimizer,
+                               scheduler=run.scheduler, params=run.params, config=config,
+                               rank_sequences=len(data.records), env=env, device=run.device,
+                               amp=run.amp)
+            elapsed = time.perf_counter() - started
+            completed = data.step + 1
+            stats.update(epoch=epoch, step_s=elapsed, data_wait_s=wait_s,
+                         tokens_per_s=stats["tokens"] / max(elapsed + wait_s, 1e-9),
+                         **data.timings)
+            run.metrics.log(completed, stats)
+            last = stats
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4g}", kl=f"{stats['kl']:.4g}")
+            if config.save_every and completed % config.save_every == 0 \
+                    and completed < run.total_steps:
+                save(run, run.out / checkpoint_name(completed), completed, epoch)
+                saved = completed
+            waited = time.perf_counter()
+    except TeacherUnavailable:
+        # Other ranks may be blocked in a collective, and a save needs them: one process only.
+        if completed > saved and not env.enabled:
+            dest = run.out / checkpoint_name(completed)
+            save(run, dest, completed, epoch)
+            log.error("teacher server unavailable after step %d; saved %s: rerun the same "
+                      "command with --resume to continue", completed, dest)
+        raise
+    finally:
+        bar.close()
+    save(run, run.out / "final", run.total_steps, epoch)
+    if env.is_main:
+        plot_curves(run.out / JSONL_NAME, run.out / PNG_NAME, title=f"AlignDistil {config.mode}")
+    return {"steps": run.total_steps, "start_step": run.start_step,
+            "final": str(run.out / "final"), "last": last}
+
+
+def save(run: Run, dest: Path, step: int, epoch: int) -> None:
+    """A checkpoint of the model, optimizer, schedule and every rank's RNG at ``step``."""
+    rng_states = gather_objects(run.env, capture_rng_state())
+    if run.env.is_main:
+        save_checkpoint(dest, model=run.model, tokenizer=run.tokenizer, state={
+            "step": step, "epoch": epoch, "data_position": {"step": step, "epoch": epoch},
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "rng": rng_states, "run": run.run_info})
+        prune_checkpoints(run.out, run.config.save_total_limit)
+    barrier(run.env)
+
+
+def open_source(config: TrainConfig, env: DistEnv, model, tokenizer) -> BatchSource:
+    """The step source of the mode, checked against the student's tokenizer; it owns (and
+    closes) whatever it opened."""
+    if config.mode == "off-policy":
+        from student_trainer.sources.store import StoreSource
+
+        source = StoreSource(config.store, seed=config.seed, rank=env.rank,
+                             world_size=env.world_size)
+        source.check_tokenizer(tokenizer_sha256=tokenizer_sha256(tokenizer),
+                               vocab_size=len(tokenizer), model=config.model)
+        return source
+    from student_trainer.sources.on_policy import OnPolicySource
+
+    return OnPolicySource.open(config, model=model, tokenizer=tokenizer, rank=env.rank,
+                               world_size=env.world_size, distributed=env.enabled)
+
+
+def _resolve_resume(config: TrainConfig, out: Path) -> Path | None:
+    if not config.resume:
+        return None
+    if config.resume == "latest":
+        found = latest_checkpoint(out)
+        if found is None:
+            log.warning("--resume: no checkpoint in %s yet; starting from --model", out)
+        return found
+    path = Path(config.resume)
+    load_state(path)  # fails loudly on a folder that is not a checkpoint
+    return path
+
+
+def _check_resumable(state: dict, run_info: dict, path: Path) -> None:
+    saved = state.get("run", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run_info.items()
+             if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(
+            f"{path}: cannot resume a different run ({'; '.join(diffs)}); resume with the same "
+            f"data, --global-batch-size, --seed, --epochs/--max-steps and number of processes")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)

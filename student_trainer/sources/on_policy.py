@@ -1,0 +1,181 @@
+"""On-policy records: prompts -> responses sampled from the student -> the teacher server's
+targets, step by step on the plan of :mod:`.plan`.
+
+The source owns what it opens: :meth:`OnPolicySource.open` connects the teacher client, checks
+the server's tokenizer against the student's, reads the prompts and starts the rollout backend;
+:meth:`OnPolicySource.close` closes all of them (and the background thread, if any).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+from storage.record import TargetRecord
+from student_trainer.sources.plan import StepData, epoch_permutation, position
+
+log = logging.getLogger(__name__)
+
+
+class RolloutBackend(Protocol):
+    def sample(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], seed: int
+               ) -> list[tuple[list[int], int]]: ...
+
+    def close(self) -> None: ...
+
+
+class Scorer(Protocol):
+    def score(self, sequences: Sequence[tuple[Sequence[int], int]], *, top_k: int | None = None
+              ) -> list[TargetRecord]: ...
+
+    def close(self) -> None: ...
+
+
+class OnPolicySource:
+    """Prompts -> sampled responses (the student) -> teacher targets (the server).
+
+    ``rollouts`` samples and ``scorer`` scores; this class decides what is generated when, and
+    owns (closes) both. With ``async_rollouts`` the rollouts and scoring of step
+    ``s + 1`` run in a background thread while step ``s`` trains, on a copy of the student
+    holding the weights from before step ``s``'s update: the samples of step ``s + 1`` are one
+    update stale (the usual price of pipelining; PPO-style trainers accept the same). Without
+    it every step samples from the current weights.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], *, model: torch.nn.Module,
+                 rollouts: RolloutBackend | None, scorer: Scorer | None, seed: int,
+                 top_k: int | None = None, rank: int = 0, world_size: int = 1,
+                 async_rollouts: bool = False):
+        self.prompts = [list(p) for p in prompts]
+        self.model = model
+        self.rollouts, self.scorer, self.top_k = rollouts, scorer, top_k
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.records_per_epoch = len(self.prompts) // world_size
+        if self.records_per_epoch < 1:
+            raise ValueError(f"{len(self.prompts)} prompts cannot feed {world_size} ranks")
+        self.async_rollouts = async_rollouts
+        self._pool: ThreadPoolExecutor | None = None
+        self._rollout_model: torch.nn.Module | None = None
+
+    def steps_per_epoch(self, per_rank_batch: int) -> int:
+        return math.ceil(self.records_per_epoch / per_rank_batch)
+
+    def prompts_for(self, step: int, per_rank_batch: int) -> tuple[int, list[list[int]]]:
+        spe = self.steps_per_epoch(per_rank_batch)
+        epoch, begin = position(step, spe, per_rank_batch)
+        order = epoch_permutation(len(self.prompts), self.seed, epoch)
+        mine = order[self.rank::self.world_size][:self.records_per_epoch]
+        chosen = mine[begin:begin + per_rank_batch]
+        return epoch, [self.prompts[i] for i in chosen]
+
+    def _job(self, model, step: int, per_rank_batch: int) -> StepData:
+        epoch, prompts = self.prompts_for(step, per_rank_batch)
+        t0 = time.perf_counter()
+        sequences = self.rollouts.sample(
+            model, prompts, (self.seed * 1_000_003 + step) * self.world_size + self.rank)
+        t1 = time.perf_counter()
+        records = self.scorer.score(sequences, top_k=self.top_k)
+        t2 = time.perf_counter()
+        return StepData(step, epoch, records, {"rollout_s": t1 - t0, "score_s": t2 - t1})
+
+    def iterate(self, start_step: int, total_steps: int, per_rank_batch: int
+                ) -> Iterator[StepData]:
+        if not self.async_rollouts:
+            for step in range(start_step, total_steps):
+                yield self._job(self.model, step, per_rank_batch)
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+        future: Future | None = None
+        for step in range(start_step, total_steps):
+            if future is None:  # the first step has nothing in flight
+                self._sync_rollout_model()
+                future = self._pool.submit(self._job, self._rollout_model, step, per_rank_batch)
+            data = future.result()
+            future = None
+            if step + 1 < total_steps:
+                # Weights now are those before this step's update: step + 1 samples from them.
+                self._sync_rollout_model()
+                future = self._pool.submit(self._job, self._rollout_model, step + 1,
+                                           per_rank_batch)
+            yield data
+
+    def _sync_rollout_model(self) -> None:
+        """Copy the student's current weights into the rollout copy (made on first use)."""
+        with torch.no_grad():
+            if self._rollout_model is None:
+                self._rollout_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+                return
+            for dst, src in zip(self._rollout_model.state_dict().values(),
+                                self.model.state_dict().values()):
+                dst.copy_(src)
+
+    def close(self) -> None:
+        """Stop the background thread, then close the rollout backend and the client."""
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+        finally:
+            try:
+                if self.rollouts is not None:
+                    self.rollouts.close()
+            finally:
+                if self.scorer is not None:
+                    self.scorer.close()
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, config, *, model: torch.nn.Module, tokenizer, rank: int, world_size: int,
+             distributed: bool) -> "OnPolicySource":
+        """The source for a :class:`~student_trainer.recipes.configs.TrainConfig`: the client
+        (checked against the student's tokenizer), the prompts, the rollout backend."""
+        from causal_lm.loading import pad_token_id
+        from storage.tokenization import tokenizer_sha256
+        from student_trainer.client import RetryPolicy, TeacherClient
+        from student_trainer.errors import ConfigError
+        from student_trainer.prompts import load_prompts
+        from student_trainer.rollout.hf_generate import HFRollouts, RolloutConfig
+
+        if config.rollout_backend == "vllm":
+            from student_trainer.rollout.vllm_engine import require_vllm
+
+            if distributed:
+                raise ConfigError("--rollout-backend vllm runs one in-process engine and "
+                                  "supports a single process only (vLLM creates and tears down "
+                                  "the default torch.distributed group the DDP ranks share); "
+                                  "use --rollout-backend hf with torchrun")
+            require_vllm()  # a missing extra fails before the first request
+        client = TeacherClient(config.teacher_url, api_key=config.api_key,
+                               timeout=config.request_timeout,
+                               retry=RetryPolicy(max_retries=config.max_retries))
+        try:
+            info = client.check_compatible(tokenizer_sha256=tokenizer_sha256(tokenizer),
+                                           vocab_size=len(tokenizer),
+                                           student=f"--model {config.model}")
+            max_seq_len = config.max_seq_len or info.get("max_seq_len")
+            prompts = load_prompts(config.prompts, tokenizer,
+                                   max_prompt_len=(max_seq_len - 1) if max_seq_len else None)
+            rollout_config = RolloutConfig(max_new_tokens=config.max_new_tokens,
+                                           batch_size=config.rollout_batch_size)
+            if config.rollout_backend == "vllm":
+                from student_trainer.rollout.vllm_engine import VLLMRollouts
+
+                rollouts = VLLMRollouts(config.model, tokenizer, rollout_config,
+                                        max_seq_len=max_seq_len, seed=config.seed,
+                                        trust_remote_code=config.trust_remote_code)
+            else:
+                rollouts = HFRollouts(rollout_config, pad_token_id=pad_token_id(tokenizer),
+                                      eos_token_id=tokenizer.eos_token_id,
+                                      max_seq_len=max_seq_len)
+        except BaseException:
+            client.close()
+            raise
+        return cls(prompts, model=model, rollouts=rollouts, scorer=client, seed=config.seed,
+                   top_k=config.top_k, rank=rank, world_size=world_size,
+                   async_rollouts=config.async_rollouts)

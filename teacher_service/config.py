@@ -1,0 +1,113 @@
+"""The options of ``aligndistil serve`` and ``aligndistil precompute``, written once.
+
+Plain dataclasses (no torch import): the command line's flags, ``--config`` files and the saved
+configs are all generated from these fields. ``serve`` and ``precompute`` share
+:class:`TeacherOptions` — the teachers, the target math and the engine — so both build the
+engine the same way (:func:`teacher_service.engine.build_engine`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from storage.errors import ConfigError
+
+SECRET = "secret"  # the marker aligndistil.config looks for (never saved)
+
+
+@dataclass(kw_only=True)
+class TeacherOptions:
+    dpo_model: Annotated[str, "local Hugging Face folder of the DPO-trained teacher"]
+    reverse_model: Annotated[str | None, "local Hugging Face folder of the reverse-DPO teacher "
+                             "(modes adaptive, constant)"] = None
+    reference_model: Annotated[str | None, "local Hugging Face folder of the reference model "
+                               "(mode vanilla)"] = None
+    mode: Annotated[Literal["adaptive", "constant", "vanilla"], "how the teacher is built"] = \
+        "adaptive"
+    top_k: Annotated[int, "top-k entries of log pi* kept per position"] = 64
+    r: Annotated[float | None, "alpha_t = r * tvd_t + eps; none: the released runs' value for "
+                 "the norm and policy (half-l1 20 off-policy / 30 on-policy; l1 10 / 15)"] = None
+    eps: Annotated[float, "alpha_t = r * tvd_t + eps"] = 1e-3
+    tvd_norm: Annotated[Literal["half-l1", "l1"], "half-l1: the paper's TVD; l1: the released "
+                        "code's"] = "half-l1"
+    beta0: Annotated[float, "the teachers' DPO beta"] = 0.1
+    beta: Annotated[float, "modes constant/vanilla: alpha = beta0 / beta"] = 0.05
+    device: Annotated[Literal["auto", "cpu", "cuda"], "where the teachers run"] = "auto"
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], "model weights (auto: "
+                     "float32 on CPU, bfloat16 on GPU); the target math is always float32"] = \
+        "auto"
+    max_seq_len: Annotated[int | None, "longest prompt + response (none: the models' "
+                           "maximum)"] = None
+    max_batch_tokens: Annotated[int, "padded tokens per engine pass"] = 8192
+    chunk_size: Annotated[int, "response positions per LM-head chunk (memory O(chunk x V))"] = 256
+    trust_remote_code: Annotated[bool, "allow model code from the model folder (it runs "
+                                 "arbitrary code)"] = False
+
+    #: "off" or "on": which released r applies when --r is not given.
+    POLICY = "off"
+
+    def other_model(self) -> str:
+        """The second teacher: the reverse model, or the reference model in mode vanilla."""
+        if self.mode == "vanilla":
+            if not self.reference_model:
+                raise ConfigError("--mode vanilla needs --reference-model")
+            return self.reference_model
+        if not self.reverse_model:
+            raise ConfigError(f"--mode {self.mode} needs --reverse-model")
+        return self.reverse_model
+
+    def resolved_r(self) -> float:
+        from teacher_service.targets import default_r
+
+        return self.r if self.r is not None else default_r(self.tvd_norm, self.POLICY)
+
+    def validate(self) -> None:
+        self.other_model()
+
+
+@dataclass(kw_only=True)
+class ServeConfig(TeacherOptions):
+    host: Annotated[str, "bind address (loopback by default; expose deliberately, with "
+                    "--api-key)"] = "127.0.0.1"
+    port: Annotated[int, "TCP port"] = 8000
+    api_key: Annotated[str | None, "require 'Authorization: Bearer KEY' (default: "
+                       "$ALIGNDISTIL_API_KEY)", SECRET] = None
+    batch_wait_ms: Annotated[float, "how long a pass waits for concurrent requests to join"] = 5.0
+    max_queue: Annotated[int, "requests waiting for the engine before new ones get 429"] = 256
+    max_body_bytes: Annotated[int, "largest request body"] = 8 << 20
+    max_request_tokens: Annotated[int, "most tokens in one request"] = 65536
+    log_level: Annotated[str, "logging level"] = "info"
+
+    POLICY = "on"
+
+
+@dataclass(kw_only=True)
+class PrecomputeConfig(TeacherOptions):
+    data: Annotated[str, "JSONL or Parquet file of examples"]
+    out: Annotated[str, "the store to write (created, or resumed by the same command)"]
+    response_field: Annotated[str | None, "for preference rows {prompt, chosen, rejected}: "
+                              "which list is the response (none: chosen)"] = None
+    worker_index: Annotated[int | None, "this worker's index (none: $RANK under torchrun, "
+                            "else 0)"] = None
+    num_workers: Annotated[int | None, "workers writing the store (none: $WORLD_SIZE under "
+                           "torchrun, else 1)"] = None
+    shard_tokens: Annotated[int, "response tokens per committed shard (the unit of atomic "
+                            "commit)"] = 65536
+    group_size: Annotated[int, "examples sorted and packed together per engine call"] = 256
+    skip_bad_rows: Annotated[bool, "skip and count malformed rows instead of stopping at the "
+                             "first"] = False
+    limit: Annotated[int | None, "only the first N examples"] = None
+    progress: Annotated[bool, "show a progress bar"] = True
+
+    def placement(self, environ: dict[str, str]) -> tuple[int, int]:
+        """``(worker_index, num_workers)``: the flags, else torchrun's RANK/WORLD_SIZE, else
+        ``(0, 1)``."""
+        index = self.worker_index if self.worker_index is not None \
+            else int(environ.get("RANK", 0))
+        count = self.num_workers if self.num_workers is not None \
+            else int(environ.get("WORLD_SIZE", 1))
+        if count < 1 or not 0 <= index < count:
+            raise ConfigError(f"need 0 <= --worker-index < --num-workers, got {index} of "
+                              f"{count}")
+        return index, count
