@@ -37,18 +37,24 @@ def _train_line(result: dict) -> str:
     last = result.get("last") or {}
     figures = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "kl", "alpha_mean")
                         if isinstance(last.get(k), (int, float)))
+    cut = result.get("prompts_truncated")
     return (f"done: {result.get('steps')} steps; model saved to {result['final']}"
-            + (f"; last step: {figures}" if figures else ""))
+            + (f"; last step: {figures}" if figures else "")
+            + (f"; {cut} prompts cut to --max-prompt-len" if cut else ""))
 
 
 def _dpo_line(result: dict) -> str:
+    cut = result.get("truncated_sequences")
     return (f"done: {result['steps']} steps on {result['pairs']} pairs"
+            f"{f' ({cut} sequences cut to --max-seq-len)' if cut else ''}"
             f"{' (reverse)' if result['reverse'] else ''}; preference accuracy "
             f"{result['preference_accuracy']:.3f}; log-prob ranking "
             f"{result['logprob_accuracy_before']:.3f} -> {result['logprob_accuracy_after']:.3f}")
 
 
 def _precompute_lines(result: dict) -> str:
+    from storage.store.summary import format_alpha
+
     s, wall = result["summary"], max(result["seconds"], 1e-9)
     bpt = s["bytes_per_token"]
     lines = [f"precompute worker {result['worker']}/{result['workers']}: {result['examples']} new "
@@ -58,7 +64,12 @@ def _precompute_lines(result: dict) -> str:
              f"store {result['store']}: {s['examples']} examples, {s['response_tokens']} "
              f"response tokens, {s['bytes_on_disk']} bytes on disk"
              + (f" = {bpt:.1f} B/response token" if bpt else "")
-             + ("" if s["complete"] else " (other workers not finished yet)")]
+             + ("" if s["complete"] else " (other workers not finished yet)"),
+             format_alpha(s["alpha"]).replace("alpha           ", "alpha (r "
+                                               f"{s['r']:g}, {s['tvd_norm']}): ")]
+    if result["truncated"]:
+        lines.append(f"truncated: {result['truncated']} examples longer than max_seq_len "
+                     f"{result['max_seq_len']} were cut in the response (keeping its EOS)")
     if result["skipped_malformed"] or result["skipped_untokenisable"]:
         lines.append(f"skipped rows: {result['skipped_malformed']} malformed, "
                      f"{result['skipped_untokenisable']} untokenisable (first errors: "
@@ -146,6 +157,15 @@ COMMANDS: tuple[Command, ...] = (
             "token-averaged contrastive reward beta0*mean_t(log pi_dpo - log pi_reverse) and the "
             "per-token KL(model || dpo) estimated on the samples. Prints the JSON and writes it "
             "to --out.",
+            _beside_file, _json()),
+    Command("reward-accuracy", "student_trainer.recipes.configs:RewardAccuracyConfig",
+            "student_trainer.recipes.reward_accuracy:run_reward_accuracy",
+            "how often the DPO reward and the contrastive reward rank chosen above rejected "
+            "(the paper's Table 2; JSON)",
+            "For preference pairs (the training pairs and/or held-out ones): the DPO reward "
+            "beta0*sum_t(log pi_dpo - log pi_ref) and the contrastive reward "
+            "beta0*sum_t(log pi_dpo - log pi_rev) of chosen and rejected, and how often each "
+            "ranks chosen strictly higher, with counts and ties.",
             _beside_file, _json()),
     Command("toyworld", "aligndistil.worlds.toy.build:WorldConfig",
             "aligndistil.worlds.toy.build:build_world",

@@ -126,15 +126,16 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
     for name, extra in (("dpo", []), ("reverse", ["--reverse"])):
         runner.step(name, ["dpo", *extra, "--model", w / "sft", "--data", w / "pairs.jsonl",
                            "--out", w / name, "--lr", size.dpo_lr, "--epochs", size.dpo_epochs,
-                           "--batch-size", 32, "--seed", seed, "--no-progress", *dev],
+                           "--batch-size", 32, "--min-lr-ratio", 0, "--seed", seed,
+                           "--no-progress", *dev],
                     done=w / name / "dpo_summary.json")
     runner.step("precompute", ["precompute", "--dpo-model", w / "dpo", "--reverse-model",
                                w / "reverse", "--data", w / "pairs.jsonl", "--response-field",
                                "chosen", "--out", w / "store", "--top-k", size.top_k, *dev])
     runner.step("inspect", ["inspect", w / "store", "--verify"])
     train = ["--model", w / "sft", "--lr", size.student_lr, "--global-batch-size",
-             size.global_batch_size, "--seed", seed, "--save-every", 1000, "--no-progress",
-             "--no-tensorboard", *dev]
+             size.global_batch_size, "--min-lr-ratio", 0, "--seed", seed, "--save-every", 1000,
+             "--no-progress", "--no-tensorboard", *dev]
     runner.step("train-off-policy", ["train", "--mode", "off-policy", "--store", w / "store",
                                      "--out", w / "off_policy", "--epochs",
                                      size.off_policy_epochs, *train],

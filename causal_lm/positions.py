@@ -14,7 +14,8 @@ import numpy as np
 
 def response_rows(prompt_len: int, length: int) -> np.ndarray:
     """The logit rows ``P - 1 .. L - 2`` that predict a sequence's response tokens."""
-    return np.arange(prompt_len - 1, length - 1, dtype=np.int64)
+    rows = response_logit_positions(prompt_len, length)
+    return np.arange(rows.start, rows.stop, dtype=np.int64)
 
 
 def response_coordinates(lengths: Sequence[int], prompt_lens: Sequence[int]
@@ -28,3 +29,11 @@ def response_coordinates(lengths: Sequence[int], prompt_lens: Sequence[int]
     if not rows:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return np.concatenate(rows), np.concatenate(cols)
+
+
+def response_logit_positions(prompt_len: int, seq_len: int) -> slice:
+    """The same rows as a slice, for one sequence: ``P - 1 .. L - 2``."""
+    if not 1 <= prompt_len < seq_len:
+        raise ValueError(f"prompt_len: must satisfy 1 <= prompt_len < seq_len = {seq_len}, "
+                         f"got {prompt_len}")
+    return slice(prompt_len - 1, seq_len - 1)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from storage.datasets import Example
 from storage.errors import UserError
@@ -42,11 +42,21 @@ class TokenizationError(UserError, ValueError):
 
 
 def tokenize_example(tokenizer: Any, example: Example, max_seq_len: int | None = None, *,
-                     truncation: Literal["error", "response"] = "error",
-                     plain_fallback: bool = False) -> tuple[list[int], int]:
-    """``(input_ids, prompt_len)`` for ``example`` (see the module docstring for the rules)."""
-    if truncation not in ("error", "response"):
-        raise ValueError(f"truncation must be 'error' or 'response', got {truncation!r}")
+                     truncation: Literal["error", "response", "response-keep-eos"] = "error",
+                     plain_fallback: bool = False,
+                     on_truncate: Callable[[int], None] | None = None) -> tuple[list[int], int]:
+    """``(input_ids, prompt_len)`` for ``example`` (see the module docstring for the rules).
+
+    Past ``max_seq_len``: ``"error"`` refuses; ``"response"`` cuts the response's end;
+    ``"response-keep-eos"`` cuts the response but keeps its ending from the tokenizer's EOS on
+    (the EOS and whatever the chat template puts after it), as the released AlignDistil/DPO code
+    does, so a cut response still ends as a finished turn. ``on_truncate(original_length)`` is
+    called for every cut sequence (to count them). A prompt that leaves no room for one response
+    token is an error in every mode.
+    """
+    if truncation not in ("error", "response", "response-keep-eos"):
+        raise ValueError(f"truncation must be 'error', 'response' or 'response-keep-eos', got "
+                         f"{truncation!r}")
     name = _describe(example)
     if example.is_pretokenized:
         ids, prompt_len = _check_pretokenized(tokenizer, example, name)
@@ -66,14 +76,30 @@ def tokenize_example(tokenizer: Any, example: Example, max_seq_len: int | None =
         if prompt_len >= len(ids):
             raise TokenizationError(f"{name}: the response adds no tokens after the prompt")
     if max_seq_len is not None and len(ids) > max_seq_len:
-        if truncation == "response" and prompt_len + 1 <= max_seq_len:
-            ids = ids[:max_seq_len]
+        ending = _eos_ending(tokenizer, ids, prompt_len) if truncation == "response-keep-eos" \
+            else []
+        if truncation != "error" and prompt_len + 1 + len(ending) <= max_seq_len:
+            original = len(ids)
+            ids = list(ids[:max_seq_len - len(ending)]) + ending
+            if on_truncate is not None:
+                on_truncate(original)
         else:
             detail = (f"the prompt alone has {prompt_len}" if prompt_len >= max_seq_len
                       else f"prompt {prompt_len} + response {len(ids) - prompt_len}")
             raise TokenizationError(f"{name}: {len(ids)} tokens exceed max_seq_len "
                                     f"{max_seq_len} ({detail} tokens)")
     return ids, prompt_len
+
+
+def _eos_ending(tokenizer: Any, ids: list[int], prompt_len: int) -> list[int]:
+    """The response's tokens from its last EOS on (empty when the response has no EOS)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    for i in range(len(ids) - 1, prompt_len - 1, -1):
+        if ids[i] == eos:
+            return list(ids[i:])
+    return []
 
 
 def tokenize_prompt(tokenizer: Any, messages: list[dict[str, str]], *, where: str = "prompt"

@@ -16,7 +16,7 @@ encoded without extra special tokens (the template places them), exactly as
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from storage.datasets import read_rows
 from storage.errors import UserError
@@ -70,16 +70,22 @@ def prompt_ids(tokenizer, row: Any, where: str) -> list[int]:
         raise PromptError(str(exc)) from None
 
 
-def load_prompts(path: str | Path, tokenizer, *, max_prompt_len: int | None = None
-                 ) -> list[list[int]]:
-    """Every prompt of the file as token ids; prompts longer than ``max_prompt_len`` are an
-    error naming the row (they would leave no room for a response)."""
+def load_prompts(path: str | Path, tokenizer, *, max_prompt_len: int | None = None,
+                 on_truncate: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Every prompt of the file as token ids. A prompt longer than ``max_prompt_len`` keeps its
+    last ``max_prompt_len`` tokens (the end of the conversation and the opened assistant turn)
+    when ``on_truncate`` is given (called with its original length, to count it); without it,
+    it is an error naming the row."""
     prompts = []
     for where, row in read_prompt_rows(path):
         ids = prompt_ids(tokenizer, row, where)
         if max_prompt_len is not None and len(ids) > max_prompt_len:
-            raise PromptError(f"{where}: prompt of {len(ids)} tokens exceeds {max_prompt_len} "
-                              f"(max_seq_len minus at least one response token)")
+            if on_truncate is None:
+                raise PromptError(f"{where}: prompt of {len(ids)} tokens exceeds "
+                                  f"{max_prompt_len} (max_seq_len minus at least one response "
+                                  f"token)")
+            on_truncate(len(ids))
+            ids = ids[len(ids) - max_prompt_len:]
         prompts.append(ids)
     if not prompts:
         raise PromptError(f"--prompts {path}: no prompts")

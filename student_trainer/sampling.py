@@ -1,12 +1,18 @@
-"""Samples for evaluation and for labelling pairs: ``n`` temperature-1 answers per prompt row.
+"""Samples for evaluation and for labelling pairs: ``n`` answers per prompt row.
 
-Sampling is from the model's own distribution (see :mod:`student_trainer.rollout.hf_generate`);
+Sampling uses exactly the given settings (default: the model's own distribution) and nothing
+from the model's ``generation_config.json`` (see :mod:`student_trainer.rollout.hf_generate`);
 each sample keeps its prompt row's user text, which is what a task's gold reward reads.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+from student_trainer.rollout.hf_generate import RolloutConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -18,13 +24,16 @@ class Sample:
     text: str                #: the response decoded without special tokens
 
 
-def sample_answers(model_path: str, prompts_path: str, *, n: int, max_new_tokens: int,
-                   batch_size: int, seed: int, device: str = "auto",
-                   loaded=None) -> list[Sample]:
-    """``n`` temperature-1 samples for every prompt row of ``prompts_path`` (seeded)."""
+def sample_answers(model_path: str, prompts_path: str, *, n: int, sampling: RolloutConfig,
+                   seed: int, device: str = "auto", loaded=None) -> list[Sample]:
+    """``n`` samples for every prompt row of ``prompts_path`` (seeded), with ``sampling``'s
+    settings (``max_new_tokens``, ``batch_size`` prompts per call, temperature, top-p, top-k)."""
     from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
     from student_trainer.prompts import prompt_ids, prompt_text, read_prompt_rows
-    from student_trainer.rollout.hf_generate import RolloutConfig, generate_responses
+    from student_trainer.rollout.hf_generate import generate_responses
+
+    sampling.validate()
+    log.info(sampling.describe())
 
     if loaded is None:
         model, tokenizer = load_model_and_tokenizer(model_path, device=resolve_device(device))
@@ -35,8 +44,7 @@ def sample_answers(model_path: str, prompts_path: str, *, n: int, max_new_tokens
     flat = [i for i in range(len(rows)) for _ in range(n)]
     results = generate_responses(
         model, [ids[i] for i in flat], pad_token_id=pad_token_id(tokenizer),
-        eos_token_id=tokenizer.eos_token_id, seed=seed,
-        config=RolloutConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
+        eos_token_id=tokenizer.eos_token_id, seed=seed, config=sampling)
     samples = []
     for i, (seq, p) in zip(flat, results):
         response = list(seq[p:])

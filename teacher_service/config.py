@@ -21,10 +21,11 @@ class TeacherOptions:
     dpo_model: Annotated[str, "local Hugging Face folder of the DPO-trained teacher"]
     reverse_model: Annotated[str | None, "local Hugging Face folder of the reverse-DPO teacher "
                              "(modes adaptive, constant)"] = None
-    reference_model: Annotated[str | None, "local Hugging Face folder of the reference model "
-                               "(mode vanilla)"] = None
-    mode: Annotated[Literal["adaptive", "constant", "vanilla"], "how the teacher is built"] = \
-        "adaptive"
+    reference_model: Annotated[str | None, "local Hugging Face folder of the reference (SFT) "
+                               "model (modes vanilla, vanilla-adaptive)"] = None
+    mode: Annotated[Literal["adaptive", "constant", "vanilla", "vanilla-adaptive"],
+                    "how the teacher is built (vanilla, vanilla-adaptive: from the reference "
+                    "model)"] = "adaptive"
     top_k: Annotated[int, "top-k entries of log pi* kept per position"] = 64
     r: Annotated[float | None, "alpha_t = r * tvd_t + eps; none: the released runs' value for "
                  "the norm and policy (half-l1 20 off-policy / 30 on-policy; l1 10 / 15)"] = None
@@ -46,12 +47,14 @@ class TeacherOptions:
 
     #: "off" or "on": which released r applies when --r is not given.
     POLICY = "off"
+    #: Used when --max-seq-len is not given (capped at the models' maximum); None: the models'.
+    DEFAULT_MAX_SEQ_LEN = None
 
     def other_model(self) -> str:
         """The second teacher: the reverse model, or the reference model in mode vanilla."""
-        if self.mode == "vanilla":
+        if self.mode in ("vanilla", "vanilla-adaptive"):
             if not self.reference_model:
-                raise ConfigError("--mode vanilla needs --reference-model")
+                raise ConfigError(f"--mode {self.mode} needs --reference-model")
             return self.reference_model
         if not self.reverse_model:
             raise ConfigError(f"--mode {self.mode} needs --reverse-model")
@@ -99,6 +102,12 @@ class PrecomputeConfig(TeacherOptions):
                              "first"] = False
     limit: Annotated[int | None, "only the first N examples"] = None
     progress: Annotated[bool, "show a progress bar"] = True
+    max_seq_len: Annotated[int | None, "longer examples are cut in the response, keeping its "
+                           "EOS, and counted (none: 2048, the released scripts' length, or the "
+                           "models' maximum if smaller)"] = None
+
+    #: The released scripts' length, used when --max-seq-len is not given.
+    DEFAULT_MAX_SEQ_LEN = 2048
 
     def placement(self, environ: dict[str, str]) -> tuple[int, int]:
         """``(worker_index, num_workers)``: the flags, else torchrun's RANK/WORLD_SIZE, else

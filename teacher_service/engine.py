@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from causal_lm.head import head_logits, response_hidden
+from causal_lm.head import Float32Head, response_hidden
 from causal_lm.positions import response_coordinates
 from storage.errors import ConfigError, UserError
 from storage.packing import pack_by_token_budget
@@ -59,6 +59,9 @@ class TeacherEngine:
         model_max = getattr(pair.dpo.config, "max_position_embeddings", None)
         self.pair = pair
         self.config = config
+        # Each head in float32 from the decoder's hidden states, whatever the decoder's dtype.
+        self.dpo_head = Float32Head(pair.dpo, pair.vocab_size)
+        self.other_head = Float32Head(pair.other, pair.vocab_size)
         self.max_batch_tokens = max_batch_tokens
         self.max_seq_len = max_seq_len or model_max or 4096
         if model_max and self.max_seq_len > model_max:
@@ -132,8 +135,7 @@ class TeacherEngine:
         for start in range(0, hidden_dpo.shape[0], chunk):
             sl = slice(start, start + chunk)
             parts.append(compute_targets(
-                head_logits(self.pair.dpo, hidden_dpo[sl], self.pair.vocab_size),
-                head_logits(self.pair.other, hidden_other[sl], self.pair.vocab_size),
+                self.dpo_head(hidden_dpo[sl]), self.other_head(hidden_other[sl]),
                 next_ids[sl], self.config))
         targets = SparseTargets(*(torch.cat(field_parts).cpu() for field_parts in zip(*parts)))
         if k < self.config.top_k:
@@ -178,5 +180,9 @@ def build_engine(options) -> TeacherEngine:
     pair = load_teacher_pair(options.dpo_model, options.other_model(), mode=options.mode,
                              device=options.device, dtype=options.dtype,
                              trust_remote_code=options.trust_remote_code)
+    max_seq_len = options.max_seq_len
+    if max_seq_len is None and options.DEFAULT_MAX_SEQ_LEN is not None:
+        model_max = getattr(pair.dpo.config, "max_position_embeddings", None)
+        max_seq_len = min(options.DEFAULT_MAX_SEQ_LEN, model_max or options.DEFAULT_MAX_SEQ_LEN)
     return TeacherEngine(pair, target_config, max_batch_tokens=options.max_batch_tokens,
-                         max_seq_len=options.max_seq_len)
+                         max_seq_len=max_seq_len)

@@ -1,7 +1,7 @@
 """Loading the teacher pair: two local Hugging Face causal LMs that must share one vocabulary.
 
 ``dpo`` is always the first model. The second is the ``reverse`` model (modes ``adaptive`` and
-``constant``) or the reference model (mode ``vanilla``). Both are loaded from local folders,
+``constant``) or the reference model (modes ``vanilla`` and ``vanilla-adaptive``). Both are loaded from local folders,
 safetensors only, with ``trust_remote_code`` off unless asked.
 
 Vocabulary: the target math runs over the tokenizer's vocabulary ``V = len(tokenizer)``. Some
@@ -24,6 +24,7 @@ import torch
 from causal_lm.loading import (ModelLoadError, check_model_dir, load_causal_lm, load_tokenizer,
                                output_rows, resolve_device, resolve_dtype)
 from storage.tokenization import tokenizer_sha256
+from teacher_service.targets import REFERENCE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,8 @@ def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str
                       device: str = "auto", dtype: str = "auto",
                       trust_remote_code: bool = False) -> TeacherPair:
     """Load both teachers and their tokenizer(s); refuse a pair that does not share a vocabulary."""
-    other_role = "reference" if mode == "vanilla" else "reverse"
-    other_flag = "--reference-model" if mode == "vanilla" else "--reverse-model"
+    other_role = "reference" if mode in REFERENCE_MODES else "reverse"
+    other_flag = "--reference-model" if mode in REFERENCE_MODES else "--reverse-model"
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     dpo_path, other_path = Path(dpo_path), Path(other_path)

@@ -55,9 +55,13 @@ def store_metadata(engine: TeacherEngine, config: PrecomputeConfig, num_workers:
 
 @dataclass
 class SkipCounts:
-    """Rows left out with ``--skip-bad-rows``, by reason."""
+    """Rows left out with ``--skip-bad-rows``, by reason, and rows cut to ``max_seq_len``."""
     read: ReadStats = field(default_factory=ReadStats)
     untokenisable: int = 0
+    truncated: int = 0
+
+    def count_truncated(self, original_length: int) -> None:
+        self.truncated += 1
 
 
 def example_groups(config: PrecomputeConfig, tokenizer, max_seq_len: int, *, worker: int,
@@ -79,7 +83,11 @@ def example_groups(config: PrecomputeConfig, tokenizer, max_seq_len: int, *, wor
         consumed += 1
         if example.index not in done:
             try:
-                ids, prompt_len = tokenize_example(tokenizer, example, max_seq_len)
+                # Over-long examples are cut in the response, keeping its EOS (the released
+                # code's truncation), and counted.
+                ids, prompt_len = tokenize_example(tokenizer, example, max_seq_len,
+                                                   truncation="response-keep-eos",
+                                                   on_truncate=skips.count_truncated)
                 group.append(ScoreRequest(ids, prompt_len, example_index=example.index))
             except TokenizationError as exc:
                 if not config.skip_bad_rows:
@@ -139,4 +147,5 @@ def run_precompute(config: PrecomputeConfig) -> dict:
             "response_tokens": response_tokens, "tokens": tokens, "seconds": wall,
             "store": str(config.out), "summary": summarize(TargetStore.open(config.out)),
             "skipped_malformed": skips.read.skipped, "skipped_untokenisable": skips.untokenisable,
+            "truncated": skips.truncated, "max_seq_len": engine.max_seq_len,
             "skip_errors": skips.read.errors[:3]}

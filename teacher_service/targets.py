@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 TVD_NORMS = ("half-l1", "l1")
-MODES = ("adaptive", "constant", "vanilla")
+MODES = ("adaptive", "constant", "vanilla", "vanilla-adaptive")
+#: Modes whose second model is the reference (SFT) model rather than the reverse-DPO model.
+REFERENCE_MODES = ("vanilla", "vanilla-adaptive")
 POLICIES = ("off", "on")
 
 #: The authors' released runs use the l1 norm with r = 10 off-policy and 15 on-policy; the
@@ -57,8 +59,10 @@ class TargetConfig:
     """How targets are built. ``beta0`` is the DPO beta the teachers were trained with;
     ``beta`` is the student's KL weight, used by the ablation modes: ``constant`` sets
     ``alpha = beta0 / beta`` everywhere, ``vanilla`` mixes ``z* = w z_dpo + (1 - w) z_ref``
-    with ``w = beta0 / beta`` (and reports ``alpha = w``). ``r``, ``eps`` and ``tvd_norm`` are
-    used by ``adaptive`` only."""
+    with ``w = beta0 / beta`` (and reports ``alpha = w``). ``vanilla-adaptive`` (the released
+    code's ``theorem1_adaptive``) mixes the same way with a per-position
+    ``w = r * TVD(p_dpo, p_ref) + eps`` and reports ``alpha = w`` (so the loss weight is
+    ``beta0 / w``). ``r``, ``eps`` and ``tvd_norm`` are used by the adaptive modes."""
 
     top_k: int = 64
     r: float = 20.0
@@ -99,7 +103,7 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
 
     ``dpo_logits`` and ``other_logits`` are ``[N, V]`` logits (any float dtype) at the response
     positions; ``other`` is the reverse model (modes ``adaptive``/``constant``) or the reference
-    model (``vanilla``). ``next_ids`` ``[N]`` are the tokens those positions predict. Outputs
+    model (``vanilla``, ``vanilla-adaptive``). ``next_ids`` ``[N]`` are the tokens those positions predict. Outputs
     live on the logits' device.
     """
     n, vocab, dtype = _check_logits(dpo_logits, other_logits)
@@ -150,18 +154,6 @@ def teacher_logprobs(dpo_logits: Tensor, other_logits: Tensor,
     return log_star, alpha
 
 
-def response_logit_positions(prompt_len: int, seq_len: int) -> slice:
-    """The logit rows that predict the response tokens: ``P - 1 .. L - 2``.
-
-    The logit at position i predicts token i + 1, so target t (token ``input_ids[P + t]``)
-    uses row ``P + t - 1``.
-    """
-    if not 1 <= prompt_len < seq_len:
-        raise ValueError(f"prompt_len: must satisfy 1 <= prompt_len < seq_len = {seq_len}, "
-                         f"got {prompt_len}")
-    return slice(prompt_len - 1, seq_len - 1)
-
-
 # ---------------------------------------------------------------------------- internals
 
 def _teacher_chunk(dpo: Tensor, other: Tensor, config: TargetConfig,
@@ -178,18 +170,27 @@ def _teacher_chunk(dpo: Tensor, other: Tensor, config: TargetConfig,
         w = config.beta0 / config.beta
         z_star = w * log_d + (1.0 - w) * log_o
         alpha = torch.full(log_d.shape[:1], w, dtype=dtype, device=log_d.device)
+    elif config.mode == "vanilla-adaptive":
+        # Theorem 1 with a per-position weight: z* = w z_dpo + (1 - w) z_ref (on log-probs:
+        # the same up to a per-row constant), w = r * TVD(p_dpo, p_ref) + eps.
+        alpha = config.r * _tvd(log_d, log_o, config.tvd_norm) + config.eps
+        w = alpha.unsqueeze(-1)
+        z_star = w * log_d + (1.0 - w) * log_o
     else:
         if config.mode == "adaptive":
-            tvd = (log_d.exp() - log_o.exp()).abs_().sum(dim=-1)
-            if config.tvd_norm == "half-l1":
-                tvd = 0.5 * tvd
-            alpha = config.r * tvd + config.eps
+            alpha = config.r * _tvd(log_d, log_o, config.tvd_norm) + config.eps
         else:  # constant
             alpha = torch.full(log_d.shape[:1], config.beta0 / config.beta, dtype=dtype,
                                device=log_d.device)
         # eq. 17 on log-probs: equal to z_dpo + alpha (z_dpo - z_rev) up to a per-row constant.
         z_star = log_d + alpha.unsqueeze(-1) * (log_d - log_o)
     return torch.log_softmax(z_star, dim=-1), alpha, log_d, log_o
+
+
+def _tvd(log_d: Tensor, log_o: Tensor, norm: str) -> Tensor:
+    """Per row: ``sum_v |p_d - p_o|`` (l1), halved for the paper's half-l1."""
+    tvd = (log_d.exp() - log_o.exp()).abs_().sum(dim=-1)
+    return 0.5 * tvd if norm == "half-l1" else tvd
 
 
 def _check_logits(dpo: Tensor, other: Tensor) -> tuple[int, int, torch.dtype]:

@@ -27,6 +27,10 @@ def dense_targets(z_dpo, z_other, next_ids, *, top_k, r=20.0, eps=1e-3, tvd_norm
     elif mode == "constant":
         alpha = np.full(z_d.shape[0], beta0 / beta)
         z_star = z_d + alpha[:, None] * (z_d - z_o)
+    elif mode == "vanilla-adaptive":  # per-position weight from TVD(p_dpo, p_ref)
+        l1 = np.abs(np.exp(lp_d) - np.exp(lp_o)).sum(-1)
+        alpha = r * (0.5 * l1 if tvd_norm == "half-l1" else l1) + eps
+        z_star = alpha[:, None] * z_d + (1 - alpha[:, None]) * z_o
     else:  # vanilla: interpolate/extrapolate from the reference model
         w = beta0 / beta
         alpha = np.full(z_d.shape[0], w)

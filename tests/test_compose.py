@@ -239,8 +239,8 @@ def test_cpu_services_run_the_demo_at_its_default_size():
     assert (pairs.samples_per_prompt, pairs.max_new_tokens, pairs.seed) == \
         (size.samples_per_prompt, size.max_new_tokens, seed)
     for dpo in by_command("world", "dpo"):
-        assert (dpo.model, dpo.lr, dpo.epochs, dpo.seed) == \
-            ("/data/sft", size.dpo_lr, size.dpo_epochs, seed)
+        assert (dpo.model, dpo.lr, dpo.epochs, dpo.seed, dpo.min_lr_ratio) == \
+            ("/data/sft", size.dpo_lr, size.dpo_epochs, seed, 0)
     (pre,) = by_command("precompute", "precompute")
     (serve,) = by_command("teacher", "serve")
     assert pre.top_k == serve.top_k == size.top_k
@@ -249,8 +249,9 @@ def test_cpu_services_run_the_demo_at_its_default_size():
     off, on = by_command("trainer", "train")
     assert (off.store, on.prompts) == (pre.out, "/data/world/prompts_train.jsonl")
     for train, epochs in ((off, size.off_policy_epochs), (on, size.on_policy_epochs)):
-        assert (train.model, train.lr, train.global_batch_size, train.epochs, train.seed) == \
-            ("/data/sft", size.student_lr, size.global_batch_size, epochs, seed)
+        assert (train.model, train.lr, train.global_batch_size, train.epochs, train.seed,
+                train.min_lr_ratio) == \
+            ("/data/sft", size.student_lr, size.global_batch_size, epochs, seed, 0)
     assert (on.max_new_tokens, on.rollout_batch_size) == \
         (size.max_new_tokens, size.global_batch_size)
     evals = by_command("trainer", "eval")
@@ -289,11 +290,11 @@ def test_gpu_services_use_the_papers_defaults_unless_told_otherwise():
     for train in (off, on):
         for key in ("lr", "global_batch_size", "epochs", "warmup_ratio", "beta0", "max_tokens",
                     "save_every", "max_new_tokens", "rollout_batch_size", "lr_schedule",
-                    "adam_betas", "weight_decay"):
+                    "adam_betas", "weight_decay", "min_lr_ratio", "max_prompt_len"):
             assert getattr(train, key) == getattr(d, key), key
         assert train.resume == "latest"
     for dpo in by_command("teachers-gpu", "dpo"):
-        for key in ("beta", "lr", "batch_size", "epochs", "max_seq_len"):
+        for key in ("beta", "lr", "batch_size", "epochs", "max_seq_len", "min_lr_ratio"):
             assert getattr(dpo, key) == getattr(parser_defaults["dpo"], key), key
     (serve,) = by_command("teacher-gpu", "serve")
     (pre,) = by_command("precompute-gpu", "precompute")

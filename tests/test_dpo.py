@@ -105,3 +105,50 @@ def test_dpo_refuses_rows_without_a_rejected_answer(setup, tmp_path, capsys):
     assert main(["dpo", "--model", str(base), "--data", str(bad), "--out", str(tmp_path / "o"),
                  *ARGS]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def teachers(setup):
+    """The dpo and reverse teachers of the first test (trained here if it did not run)."""
+    root, base, prefs = setup
+    for name, extra in (("dpo", []), ("reverse", ["--reverse"])):
+        if not (root / name / "model.safetensors").is_file():
+            assert main(["dpo", "--model", str(base), "--data", str(prefs), "--out",
+                         str(root / name), *extra, *ARGS]) == 0
+    return root / "dpo", root / "reverse"
+
+
+def test_reward_accuracy_counts_both_rewards_on_train_and_held_out_pairs(setup, teachers,
+                                                                        tmp_path, capsys):
+    """Table 2's two rewards, checked against plain HF forwards: the DPO reward beta0 *
+    sum(log pi_dpo - log pi_ref) and the contrastive reward beta0 * sum(log pi_dpo -
+    log pi_rev), each counted where chosen scores strictly higher."""
+    root, base, prefs = setup
+    held_out = _write_prefs(tmp_path / "held_out.jsonl", n=16, seed=7)
+    out = tmp_path / "acc.json"
+    assert main(["reward-accuracy", "--dpo-model", str(teachers[0]), "--reverse-model",
+                 str(teachers[1]), "--reference-model", str(base), "--train-pairs", str(prefs),
+                 "--test-pairs", str(held_out), "--device", "cpu", "--no-progress",
+                 "--out", str(out), "--log-level", "warning"]) == 0
+    result = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == result
+    models = {name: load(path) for name, path in
+              (("dpo", teachers[0]), ("reverse", teachers[1]), ("reference", base))}
+    for split, path in (("train", prefs), ("test", held_out)):
+        want = {"dpo_reward": 0, "contrastive_reward": 0}
+        pairs = list(zip(read_examples(path, response_field="chosen"),
+                         read_examples(path, response_field="rejected")))
+        for c, r in pairs:
+            lp = {name: [_logprob(model, *tokenize_example(tok, ex)) for ex in (c, r)]
+                  for name, (tok, model) in models.items()}
+            for key, other in (("dpo_reward", "reference"), ("contrastive_reward", "reverse")):
+                chosen = 0.1 * (lp["dpo"][0] - lp[other][0])
+                rejected = 0.1 * (lp["dpo"][1] - lp[other][1])
+                want[key] += chosen > rejected
+        got = result["splits"][split]
+        for key in want:
+            assert got[key]["pairs"] == len(pairs) and got[key]["correct"] == want[key], key
+            assert got[key]["accuracy"] == pytest.approx(want[key] / len(pairs))
+    # Trained on these pairs, both teachers separate them: the contrastive reward (dpo vs
+    # reverse) ranks every training pair right.
+    assert result["splits"]["train"]["contrastive_reward"]["accuracy"] == 1.0

@@ -79,13 +79,16 @@ def test_engine_is_batching_invariant(pair):
 def test_engine_applies_head_only_at_response_positions(pair, monkeypatch):
     """The LM head sees exactly the response positions, in chunks of at most chunk_size rows."""
     seen = []
-    head = pair.dpo.get_output_embeddings()
-    hook = head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
-    try:
-        reqs = _requests(pair.tokenizer, n=5, seed=2)
-        TeacherEngine(pair, TargetConfig(top_k=4, chunk_size=6)).score(reqs)
-    finally:
-        hook.remove()
+    engine = TeacherEngine(pair, TargetConfig(top_k=4, chunk_size=6))
+    real_head = engine.dpo_head
+
+    def recording_head(hidden):
+        seen.append(tuple(hidden.shape))
+        return real_head(hidden)
+
+    monkeypatch.setattr(engine, "dpo_head", recording_head)
+    reqs = _requests(pair.tokenizer, n=5, seed=2)
+    engine.score(reqs)
     total = sum(len(r.input_ids) - r.prompt_len for r in reqs)
     assert sum(s[0] for s in seen) == total
     assert max(s[0] for s in seen) <= 6
@@ -203,3 +206,46 @@ def test_each_torchrun_worker_takes_the_gpu_of_its_local_rank(monkeypatch):
         assert local_cuda_index(8) == rank
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert local_cuda_index(1) == 0  # one visible device (CUDA_VISIBLE_DEVICES per worker)
+
+
+def test_bfloat16_teachers_get_float32_heads(pair_dirs):
+    """DESIGN §2 precision: with bf16 decoders, the targets equal a float64 computation from the
+    SAME bf16 hidden states and weights to float32 precision; a bf16 head (the head in the
+    decoder's dtype) is far off, because alpha multiplies its rounding."""
+    from causal_lm.head import response_hidden
+
+    pair = load_teacher_pair(*pair_dirs, device="cpu", dtype="bfloat16")
+    assert pair.dpo.dtype == torch.bfloat16 and pair.other.dtype == torch.bfloat16
+    # One sequence per pass (no padding), so the decoder's bf16 hidden states below are the
+    # engine's own, bit for bit.
+    engine = TeacherEngine(pair, TargetConfig(top_k=8, r=20.0), max_batch_tokens=2)
+    reqs = _requests(pair.tokenizer, n=6, seed=3)
+    records = engine.score(reqs)
+    vocab = pair.vocab_size
+    err = {"float32 head": [], "bf16 head": []}
+    for req, rec in zip(reqs, records):
+        P, L = req.prompt_len, len(req.input_ids)
+        ids = torch.tensor([list(req.input_ids)])
+        rows, cols = torch.zeros(L - P, dtype=torch.long), torch.arange(P - 1, L - 1)
+        with torch.no_grad():
+            h_d = response_hidden(pair.dpo, ids, torch.ones_like(ids), rows, cols)
+            h_o = response_hidden(pair.other, ids, torch.ones_like(ids), rows, cols)
+            w_d = pair.dpo.get_output_embeddings().weight[:vocab]
+            w_o = pair.other.get_output_embeddings().weight[:vocab]
+            exact = (h_d.double() @ w_d.double().T, h_o.double() @ w_o.double().T)
+            bf16 = ((h_d @ w_d.T).double(), (h_o @ w_o.T).double())
+        ref = dense_targets(*[z.numpy() for z in exact], req.input_ids[P:], top_k=8)
+        old = dense_targets(*[z.numpy() for z in bf16], req.input_ids[P:], top_k=8)
+        for name, got in (("float32 head", rec), ("bf16 head", old)):
+            got = got if isinstance(got, dict) else {k: getattr(got, k) for k in ref
+                                                     if k != "log_pi"}
+            err[name].append(max(
+                np.abs(np.asarray(got["alpha"], np.float64) - ref["alpha"]).max(),
+                np.abs(np.asarray(got["dpo_logprobs"], np.float64) - ref["dpo_logprobs"]).max(),
+                np.abs(np.asarray(got["reverse_logprobs"], np.float64)
+                       - ref["reverse_logprobs"]).max()))
+        # float16 storage of the top-k log-probs: relative 2^-11.
+        np.testing.assert_allclose(rec.topk_logprobs, ref["topk_logprobs"], rtol=2e-3, atol=2e-3)
+    fp32, bf = max(err["float32 head"]), max(err["bf16 head"])
+    assert fp32 < 1e-4, err
+    assert bf > 50 * fp32, err  # what the head in the decoder's dtype used to cost

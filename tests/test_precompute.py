@@ -213,3 +213,78 @@ def test_missing_flags_and_files_are_clear(pair_dirs, tmp_path):
     res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
                "--data", tmp_path / "none.jsonl", "--out", tmp_path / "x")
     assert res.returncode == 2 and "no such file" in res.stderr
+
+
+def test_vanilla_adaptive_mode_end_to_end(pair_dirs, data, tmp_path):
+    """--mode vanilla-adaptive (the released code's theorem1_adaptive): z* = w z_dpo +
+    (1 - w) z_ref with w = r * TVD(p_dpo, p_ref) + eps per position, alpha = w in the record
+    (so the student's weight is beta0 / w); recorded in the store and in /v1/info."""
+    from reference import dense_targets, full_logits
+    from tiny_models import load
+
+    dpo_dir, ref_dir = pair_dirs  # the second model plays the reference (SFT) model
+    out = tmp_path / "va"
+    res = _cli("precompute", "--dpo-model", dpo_dir, "--reference-model", ref_dir,
+               "--mode", "vanilla-adaptive", "--r", 0.5, "--data", data, "--out", out,
+               "--top-k", 8, "--device", "cpu", "--limit", 6)
+    assert res.returncode == 0, res.stderr
+    meta = TargetStore.open(out).metadata
+    assert meta.mode == "vanilla-adaptive" and set(meta.teachers) == {"dpo", "reference"}
+    _, dpo = load(dpo_dir)
+    _, ref = load(ref_dir)
+    records = _records(out)
+    assert sorted(records) == list(range(6))
+    for rec in records.values():
+        ids, p = rec.input_ids.tolist(), rec.prompt_len
+        want = dense_targets(full_logits(dpo, ids)[p - 1:-1], full_logits(ref, ids)[p - 1:-1],
+                             ids[p:], top_k=8, r=0.5, mode="vanilla-adaptive")
+        np.testing.assert_allclose(rec.alpha, want["alpha"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(rec.topk_logprobs, want["topk_logprobs"], rtol=2e-3,
+                                   atol=2e-3)
+        assert (rec.alpha > 1e-3).all() and (rec.alpha < 0.5 + 1e-3 + 1e-6).all()
+    proc, url = start_server(dpo_dir, ref_dir, "--reference-model", str(ref_dir), "--mode",
+                             "vanilla-adaptive", "--top-k", "8", log_path=tmp_path / "log")
+    try:
+        info = httpx.get(url + "/v1/info", timeout=30).json()
+        assert info["mode"] == "vanilla-adaptive" and set(info["models"]) == {"dpo", "reference"}
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_precompute_and_inspect_show_what_r_did_to_alpha(store, pair_dirs, data, tmp_path):
+    """alpha's mean, p50, p90, max and the share at either end of [eps, r + eps] (half-l1),
+    computed over every response position of the store."""
+    alpha = np.concatenate([r.alpha for r in _records(store).values()]).astype(np.float64)
+    summary = json.loads(_cli("inspect", store, "--json").stdout)["alpha"]
+    assert summary["positions"] == alpha.size
+    assert summary["mean"] == pytest.approx(alpha.mean(), rel=1e-9)
+    assert summary["p90"] == pytest.approx(np.quantile(alpha, 0.9), rel=1e-9)
+    assert summary["max"] == pytest.approx(alpha.max(), rel=1e-9)
+    assert summary["range"] == [pytest.approx(1e-3), pytest.approx(20.001)]
+    assert summary["frac_at_max"] == pytest.approx((alpha >= 20.001 - 0.2).mean())
+    assert summary["frac_at_min"] == pytest.approx((alpha <= 1e-3 + 0.2).mean())
+    text = _cli("inspect", store).stdout
+    assert "alpha           mean" in text and "at the bottom" in text
+    again = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+                 "--data", data, "--out", tmp_path / "s", "--top-k", 8, "--device", "cpu",
+                 "--limit", 5)
+    assert again.returncode == 0, again.stderr
+    assert "alpha (r 20, half-l1): mean" in again.stdout
+
+
+def test_overlong_examples_are_cut_keeping_eos_and_counted(pair_dirs, tmp_path):
+    """Past --max-seq-len the response is cut, keeping its EOS (the released code's
+    truncation), and the summary counts the cut examples; nothing is refused."""
+    rows = [{"prompt": "sort 3 1", "response": " ".join(["1"] * n)} for n in (3, 40, 60)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", data, "--out", tmp_path / "s", "--top-k", 4, "--device", "cpu",
+               "--max-seq-len", 24)
+    assert res.returncode == 0, res.stderr
+    assert "truncated: 2 examples longer than max_seq_len 24" in res.stdout
+    records = _records(tmp_path / "s")
+    pair = load_teacher_pair(*pair_dirs, device="cpu")
+    eos = pair.tokenizer.eos_token_id
+    assert [records[i].seq_len for i in (1, 2)] == [24, 24]
+    assert all(records[i].input_ids[-1] == eos for i in range(3))

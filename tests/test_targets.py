@@ -23,9 +23,9 @@ from teacher_service.targets import (
     TargetConfig,
     compute_targets,
     default_r,
-    response_logit_positions,
     teacher_logprobs,
 )
+from causal_lm.positions import response_logit_positions
 from tiny_models import load
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
@@ -62,6 +62,10 @@ def brute_force(dpo: torch.Tensor, other: torch.Tensor, next_ids: torch.Tensor, 
         w = beta0 / beta
         z_star = w * zd + (1.0 - w) * zo
         alpha = np.full(n, w)
+    elif mode == "vanilla-adaptive":  # the released code's theorem1_adaptive
+        l1 = np.abs(np.exp(log_pd) - np.exp(log_po)).sum(axis=-1)
+        alpha = r * (0.5 * l1 if tvd_norm == "half-l1" else l1) + eps
+        z_star = alpha[:, None] * zd + (1.0 - alpha[:, None]) * zo
     else:
         if mode == "adaptive":
             l1 = np.abs(np.exp(log_pd) - np.exp(log_po)).sum(axis=-1)
@@ -138,7 +142,8 @@ def assert_matches(out: SparseTargets, ref: dict, *, dtype: torch.dtype, top_k: 
 CASES = [(v, mode, norm, dtype, chunk)
          for v, chunk in ((7, 4), (50, 3), (1000, 5))
          for mode, norm in (("adaptive", "half-l1"), ("adaptive", "l1"),
-                            ("constant", "half-l1"), ("vanilla", "half-l1"))
+                            ("constant", "half-l1"), ("vanilla", "half-l1"),
+                            ("vanilla-adaptive", "half-l1"), ("vanilla-adaptive", "l1"))
          for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
 
 
@@ -340,7 +345,8 @@ def test_default_r_reproduces_the_released_runs():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"mode": "bogus"}, r"mode: expected one of \('adaptive', 'constant', 'vanilla'\)"),
+    ({"mode": "bogus"},
+     r"mode: expected one of \('adaptive', 'constant', 'vanilla', 'vanilla-adaptive'\)"),
     ({"tvd_norm": "l2"}, r"tvd_norm: expected one of \('half-l1', 'l1'\)"),
     ({"eps": 0.0}, r"eps: must be finite and > 0, got 0.0"),
     ({"eps": -1e-3}, r"eps: must be finite and > 0"),

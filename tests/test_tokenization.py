@@ -183,3 +183,23 @@ def test_tokenize_prompt_is_the_prompt_part_of_an_example(tok):
     tok.chat_template = None
     with pytest.raises(TokenizationError, match="no chat template"):
         tokenize_prompt(tok, [{"role": "user", "content": "x"}])
+
+
+def test_response_keep_eos_cuts_the_response_and_keeps_its_ending(tok):
+    """The released code's truncation: a cut response still ends with its EOS."""
+    ex = parse_row({"prompt": "sort 3 1", "response": " ".join(["1"] * 30)}, index=0,
+                   source="t")
+    full, p = tokenize_example(tok, ex)
+    assert full[-1] == tok.eos_token_id
+    seen = []
+    ids, p2 = tokenize_example(tok, ex, 12, truncation="response-keep-eos",
+                               on_truncate=seen.append)
+    assert p2 == p and len(ids) == 12 and seen == [len(full)]
+    assert ids[:11] == full[:11] and ids[-1] == tok.eos_token_id
+    plain, _ = tokenize_example(tok, ex, 12, truncation="response")
+    assert plain == full[:12] and plain[-1] != tok.eos_token_id
+    short, _ = tokenize_example(tok, ex, len(full), truncation="response-keep-eos",
+                                on_truncate=seen.append)
+    assert short == full and len(seen) == 1  # nothing cut, nothing counted
+    with pytest.raises(TokenizationError, match="exceed max_seq_len"):
+        tokenize_example(tok, ex, p, truncation="response-keep-eos")  # no room for a response

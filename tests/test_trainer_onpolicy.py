@@ -128,3 +128,28 @@ def test_a_teacher_that_stays_down_stops_the_run_with_a_resumable_checkpoint(tmp
     state = torch.load(out / "checkpoint-00000002" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 2
     assert not (out / "final").exists()
+
+
+def test_long_prompts_are_cut_and_counted_and_unfinished_responses_are_counted(world, tmp_path,
+                                                                               capsys):
+    """Prompts past --max-prompt-len keep their last tokens (counted, reported); responses
+    that hit --max-new-tokens before an EOS are counted in every step's metrics."""
+    from student_trainer.prompts import load_prompts
+
+    _, tok = load_student(world["student"], device=torch.device("cpu"))
+    lengths = [len(p) for p in load_prompts(world["prompts"], tok)]
+    limit = sorted(lengths)[len(lengths) // 2]
+    longer = sum(n > limit for n in lengths)
+    assert 0 < longer < len(lengths)
+    out = tmp_path / "cut"
+    args = _args(world, out, "--max-prompt-len", str(limit))
+    args[args.index("--max-steps") + 1] = "2"
+    args[args.index("--max-new-tokens") + 1] = "2"
+    assert main(args) == 0
+    assert f"{longer} prompts cut to --max-prompt-len" in capsys.readouterr().out
+    rows = read_jsonl(out / "metrics.jsonl")
+    for r in rows:
+        # 2 new tokens: most of the 4 responses end without an EOS, all are counted.
+        assert 0 <= r["responses_without_eos"] <= r["sequences"]
+        assert r["response_tokens"] <= 2 * r["sequences"]
+    assert sum(r["responses_without_eos"] for r in rows) > 0

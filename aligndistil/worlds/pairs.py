@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from storage.errors import ConfigError
 from storage.fsio import atomic_write_text
+from student_trainer.recipes.configs import check_sampling
 
 
 @dataclass(kw_only=True)
@@ -29,15 +30,21 @@ class PairsConfig:
                                   "pair)"] = 4
     max_new_tokens: Annotated[int, "longest sampled answer"] = 16
     batch_size: Annotated[int, "prompts per generate call"] = 256
+    temperature: Annotated[float, "sampling temperature (1: the policy itself, which the loss "
+                           "assumes)"] = 1.0
+    top_p: Annotated[float, "nucleus sampling cut (1: off)"] = 1.0
+    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)"] = 0
     seed: Annotated[int, "sampling seed"] = 42
     device: Annotated[Literal["auto", "cpu", "cuda"], "where the model runs"] = "auto"
 
     def validate(self) -> None:
         if self.samples_per_prompt < 2:
             raise ConfigError("--samples-per-prompt must be at least 2 to form a pair")
+        check_sampling(self)
 
 
 def run_pairs(config: PairsConfig) -> dict:
+    from student_trainer.rollout.hf_generate import RolloutConfig
     from student_trainer.sampling import sample_answers
     from student_trainer.tasks import get_task
 
@@ -45,7 +52,11 @@ def run_pairs(config: PairsConfig) -> dict:
     task = get_task(config.task)
     where = f"--prompts {config.prompts}"
     samples = sample_answers(config.model, config.prompts, n=config.samples_per_prompt,
-                             max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                             sampling=RolloutConfig(max_new_tokens=config.max_new_tokens,
+                                                    batch_size=config.batch_size,
+                                                    temperature=config.temperature,
+                                                    top_p=config.top_p,
+                                                    top_k=config.sampling_top_k),
                              seed=config.seed, device=config.device)
     by_prompt: dict[int, list] = {}
     for s in samples:

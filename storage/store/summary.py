@@ -66,9 +66,57 @@ def summarize(store: TargetStore) -> dict[str, Any]:
         "layout": meta.layout,
         "num_workers": meta.num_workers,
         "complete": all(w["state"] == "finished" for w in workers),
+        "alpha": alpha_summary(store),
         "workers": workers,
         "extra": meta.extra,
     }
+
+
+#: An alpha within this fraction of its range from either end counts as "at the end".
+END_BAND = 0.01
+
+
+def alpha_summary(store: TargetStore) -> dict[str, Any] | None:
+    """What the user's r did: alpha's mean, p50, p90, min and max over every response position,
+    and (adaptive modes) the fraction within 1% of either end of its range ``[eps, r * tvd_max +
+    eps]`` (``tvd_max`` 1 for half-l1, 2 for l1): near ``eps`` the teacher is just the dpo model,
+    at the top r saturates. Reads only the ``alpha`` array of each shard."""
+    import numpy as np
+
+    from .layout import _decode_array
+    from .shardio import load_shard_arrays
+
+    meta = store.metadata
+    parts = []
+    for entry in store.shards:
+        arrays = load_shard_arrays(store.path, entry, names={"alpha"})
+        data, attrs = arrays["alpha"]
+        parts.append(np.asarray(_decode_array("alpha", data, attrs, arrays), dtype=np.float64))
+    if not parts or not sum(p.size for p in parts):
+        return None
+    alpha = np.concatenate(parts)
+    out: dict[str, Any] = {
+        "positions": int(alpha.size), "mean": float(alpha.mean()),
+        "p50": float(np.quantile(alpha, 0.5)), "p90": float(np.quantile(alpha, 0.9)),
+        "min": float(alpha.min()), "max": float(alpha.max()),
+        "frac_at_min": None, "frac_at_max": None, "range": None}
+    if meta.mode in ("adaptive", "vanilla-adaptive"):
+        top = meta.r * (1.0 if meta.tvd_norm == "half-l1" else 2.0) + meta.eps
+        band = END_BAND * (top - meta.eps)
+        out.update(range=[meta.eps, top],
+                   frac_at_min=float((alpha <= meta.eps + band).mean()),
+                   frac_at_max=float((alpha >= top - band).mean()))
+    return out
+
+
+def format_alpha(a: dict[str, Any] | None) -> str:
+    if not a:
+        return "alpha           -"
+    ends = (f"; within 1% of its range [{a['range'][0]:g}, {a['range'][1]:g}]: "
+            f"{100 * a['frac_at_min']:.1f}% at the bottom, {100 * a['frac_at_max']:.1f}% at the "
+            f"top" if a["range"] else "")
+    return (f"alpha           mean {a['mean']:.4g}, p50 {a['p50']:.4g}, p90 {a['p90']:.4g}, max "
+            f"{a['max']:.4g} over {a['positions']} positions{ends}")
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -84,6 +132,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"tokenizer       sha256 {s['tokenizer_sha256']}",
         f"targets         mode {s['mode']}, r {s['r']}, eps {s['eps']}, tvd_norm {s['tvd_norm']}",
         f"source          {s['source_fingerprint']}",
+        format_alpha(s.get("alpha")),
         f"workers         {s['num_workers']} ({'complete' if s['complete'] else 'INCOMPLETE'})",
     ]
     for w in s["workers"]:

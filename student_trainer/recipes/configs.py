@@ -20,6 +20,16 @@ Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["cosine", "linear", "constant"]
 
 
+def check_sampling(config) -> None:
+    """``temperature``, ``top_p`` and ``sampling_top_k`` of a sampling command."""
+    if not config.temperature > 0 or config.temperature == float("inf"):
+        raise ConfigError(f"--temperature must be > 0 and finite, got {config.temperature}")
+    if not 0 < config.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {config.top_p}")
+    if config.sampling_top_k < 0:
+        raise ConfigError(f"--sampling-top-k must be >= 0 (0: off), got {config.sampling_top_k}")
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     """``aligndistil train``: AlignDistil, off-policy from a store or on-policy via a server."""
@@ -39,8 +49,15 @@ class TrainConfig:
                        "$ALIGNDISTIL_API_KEY)", SECRET] = None
     top_k: Annotated[int | None, "on-policy: ask the server for this many top-k entries "
                      "(none: the server's)"] = None
-    max_new_tokens: Annotated[int, "on-policy: longest sampled response"] = 256
+    max_new_tokens: Annotated[int, "on-policy: longest sampled response (the released "
+                              "scripts' 1024)"] = 1024
+    max_prompt_len: Annotated[int, "on-policy: longer prompts keep their last tokens (cut "
+                              "from the left, counted)"] = 1024
     rollout_batch_size: Annotated[int, "on-policy: prompts per generate call"] = 32
+    temperature: Annotated[float, "on-policy: sampling temperature (1: the policy itself, which the loss "
+                           "assumes)"] = 1.0
+    top_p: Annotated[float, "nucleus sampling cut (1: off)"] = 1.0
+    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)"] = 0
     rollout_backend: Annotated[Literal["hf", "vllm"], "sampler, temperature 1, no top-k/top-p: "
                                "hf = Hugging Face generate; vllm = an in-process vLLM engine "
                                "that gets the student's weights before every rollout (the "
@@ -65,7 +82,8 @@ class TrainConfig:
     adam_betas: Annotated[tuple[float, float], "AdamW betas"] = (0.9, 0.95)
     warmup_ratio: Annotated[float, "fraction of the steps spent warming up"] = 0.1
     lr_schedule: Annotated[Schedule, "decay after the warm-up"] = "cosine"
-    min_lr_ratio: Annotated[float, "the decay ends at this fraction of --lr"] = 0.0
+    min_lr_ratio: Annotated[float, "the decay ends at this fraction of --lr (the released "
+                            "scripts' 0.1)"] = 0.1
     global_batch_size: Annotated[int, "sequences per optimizer step, over all ranks"] = 128
     max_tokens: Annotated[int, "padded tokens per micro-batch (gradient accumulation fills the "
                           "global batch)"] = 8192
@@ -98,6 +116,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be >= 1")
+        check_sampling(self)
 
 
 @dataclass(kw_only=True)
@@ -109,17 +128,19 @@ class DPOConfig:
     out: Annotated[str, "where the trained model is saved"]
     reverse: Annotated[bool, "swap chosen and rejected (the reverse-DPO teacher)"] = False
     beta: Annotated[float, "the DPO beta (the paper's beta0)"] = 0.1
-    lr: Annotated[float, "peak learning rate"] = 5e-7
+    lr: Annotated[float, "peak learning rate (the paper's 1e-6)"] = 1e-6
     weight_decay: Annotated[float, "AdamW weight decay"] = 0.0
     warmup_ratio: Annotated[float, "fraction of the steps spent warming up"] = 0.1
     lr_schedule: Annotated[Schedule, "decay after the warm-up"] = "cosine"
-    min_lr_ratio: Annotated[float, "the decay ends at this fraction of --lr"] = 0.0
-    batch_size: Annotated[int, "pairs per optimizer step"] = 64
+    min_lr_ratio: Annotated[float, "the decay ends at this fraction of --lr (the released "
+                            "scripts' 0.1)"] = 0.1
+    batch_size: Annotated[int, "pairs per optimizer step (the paper's 128)"] = 128
     max_tokens: Annotated[int, "padded tokens per micro-batch (chosen + rejected)"] = 4096
     epochs: Annotated[int, "passes over the pairs"] = 1
     max_steps: Annotated[int | None, "stop after this many steps"] = None
     max_grad_norm: Annotated[float, "gradient clipping (0 disables it)"] = 1.0
-    max_seq_len: Annotated[int, "longer responses are cut from their end"] = 1024
+    max_seq_len: Annotated[int, "longer pairs are cut in the response, keeping its EOS "
+                           "(counted)"] = 2048
     seed: Annotated[int, "seed of the data order"] = 42
     device: Annotated[Device, "where the model trains"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
@@ -168,12 +189,42 @@ class EvalConfig:
     samples_per_prompt: Annotated[int, "samples per prompt"] = 1
     max_new_tokens: Annotated[int, "longest sampled response"] = 64
     batch_size: Annotated[int, "prompts per generate call"] = 256
+    temperature: Annotated[float, "sampling temperature (1: the policy itself, which the loss "
+                           "assumes)"] = 1.0
+    top_p: Annotated[float, "nucleus sampling cut (1: off)"] = 1.0
+    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)"] = 0
+    samples_out: Annotated[str | None, "write every sample here (JSONL: prompt, response text, "
+                           "response token ids, gold reward with --task)"] = None
     beta0: Annotated[float, "the contrastive reward's beta0"] = 0.1
     seed: Annotated[int, "sampling seed"] = 1234
     device: Annotated[Device, "where the model runs"] = "auto"
     examples: Annotated[int, "samples included verbatim in the JSON"] = 5
-    log_level: Annotated[str, "logging level"] = "warning"
+    log_level: Annotated[str, "logging level"] = "info"
 
     def validate(self) -> None:
         if self.samples_per_prompt < 1:
             raise ConfigError("--samples-per-prompt must be at least 1")
+        check_sampling(self)
+
+
+@dataclass(kw_only=True)
+class RewardAccuracyConfig:
+    """``aligndistil reward-accuracy``: how often each reward ranks chosen above rejected
+    (the paper's Table 2)."""
+    dpo_model: Annotated[str, "the DPO-trained teacher"]
+    reverse_model: Annotated[str, "the reverse-DPO teacher"]
+    reference_model: Annotated[str, "the reference (SFT) model both were trained from"]
+    train_pairs: Annotated[str | None, "preference pairs the teachers were trained on"] = None
+    test_pairs: Annotated[str | None, "held-out preference pairs"] = None
+    beta0: Annotated[float, "the teachers' DPO beta (scales both rewards)"] = 0.1
+    max_seq_len: Annotated[int, "longer pairs are cut in the response, keeping its EOS"] = 2048
+    max_tokens: Annotated[int, "padded tokens per forward pass"] = 4096
+    out: Annotated[str | None, "write the JSON here too"] = None
+    device: Annotated[Device, "where the models run"] = "auto"
+    progress: Annotated[bool, "show a progress bar"] = True
+    trust_remote_code: Annotated[bool, "allow model code from the model folders"] = False
+    log_level: Annotated[str, "logging level"] = "info"
+
+    def validate(self) -> None:
+        if not (self.train_pairs or self.test_pairs):
+            raise ConfigError("give --train-pairs, --test-pairs or both")

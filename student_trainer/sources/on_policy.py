@@ -51,10 +51,13 @@ class OnPolicySource:
     def __init__(self, prompts: Sequence[Sequence[int]], *, model: torch.nn.Module,
                  rollouts: RolloutBackend | None, scorer: Scorer | None, seed: int,
                  top_k: int | None = None, rank: int = 0, world_size: int = 1,
-                 async_rollouts: bool = False):
+                 async_rollouts: bool = False, eos_ids: set[int] | None = None,
+                 prompts_truncated: int = 0):
         self.prompts = [list(p) for p in prompts]
         self.model = model
         self.rollouts, self.scorer, self.top_k = rollouts, scorer, top_k
+        self.eos_ids = set(eos_ids or ())
+        self.prompts_truncated = prompts_truncated  #: prompts cut to --max-prompt-len
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.records_per_epoch = len(self.prompts) // world_size
         if self.records_per_epoch < 1:
@@ -82,7 +85,10 @@ class OnPolicySource:
         t1 = time.perf_counter()
         records = self.scorer.score(sequences, top_k=self.top_k)
         t2 = time.perf_counter()
-        return StepData(step, epoch, records, {"rollout_s": t1 - t0, "score_s": t2 - t1})
+        # Responses that hit --max-new-tokens (or the length limit) before an EOS.
+        unfinished = sum(1 for ids, _ in sequences if not ids or ids[-1] not in self.eos_ids)
+        return StepData(step, epoch, records, {"rollout_s": t1 - t0, "score_s": t2 - t1},
+                        {"responses_without_eos": float(unfinished)})
 
     def iterate(self, start_step: int, total_steps: int, per_rank_batch: int
                 ) -> Iterator[StepData]:
@@ -140,7 +146,7 @@ class OnPolicySource:
         from student_trainer.client import RetryPolicy, TeacherClient
         from student_trainer.errors import ConfigError
         from student_trainer.prompts import load_prompts
-        from student_trainer.rollout.hf_generate import HFRollouts, RolloutConfig
+        from student_trainer.rollout.hf_generate import HFRollouts, RolloutConfig, eos_id_set
 
         if config.rollout_backend == "vllm":
             from student_trainer.rollout.vllm_engine import require_vllm
@@ -159,10 +165,27 @@ class OnPolicySource:
                                            vocab_size=len(tokenizer),
                                            student=f"--model {config.model}")
             max_seq_len = config.max_seq_len or info.get("max_seq_len")
-            prompts = load_prompts(config.prompts, tokenizer,
-                                   max_prompt_len=(max_seq_len - 1) if max_seq_len else None)
+            max_prompt_len = config.max_prompt_len
+            if max_seq_len:  # leave room for at least one response token
+                max_prompt_len = min(max_prompt_len, max_seq_len - 1)
+            cut: list[int] = []
+            prompts = load_prompts(config.prompts, tokenizer, max_prompt_len=max_prompt_len,
+                                   on_truncate=cut.append)
+            if cut:
+                log.warning("%d of %d prompts were longer than %d tokens and keep their last %d "
+                            "(the longest had %d)", len(cut), len(prompts), max_prompt_len,
+                            max_prompt_len, max(cut))
             rollout_config = RolloutConfig(max_new_tokens=config.max_new_tokens,
-                                           batch_size=config.rollout_batch_size)
+                                           batch_size=config.rollout_batch_size,
+                                           temperature=config.temperature, top_p=config.top_p,
+                                           top_k=config.sampling_top_k)
+            rollout_config.validate()
+            log.info("rollouts (%s): %s", config.rollout_backend, rollout_config.describe())
+            if not rollout_config.is_policy:
+                log.warning("the samples do not come from the student's own distribution "
+                            "(temperature %g, top_p %g, top_k %s): the AlignDistil loss assumes "
+                            "they do", rollout_config.temperature, rollout_config.top_p,
+                            rollout_config.top_k or "off")
             if config.rollout_backend == "vllm":
                 from student_trainer.rollout.vllm_engine import VLLMRollouts
 
@@ -178,4 +201,6 @@ class OnPolicySource:
             raise
         return cls(prompts, model=model, rollouts=rollouts, scorer=client, seed=config.seed,
                    top_k=config.top_k, rank=rank, world_size=world_size,
-                   async_rollouts=config.async_rollouts)
+                   async_rollouts=config.async_rollouts,
+                   eos_ids=eos_id_set(tokenizer.eos_token_id), prompts_truncated=len(cut))
+

@@ -16,7 +16,7 @@ records per epoch are left out), because DDP needs every rank in every step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -30,6 +30,7 @@ class StepData:
     epoch: int
     records: list[TargetRecord]
     timings: dict[str, float]       #: seconds spent producing them (rollout, scoring, ...)
+    counts: dict[str, float] = field(default_factory=dict)  #: e.g. responses cut without EOS
 
 
 class BatchSource(Protocol):
