@@ -113,6 +113,9 @@ class Command:
     description: str = ""
     saved_config: Callable[[Any], Path | None] | None = None
     summary: Callable[[Any], str] | None = None
+    #: save the config before the run (a folder it owns, so a crashed run can be resumed and
+    #: compared) or only after it succeeded (outputs shared with other runs, e.g. a store)
+    save_after: bool = False
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -124,7 +127,7 @@ COMMANDS: tuple[Command, ...] = (
             "precompute sparse teacher targets for a dataset into a store",
             "Score a dataset with the teacher pair and write the targets to a Zarr store. "
             "Rerunning the same command resumes where it stopped.",
-            _precompute_config_path, _precompute_lines),
+            _precompute_config_path, _precompute_lines, save_after=True),
     Command("train", "student_trainer.recipes.configs:TrainConfig",
             "student_trainer.recipes.train:run_train",
             "train the student with AlignDistil (off-policy from a store, or on-policy through "
@@ -157,7 +160,7 @@ COMMANDS: tuple[Command, ...] = (
             "token-averaged contrastive reward beta0*mean_t(log pi_dpo - log pi_reverse) and the "
             "per-token KL(model || dpo) estimated on the samples. Prints the JSON and writes it "
             "to --out.",
-            _beside_file, _json()),
+            _beside_file, _json(), save_after=True),
     Command("reward-accuracy", "student_trainer.recipes.configs:RewardAccuracyConfig",
             "student_trainer.recipes.reward_accuracy:run_reward_accuracy",
             "how often the DPO reward and the contrastive reward rank chosen above rejected "
@@ -166,7 +169,7 @@ COMMANDS: tuple[Command, ...] = (
             "beta0*sum_t(log pi_dpo - log pi_ref) and the contrastive reward "
             "beta0*sum_t(log pi_dpo - log pi_rev) of chosen and rejected, and how often each "
             "ranks chosen strictly higher, with counts and ties.",
-            _beside_file, _json()),
+            _beside_file, _json(), save_after=True),
     Command("toyworld", "aligndistil.worlds.toy.build:WorldConfig",
             "aligndistil.worlds.toy.build:build_world",
             "build the toy world offline: tokenizer, tiny model, demonstrations, prompts",
@@ -180,7 +183,7 @@ COMMANDS: tuple[Command, ...] = (
             "For every prompt, samples answers at temperature 1; the best and worst by the "
             "task's gold reward become 'chosen' and 'rejected' (UltraFeedback-style JSONL, read "
             "by 'aligndistil dpo').",
-            _beside_file, _json()),
+            _beside_file, _json(), save_after=True),
     Command("demo", "aligndistil.demo:DemoConfig", "aligndistil.demo:run_demo_command",
             "run the whole pipeline on the embedded toy world (CPU, minutes)",
             "Toy world -> SFT -> preference pairs -> dpo and reverse teachers -> precompute -> "
@@ -229,15 +232,21 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
         validate()
     _setup_logging(getattr(config, "log_level", "info"))
     path = command.saved_config(config) if command.saved_config else None
-    if path is not None:
-        from storage.fsio import atomic_write_text
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, cfg.dump_config(config, command.name))
+    if path is not None and not command.save_after:
+        _save_config(path, config, command.name)
     result = _load(command.run)(config)
+    if path is not None and command.save_after:
+        _save_config(path, config, command.name)
     if command.summary is not None and result is not None:
         print(command.summary(result))
     return result if isinstance(result, int) else 0
+
+
+def _save_config(path: Path, config, command: str) -> None:
+    from storage.fsio import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, cfg.dump_config(config, command))
 
 
 def _setup_logging(level: str) -> None:

@@ -11,6 +11,9 @@ help text (``name: Annotated[type, "help"] = default``). From it this module mak
   that way replays with ``aligndistil CMD --config SAVED`` (plus e.g. a new ``--out``).
 
 A field whose ``Annotated`` extras include :data:`SECRET` (an API key) is never written out.
+A range marker among the extras (``">0"``, ``">=1"``, ``"[0,1]"``, ``"(0,1]"``) bounds a number;
+every number must also be finite. Values out of range are refused before any work, naming the
+flag (or the config file and key) and the limit.
 Every mistake (an unknown key, a wrong type, a missing required value) is a
 :class:`~storage.errors.ConfigError` naming the flag and the file.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -29,6 +33,34 @@ from storage.errors import ConfigError
 
 #: Marks a field that must never be saved (``Annotated[str | None, "help", SECRET]``).
 SECRET = "secret"
+
+_BOUND = re.compile(r"^(>=|>|<=|<)(-?[0-9.e+-]+)$")
+_INTERVAL = re.compile(r"^([\[(])(-?[0-9.e+-]+),(-?[0-9.e+-]+)([\])])$")
+
+
+def is_range_marker(text: str) -> bool:
+    return bool(_BOUND.match(text) or _INTERVAL.match(text))
+
+
+def check_range(marker: str, value: float) -> bool:
+    """Whether ``value`` satisfies a range marker (``">0"``, ``"[0,1]"``, ...)."""
+    m = _BOUND.match(marker)
+    if m:
+        op, limit = m.group(1), float(m.group(2))
+        return {">": value > limit, ">=": value >= limit, "<": value < limit,
+                "<=": value <= limit}[op]
+    m = _INTERVAL.match(marker)
+    lo, hi = float(m.group(2)), float(m.group(3))
+    return ((value >= lo) if m.group(1) == "[" else (value > lo)) and \
+        ((value <= hi) if m.group(4) == "]" else (value < hi))
+
+
+def _describe_range(marker: str) -> str:
+    m = _INTERVAL.match(marker)
+    if m:
+        return f"in {marker}"
+    return {">": "> ", ">=": ">= ", "<": "< ", "<=": "<= "}[_BOUND.match(marker).group(1)] + \
+        _BOUND.match(marker).group(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +76,7 @@ class Option:
     secret: bool
     length: int | None    #: for tuples
     argparse: dict        #: extra argparse keywords (e.g. nargs="?" with a const)
+    bounds: tuple[str, ...] = ()  #: range markers (">0", "[0,1]", ...)
 
     @property
     def flag(self) -> str:
@@ -62,7 +95,9 @@ def options(cls: type) -> list[Option]:
         if typing.get_origin(hint) is typing.Annotated:
             hint, *rest = typing.get_args(hint)
             extras = tuple(rest)
-        help_text = next((e for e in extras if isinstance(e, str) and e != SECRET), "")
+        help_text = next((e for e in extras if isinstance(e, str) and e != SECRET
+                          and not is_range_marker(e)), "")
+        bounds = tuple(e for e in extras if isinstance(e, str) and is_range_marker(e))
         optional = False
         if typing.get_origin(hint) in (Union, types.UnionType):
             args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -84,7 +119,8 @@ def options(cls: type) -> list[Option]:
         out.append(Option(name=f.name, kind=kind, optional=optional, required=not has_default,
                           default=f.default if has_default else None, help=help_text,
                           choices=choices, secret=SECRET in extras, length=length,
-                          argparse=next((e for e in extras if isinstance(e, dict)), {})))
+                          argparse=next((e for e in extras if isinstance(e, dict)), {}),
+                          bounds=bounds))
     return out
 
 
@@ -116,6 +152,8 @@ def _parse_float(text: str) -> float:
 
 def _help(opt: Option) -> str:
     text = opt.help
+    if opt.bounds:
+        text = f"{text} [{', '.join(_describe_range(b) for b in opt.bounds)}]"
     if "default:" in text:  # the help already says what the default does
         return text.replace("%", "%%")
     if "(none: " in text and opt.default is None:  # "(none: the server's)" says what none does
@@ -194,13 +232,24 @@ def _coerce(opt: Option, value: Any, where: str) -> Any:
     if opt.kind is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != opt.length:
             raise ConfigError(f"{where}: expected {opt.length} numbers, got {value!r}")
-        return tuple(_number(v, float, where) for v in value)
+        numbers = tuple(_number(v, float, where) for v in value)
+        if not all(math.isfinite(v) and check_range(m, v) for v in numbers for m in
+                   (opt.bounds or (">-1e308",))):
+            raise ConfigError(f"{where}: must be finite numbers"
+                              + (f" {', '.join(map(_describe_range, opt.bounds))}"
+                                 if opt.bounds else "") + f", got {value!r}")
+        return numbers
     if opt.kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if opt.kind in (int, float):
         value = _number(value, opt.kind, where)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value}")
+        for marker in opt.bounds:
+            if not check_range(marker, value):
+                raise ConfigError(f"{where}: must be {_describe_range(marker)}, got {value}")
     elif not isinstance(value, str):
         raise ConfigError(f"{where}: expected text, got {value!r}")
     if opt.choices and value not in opt.choices:

@@ -78,7 +78,7 @@ class DemoConfig:
         "default"
     seed: Annotated[int, "seed of the whole pipeline"] = 0
     fresh: Annotated[bool, "delete the workdir first"] = False
-    port: Annotated[int, "teacher server port (0: a free one)"] = 0
+    port: Annotated[int, "teacher server port (0: a free one)", "[0,65535]"] = 0
     device: Annotated[Literal["auto", "cpu", "cuda"], "where every stage runs"] = "cpu"
 
 
@@ -112,11 +112,11 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
 
     runner.step("toyworld", ["toyworld", "--out", world, "--seed", seed,
                              "--demos", size.demos, "--train-prompts", size.train_prompts,
-                             "--eval-prompts", size.eval_prompts],
+                             "--eval-prompts", size.eval_prompts, "--overwrite"],
                 done=world / "prompts_eval.jsonl")
     runner.step("sft", ["sft", "--model", world / "init", "--data", world / "sft_demos.jsonl",
                         "--out", w / "sft", "--lr", size.sft_lr, "--epochs", size.sft_epochs,
-                        "--seed", seed, "--no-progress", *dev],
+                        "--seed", seed, "--no-progress", "--overwrite", *dev],
                 done=w / "sft" / "sft_summary.json")
     runner.step("pairs", ["pairs", "--model", w / "sft", "--prompts",
                           world / "prompts_train.jsonl", "--out", w / "pairs.jsonl",
@@ -127,7 +127,7 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
         runner.step(name, ["dpo", *extra, "--model", w / "sft", "--data", w / "pairs.jsonl",
                            "--out", w / name, "--lr", size.dpo_lr, "--epochs", size.dpo_epochs,
                            "--batch-size", 32, "--min-lr-ratio", 0, "--seed", seed,
-                           "--no-progress", *dev],
+                           "--no-progress", "--overwrite", *dev],
                     done=w / name / "dpo_summary.json")
     runner.step("precompute", ["precompute", "--dpo-model", w / "dpo", "--reverse-model",
                                w / "reverse", "--data", w / "pairs.jsonl", "--response-field",
@@ -135,11 +135,11 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
     runner.step("inspect", ["inspect", w / "store", "--verify"])
     train = ["--model", w / "sft", "--lr", size.student_lr, "--global-batch-size",
              size.global_batch_size, "--min-lr-ratio", 0, "--seed", seed, "--save-every", 1000,
-             "--no-progress", "--no-tensorboard", *dev]
+             "--no-progress", "--no-tensorboard", "--overwrite", *dev]
     runner.step("train-off-policy", ["train", "--mode", "off-policy", "--store", w / "store",
                                      "--out", w / "off_policy", "--epochs",
                                      size.off_policy_epochs, *train],
-                done=w / "off_policy" / "final" / "model.safetensors", clean=w / "off_policy")
+                done=w / "off_policy" / "final" / "model.safetensors")
     with runner.server(["serve", "--dpo-model", w / "dpo", "--reverse-model", w / "reverse",
                         "--top-k", size.top_k, *dev], port=port) as url:
         runner.step("train-on-policy", ["train", "--mode", "on-policy", "--teacher-url", url,
@@ -148,7 +148,7 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
                                         size.on_policy_epochs, "--max-new-tokens",
                                         size.max_new_tokens, "--rollout-batch-size",
                                         size.global_batch_size, *train],
-                    done=w / "on_policy" / "final" / "model.safetensors", clean=w / "on_policy")
+                    done=w / "on_policy" / "final" / "model.safetensors")
         evals = {}
         for name, folder in MODELS.items():
             out = w / "eval" / f"{name}.json"
@@ -269,15 +269,12 @@ class _Runner:
         args = [str(a) for a in args]
         return [sys.executable, "-m", "aligndistil.cli", *args], shlex.join(["aligndistil", *args])
 
-    def step(self, name: str, args: list, *, done: Path | None = None,
-             clean: Path | None = None) -> None:
+    def step(self, name: str, args: list, *, done: Path | None = None) -> None:
         argv, shown = self._argv(args)
         self.commands.append(shown)
         if done is not None and done.exists():
             print(f"[{name}] done already ({done} exists), skipped:\n  $ {shown}", flush=True)
             return
-        if clean is not None and clean.exists():
-            shutil.rmtree(clean)  # an unfinished run: start that stage over
         print(f"[{name}]\n  $ {shown}", flush=True)
         log = self.logs / f"{name}.log"
         started = time.perf_counter()

@@ -38,8 +38,16 @@ def check_model_dir(path: str | Path, flag: str = "--model") -> Path:
     return path
 
 
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+#: Files one of which a Hugging Face tokenizer folder has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, flag: str = "--model"):
     from transformers import AutoTokenizer
+
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{flag} {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save "
+                             f"the tokenizer beside the model (tokenizer.save_pretrained)")
 
     return AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code,
                                          local_files_only=True)
@@ -76,7 +84,7 @@ def load_model_and_tokenizer(path: str | Path, *, device: torch.device,
                              flag: str = "--model", train: bool = False):
     """``(model, tokenizer)`` from one folder, checked to agree on the vocabulary."""
     path = check_model_dir(path, flag)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, flag=flag)
     model = load_causal_lm(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                            flag=flag, train=train)
     check_vocab(model, tokenizer, flag, path)

@@ -264,6 +264,30 @@ def read_rows(path: str | Path, *, worker_index: int = 0, num_workers: int = 1
         yield index, where, row
 
 
+def count_rows(path: str | Path, *, worker: int = 0, workers: int = 1,
+               limit: int | None = None) -> int | None:
+    """How many rows of the file a worker will read (for a progress bar's total), without
+    parsing them: non-empty lines of a JSONL file, the row count of a Parquet file's footer.
+    ``None`` when the format is unknown."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        with open(path, "rb") as fh:
+            n = sum(1 for line in fh if line.strip())
+    elif suffix in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
+
+        try:
+            n = pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # a broken file is reported by the reader, with its name
+            return None
+    else:
+        return None
+    if limit is not None:
+        n = min(n, limit)
+    return len(range(worker, n, workers))
+
+
 @dataclass(frozen=True)
 class _BadRow:
     message: str

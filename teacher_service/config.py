@@ -8,12 +8,18 @@ engine the same way (:func:`teacher_service.engine.build_engine`).
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 from storage.errors import ConfigError
+from storage.outputs import refuse_output_on_inputs, require_file
 
 SECRET = "secret"  # the marker aligndistil.config looks for (never saved)
+#: The resolved configs precompute saves in its store (one per worker).
+SAVED_CONFIG = re.compile(r"^precompute-w\d{4}\.config\.yaml$")
 
 
 @dataclass(kw_only=True)
@@ -26,22 +32,22 @@ class TeacherOptions:
     mode: Annotated[Literal["adaptive", "constant", "vanilla", "vanilla-adaptive"],
                     "how the teacher is built (vanilla, vanilla-adaptive: from the reference "
                     "model)"] = "adaptive"
-    top_k: Annotated[int, "top-k entries of log pi* kept per position"] = 64
+    top_k: Annotated[int, "top-k entries of log pi* kept per position", ">=1"] = 64
     r: Annotated[float | None, "alpha_t = r * tvd_t + eps; none: the released runs' value for "
-                 "the norm and policy (half-l1 20 off-policy / 30 on-policy; l1 10 / 15)"] = None
-    eps: Annotated[float, "alpha_t = r * tvd_t + eps"] = 1e-3
+                 "the norm and policy (half-l1 20 off-policy / 30 on-policy; l1 10 / 15)", ">=0"] = None
+    eps: Annotated[float, "alpha_t = r * tvd_t + eps", ">0"] = 1e-3
     tvd_norm: Annotated[Literal["half-l1", "l1"], "half-l1: the paper's TVD; l1: the released "
                         "code's"] = "half-l1"
-    beta0: Annotated[float, "the teachers' DPO beta"] = 0.1
-    beta: Annotated[float, "modes constant/vanilla: alpha = beta0 / beta"] = 0.05
+    beta0: Annotated[float, "the teachers' DPO beta", ">0"] = 0.1
+    beta: Annotated[float, "modes constant/vanilla: alpha = beta0 / beta", ">0"] = 0.05
     device: Annotated[Literal["auto", "cpu", "cuda"], "where the teachers run"] = "auto"
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], "model weights (auto: "
                      "float32 on CPU, bfloat16 on GPU); the target math is always float32"] = \
         "auto"
     max_seq_len: Annotated[int | None, "longest prompt + response (none: the models' "
-                           "maximum)"] = None
-    max_batch_tokens: Annotated[int, "padded tokens per engine pass"] = 8192
-    chunk_size: Annotated[int, "response positions per LM-head chunk (memory O(chunk x V))"] = 256
+                           "maximum)", ">=2"] = None
+    max_batch_tokens: Annotated[int, "padded tokens per engine pass", ">=2"] = 8192
+    chunk_size: Annotated[int, "response positions per LM-head chunk (memory O(chunk x V))", ">=1"] = 256
     trust_remote_code: Annotated[bool, "allow model code from the model folder (it runs "
                                  "arbitrary code)"] = False
 
@@ -67,19 +73,26 @@ class TeacherOptions:
 
     def validate(self) -> None:
         self.other_model()
+        if self.mode in ("vanilla", "vanilla-adaptive") and self.reverse_model:
+            raise ConfigError(f"--reverse-model does not apply to --mode {self.mode} (it uses "
+                              f"--reference-model)")
+        if self.mode in ("adaptive", "constant") and self.reference_model:
+            raise ConfigError(f"--reference-model does not apply to --mode {self.mode} (it uses "
+                              f"--reverse-model; the reference is for modes vanilla and "
+                              f"vanilla-adaptive)")
 
 
 @dataclass(kw_only=True)
 class ServeConfig(TeacherOptions):
     host: Annotated[str, "bind address (loopback by default; expose deliberately, with "
                     "--api-key)"] = "127.0.0.1"
-    port: Annotated[int, "TCP port"] = 8000
+    port: Annotated[int, "TCP port", "[0,65535]"] = 8000
     api_key: Annotated[str | None, "require 'Authorization: Bearer KEY' (default: "
                        "$ALIGNDISTIL_API_KEY)", SECRET] = None
-    batch_wait_ms: Annotated[float, "how long a pass waits for concurrent requests to join"] = 5.0
-    max_queue: Annotated[int, "requests waiting for the engine before new ones get 429"] = 256
-    max_body_bytes: Annotated[int, "largest request body"] = 8 << 20
-    max_request_tokens: Annotated[int, "most tokens in one request"] = 65536
+    batch_wait_ms: Annotated[float, "how long a pass waits for concurrent requests to join", ">=0"] = 5.0
+    max_queue: Annotated[int, "requests waiting for the engine before new ones get 429", ">=1"] = 256
+    max_body_bytes: Annotated[int, "largest request body", ">=1"] = 8 << 20
+    max_request_tokens: Annotated[int, "most tokens in one request", ">=2"] = 65536
     log_level: Annotated[str, "logging level"] = "info"
 
     POLICY = "on"
@@ -92,22 +105,44 @@ class PrecomputeConfig(TeacherOptions):
     response_field: Annotated[str | None, "for preference rows {prompt, chosen, rejected}: "
                               "which list is the response (none: chosen)"] = None
     worker_index: Annotated[int | None, "this worker's index (none: $RANK under torchrun, "
-                            "else 0)"] = None
+                            "else 0)", ">=0"] = None
     num_workers: Annotated[int | None, "workers writing the store (none: $WORLD_SIZE under "
-                           "torchrun, else 1)"] = None
+                           "torchrun, else 1)", ">=1"] = None
     shard_tokens: Annotated[int, "response tokens per committed shard (the unit of atomic "
-                            "commit)"] = 65536
-    group_size: Annotated[int, "examples sorted and packed together per engine call"] = 256
+                            "commit)", ">=1"] = 65536
+    group_size: Annotated[int, "examples sorted and packed together per engine call", ">=1"] = 256
     skip_bad_rows: Annotated[bool, "skip and count malformed rows instead of stopping at the "
                              "first"] = False
-    limit: Annotated[int | None, "only the first N examples"] = None
+    limit: Annotated[int | None, "only the first N examples", ">=1"] = None
     progress: Annotated[bool, "show a progress bar"] = True
     max_seq_len: Annotated[int | None, "longer examples are cut in the response, keeping its "
                            "EOS, and counted (none: 2048, the released scripts' length, or the "
-                           "models' maximum if smaller)"] = None
+                           "models' maximum if smaller)", ">=2"] = None
+
+    overwrite: Annotated[bool, "delete the store at --out first (one worker only): to start "
+                         "over after changing the data or the settings"] = False
 
     #: The released scripts' length, used when --max-seq-len is not given.
     DEFAULT_MAX_SEQ_LEN = 2048
+
+    def validate(self) -> None:
+        super().validate()
+        require_file(self.data, "--data")
+        refuse_output_on_inputs(self.out, {
+            "--data": self.data, "--dpo-model": self.dpo_model,
+            "--reverse-model": self.reverse_model, "--reference-model": self.reference_model})
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; give a store folder (new, or a store "
+                              f"to resume)")
+        if out.is_dir() and not (out / "zarr.json").is_file():
+            others = sorted(e for e in os.listdir(out) if not SAVED_CONFIG.match(e))
+            if others:
+                raise ConfigError(f"--out {self.out} holds other files ({', '.join(others[:4])}) "
+                                  f"and is not a store; give a new or empty folder")
+        if self.overwrite and self.placement(os.environ)[1] > 1:
+            raise ConfigError("--overwrite deletes the whole store: run it with one worker "
+                              "(the other workers' shards would vanish under them)")
 
     def placement(self, environ: dict[str, str]) -> tuple[int, int]:
         """``(worker_index, num_workers)``: the flags, else torchrun's RANK/WORLD_SIZE, else

@@ -52,7 +52,7 @@ class TeacherEngine:
     def __init__(self, pair: TeacherPair, config: TargetConfig, *, max_batch_tokens: int = 8192,
                  max_seq_len: int | None = None):
         if config.top_k > pair.vocab_size:
-            raise ConfigError(f"--top-k = {config.top_k} exceeds the vocabulary size "
+            raise ConfigError(f"--top-k {config.top_k} exceeds the vocabulary size "
                              f"{pair.vocab_size}")
         if max_batch_tokens < 2:
             raise ConfigError(f"--max-batch-tokens must be >= 2, got {max_batch_tokens}")

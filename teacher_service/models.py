@@ -79,8 +79,8 @@ def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str
     check_model_dir(dpo_path, "--dpo-model")
     check_model_dir(other_path, other_flag)
 
-    tok_dpo = load_tokenizer(dpo_path, trust_remote_code=trust_remote_code)
-    tok_other = load_tokenizer(other_path, trust_remote_code=trust_remote_code)
+    tok_dpo = load_tokenizer(dpo_path, trust_remote_code=trust_remote_code, flag="--dpo-model")
+    tok_other = load_tokenizer(other_path, trust_remote_code=trust_remote_code, flag=other_flag)
     sha_dpo, sha_other = tokenizer_sha256(tok_dpo), tokenizer_sha256(tok_other)
     if len(tok_dpo) != len(tok_other) or sha_dpo != sha_other:
         raise TeacherLoadError(

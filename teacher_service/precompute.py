@@ -22,9 +22,10 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from storage.datasets import ReadStats, read_examples, source_fingerprint
-from storage.errors import ConfigError
+from storage.datasets import DataError, ReadStats, count_rows, read_examples, source_fingerprint
+from storage.outputs import clear_folder
 from storage.store import StoreMetadata, TargetStore, TargetStoreWriter, summarize
+from storage.store.errors import StoreMetadataMismatchError
 from storage.tokenization import TokenizationError, tokenize_example
 from teacher_service.config import PrecomputeConfig
 from teacher_service.engine import ScoreRequest, TeacherEngine, build_engine
@@ -104,22 +105,28 @@ def example_groups(config: PrecomputeConfig, tokenizer, max_seq_len: int, *, wor
 def run_precompute(config: PrecomputeConfig) -> dict:
     """Score this worker's part of ``config.data`` into the store ``config.out``; returns a
     summary (what was written, the store's totals, the skipped rows)."""
+    config.validate()
     worker, workers = config.placement(os.environ)
-    config.other_model()  # a missing teacher flag is the first thing to report
-    data = Path(config.data)
-    if not data.is_file():
-        raise ConfigError(f"--data {data}: no such file"
-                          + (" (it is a directory)" if data.is_dir() else ""))
     started = time.perf_counter()
+    total_rows = count_rows(Path(config.data), worker=worker, workers=workers,
+                            limit=config.limit)
     engine = build_engine(config)
+    if config.overwrite:
+        clear_folder(config.out, keep=[e.name for e in Path(config.out).glob("precompute-w*")])
     # Shard boundaries are placed here (at group ends), not by the writer's token count.
-    writer = TargetStoreWriter(config.out, store_metadata(engine, config, workers),
-                               worker_index=worker, shard_tokens=sys.maxsize)
+    try:
+        writer = TargetStoreWriter(config.out, store_metadata(engine, config, workers),
+                                   worker_index=worker, shard_tokens=sys.maxsize)
+    except StoreMetadataMismatchError as exc:
+        raise StoreMetadataMismatchError(
+            exc.key, f"{exc} To start this store over with the new data or settings, pass "
+                     f"--overwrite (one worker) or delete {config.out}; or choose another --out."
+        ) from None
     done = set(writer.committed_example_indices().tolist())
     skips = SkipCounts()
     tokens = response_tokens = examples = buffered = 0
     bar = tqdm(desc=f"precompute w{worker}/{workers}", unit="ex", dynamic_ncols=True,
-               file=sys.stderr, disable=not config.progress)
+               file=sys.stderr, disable=not config.progress, total=total_rows)
     try:
         for consumed, group in example_groups(config, engine.pair.tokenizer, engine.max_seq_len,
                                               worker=worker, workers=workers, done=done,
@@ -136,6 +143,13 @@ def run_precompute(config: PrecomputeConfig) -> dict:
             bar.update(consumed)
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}",
                             refresh=False)
+        writer.record_skipped({"malformed": skips.read.skipped,
+                               "untokenisable": skips.untokenisable})
+        if not examples and not done:
+            raise DataError(f"--data {config.data}: nothing to precompute for worker {worker} of "
+                            f"{workers}: {skips.read.rows} rows read, {skips.read.skipped} "
+                            f"malformed and {skips.untokenisable} untokenisable rows skipped"
+                            + (f", --limit {config.limit}" if config.limit else ""))
         writer.close()
     except BaseException:
         writer.close(finished=False)  # keep every committed shard; the rerun resumes

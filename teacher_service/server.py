@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from storage import wire
 from storage.datasets import Example
+from storage.errors import UserError
 from storage.tokenization import TokenizationError, tokenize_example
 from teacher_service.batcher import MicroBatcher, QueueFull
 from teacher_service.engine import (InvalidSequenceError, ScoreRequest, SequenceTooLongError,
@@ -166,15 +167,24 @@ class ServerState:
         self.engine: TeacherEngine | None = None
         self.batcher: MicroBatcher | None = None
         self.load_error: str | None = None
+        #: called when the teachers cannot be loaded (``serve`` stops the process: a server
+        #: that can never serve must not look like one that is still loading)
+        self.on_load_failure: Callable[[], None] | None = None
         self.metrics = Metrics()
         self._loaded = threading.Event()
 
     async def load(self) -> None:
         try:
             engine = await asyncio.to_thread(self.engine_factory)
-        except Exception as exc:  # reported by /readyz and the log; the process keeps answering
-            log.exception("loading the teachers failed")
-            self.load_error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            if isinstance(exc, UserError):
+                log.error("loading the teachers failed: %s", exc)
+                self.load_error = str(exc)
+            else:
+                log.exception("loading the teachers failed")
+                self.load_error = f"{type(exc).__name__}: {exc}"
+            if self.on_load_failure is not None:
+                self.on_load_failure()
             return
         s = self.settings
         self.batcher = MicroBatcher(engine, max_batch_tokens=s.max_batch_tokens,
@@ -498,6 +508,7 @@ def run_serve(config) -> int:
     import uvicorn
 
     from teacher_service.engine import build_engine
+    from teacher_service.models import TeacherLoadError
 
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -509,9 +520,16 @@ def run_serve(config) -> int:
         max_queue_requests=config.max_queue,
         api_key=config.api_key or os.environ.get(API_KEY_ENV) or None)
     app = create_app(partial(build_engine, config), settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                           log_level=config.log_level,
+                                           timeout_graceful_shutdown=30))
+    state: ServerState = app.state.server
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
     # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal to whatever
     # handler was there before: make that a clean exit, since the shutdown was graceful.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=30)
+    server.run()
+    if state.load_error is not None:
+        raise TeacherLoadError(f"the teachers could not be loaded, so the server stopped: "
+                               f"{state.load_error}")
     return 0

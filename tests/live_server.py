@@ -26,8 +26,8 @@ def start_server(dpo_dir, reverse_dir, *extra: str, env: dict | None = None,
     """Launch the server and wait for /readyz. Returns (process, base_url)."""
     port = free_port()
     cmd = [sys.executable, "-m", "aligndistil.cli", "serve", "--dpo-model", str(dpo_dir),
-           "--reverse-model", str(reverse_dir), "--port", str(port), "--device", "cpu",
-           "--log-level", "warning", *extra]
+           *(["--reverse-model", str(reverse_dir)] if reverse_dir is not None else []),
+           "--port", str(port), "--device", "cpu", "--log-level", "warning", *extra]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT)

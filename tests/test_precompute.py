@@ -242,7 +242,7 @@ def test_vanilla_adaptive_mode_end_to_end(pair_dirs, data, tmp_path):
         np.testing.assert_allclose(rec.topk_logprobs, want["topk_logprobs"], rtol=2e-3,
                                    atol=2e-3)
         assert (rec.alpha > 1e-3).all() and (rec.alpha < 0.5 + 1e-3 + 1e-6).all()
-    proc, url = start_server(dpo_dir, ref_dir, "--reference-model", str(ref_dir), "--mode",
+    proc, url = start_server(dpo_dir, None, "--reference-model", str(ref_dir), "--mode",
                              "vanilla-adaptive", "--top-k", "8", log_path=tmp_path / "log")
     try:
         info = httpx.get(url + "/v1/info", timeout=30).json()

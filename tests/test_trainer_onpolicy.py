@@ -34,7 +34,8 @@ def world(tmp_path_factory, teacher_pair):
     proc, url = start_server(dpo_dir, rev_dir, "--top-k", "8", "--max-seq-len", "64",
                              log_path=root / "server.log")
     try:
-        yield {"root": root, "student": student, "prompts": prompts, "url": url}
+        yield {"root": root, "student": student, "prompts": prompts, "url": url,
+               "pair": (dpo_dir, rev_dir)}
     finally:
         stop_server(proc)
 
@@ -153,3 +154,26 @@ def test_long_prompts_are_cut_and_counted_and_unfinished_responses_are_counted(w
         assert 0 <= r["responses_without_eos"] <= r["sequences"]
         assert r["response_tokens"] <= 2 * r["sequences"]
     assert sum(r["responses_without_eos"] for r in rows) > 0
+
+
+def test_resume_against_a_server_with_other_settings_is_refused(world, tmp_path, capsys):
+    """The run records the server's /v1/info; --resume against teachers or target settings
+    that changed since (here r) would change the loss mid-run, so it is refused."""
+    out = tmp_path / "run"
+    args = _args(world, out, "--save-every", "1")  # the later --save-every wins
+    args[args.index("--max-steps") + 1] = "2"
+    assert main(args) == 0
+    info = json.loads((out / "teacher_info.json").read_text())
+    assert info["r"] == 30.0 and info["top_k"] == 8
+    proc, url = start_server(*world["pair"], "--top-k", "8", "--max-seq-len", "64", "--r", "10",
+                             log_path=tmp_path / "other.log")
+    try:
+        resumed = list(args)
+        resumed[resumed.index("--teacher-url") + 1] = url
+        capsys.readouterr()
+        assert main([*resumed, "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "the teacher server changed since this run started" in err
+        assert "r: 30.0 -> 10.0" in err
+    finally:
+        stop_server(proc)

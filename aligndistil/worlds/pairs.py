@@ -27,13 +27,13 @@ class PairsConfig:
     out: Annotated[str, "the pairs file to write (JSONL)"]
     task: Annotated[str, "the registered task whose gold reward labels the pairs"] = "sort"
     samples_per_prompt: Annotated[int, "samples per prompt (the best and worst become a "
-                                  "pair)"] = 4
-    max_new_tokens: Annotated[int, "longest sampled answer"] = 16
-    batch_size: Annotated[int, "prompts per generate call"] = 256
+                                  "pair)", ">=2"] = 4
+    max_new_tokens: Annotated[int, "longest sampled answer", ">=1"] = 16
+    batch_size: Annotated[int, "prompts per generate call", ">=1"] = 256
     temperature: Annotated[float, "sampling temperature (1: the policy itself, which the loss "
-                           "assumes)"] = 1.0
-    top_p: Annotated[float, "nucleus sampling cut (1: off)"] = 1.0
-    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)"] = 0
+                           "assumes)", ">0"] = 1.0
+    top_p: Annotated[float, "nucleus sampling cut (1: off)", "(0,1]"] = 1.0
+    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)", ">=0"] = 0
     seed: Annotated[int, "sampling seed"] = 42
     device: Annotated[Literal["auto", "cpu", "cuda"], "where the model runs"] = "auto"
 

@@ -68,10 +68,16 @@ class WorkerManifest:
     worker_index: int
     finished: bool = False
     shards: list[ShardEntry] = field(default_factory=list)
+    #: rows of this worker's share left out, by reason (``--skip-bad-rows``); written when the
+    #: worker finishes
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"manifest_version": MANIFEST_VERSION, "worker_index": self.worker_index,
-                "finished": self.finished, "shards": [asdict(s) for s in self.shards]}
+        out = {"manifest_version": MANIFEST_VERSION, "worker_index": self.worker_index,
+               "finished": self.finished, "shards": [asdict(s) for s in self.shards]}
+        if self.skipped:
+            out["skipped"] = dict(self.skipped)
+        return out
 
     @classmethod
     def from_json(cls, data: Any, *, where: str) -> "WorkerManifest":
@@ -82,7 +88,8 @@ class WorkerManifest:
                                    f"is not supported (this aligndistil reads {MANIFEST_VERSION})")
         try:
             shards = [ShardEntry(**s) for s in data["shards"]]
-            return cls(int(data["worker_index"]), bool(data["finished"]), shards)
+            skipped = {str(k): int(v) for k, v in dict(data.get("skipped") or {}).items()}
+            return cls(int(data["worker_index"]), bool(data["finished"]), shards, skipped)
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreCorruptionError(where, f"malformed manifest ({exc})") from None
 

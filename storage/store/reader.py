@@ -79,6 +79,18 @@ class TargetStore:
         self._init_runtime()
 
     # ------------------------------------------------------------------ sizes
+    def unfinished_workers(self) -> list[str]:
+        """The precompute workers that have not finished, described (``[]``: complete)."""
+        out = []
+        for worker in range(self.metadata.num_workers):
+            manifest = self.manifests.get(worker)
+            if manifest is None:
+                out.append(f"worker {worker} of {self.metadata.num_workers} never committed")
+            elif not manifest.finished:
+                out.append(f"worker {worker} of {self.metadata.num_workers} is unfinished "
+                           f"({sum(s.num_examples for s in manifest.shards)} examples so far)")
+        return out
+
     @property
     def num_examples(self) -> int:
         return int(self._starts[-1])

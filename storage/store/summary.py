@@ -45,6 +45,7 @@ def summarize(store: TargetStore) -> dict[str, Any]:
         workers.append({"worker": w, "state": state, "shards": len(shards),
                         "examples": sum(s.num_examples for s in shards),
                         "response_tokens": sum(s.num_tokens for s in shards),
+                        "skipped": dict(m.skipped) if m else {},
                         "uncommitted_shard_dirs": leftovers.get(w, 0)})
     tokens = store.num_tokens
     return {
@@ -67,6 +68,8 @@ def summarize(store: TargetStore) -> dict[str, Any]:
         "num_workers": meta.num_workers,
         "complete": all(w["state"] == "finished" for w in workers),
         "alpha": alpha_summary(store),
+        "skipped": {k: sum(w["skipped"].get(k, 0) for w in workers)
+                    for k in sorted({k for w in workers for k in w["skipped"]})},
         "workers": workers,
         "extra": meta.extra,
     }
@@ -133,6 +136,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"targets         mode {s['mode']}, r {s['r']}, eps {s['eps']}, tvd_norm {s['tvd_norm']}",
         f"source          {s['source_fingerprint']}",
         format_alpha(s.get("alpha")),
+        "skipped rows    " + (", ".join(f"{n} {why}" for why, n in s["skipped"].items())
+                              if s.get("skipped") else "none"),
         f"workers         {s['num_workers']} ({'complete' if s['complete'] else 'INCOMPLETE'})",
     ]
     for w in s["workers"]:

@@ -145,6 +145,11 @@ class TargetStoreWriter:
         self._buffer_tokens = 0
         return entry
 
+    def record_skipped(self, counts: dict[str, int]) -> None:
+        """Rows of this worker's share that were left out, by reason; saved in its manifest
+        when the worker finishes (shown by ``inspect``)."""
+        self._manifest.skipped = {k: int(v) for k, v in counts.items() if v}
+
     def close(self, *, finished: bool = True) -> None:
         """Commit the buffer; with ``finished`` also mark this worker complete in its manifest."""
         if self._closed:

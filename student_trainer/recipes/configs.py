@@ -9,9 +9,12 @@ run, naming the flag.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 from storage.errors import ConfigError
+from storage.outputs import (refuse_folder_as_file, refuse_output_on_inputs, refuse_used_folder,
+                             require_file)
 
 SECRET = "secret"  # the marker aligndistil.config looks for: never saved
 RESUME = {"nargs": "?", "const": "latest"}  # argparse: a bare --resume means "latest"
@@ -48,16 +51,16 @@ class TrainConfig:
     api_key: Annotated[str | None, "bearer token for the server (default: "
                        "$ALIGNDISTIL_API_KEY)", SECRET] = None
     top_k: Annotated[int | None, "on-policy: ask the server for this many top-k entries "
-                     "(none: the server's)"] = None
+                     "(none: the server's)", ">=1"] = None
     max_new_tokens: Annotated[int, "on-policy: longest sampled response (the released "
-                              "scripts' 1024)"] = 1024
+                              "scripts' 1024)", ">=1"] = 1024
     max_prompt_len: Annotated[int, "on-policy: longer prompts keep their last tokens (cut "
-                              "from the left, counted)"] = 1024
-    rollout_batch_size: Annotated[int, "on-policy: prompts per generate call"] = 32
+                              "from the left, counted)", ">=1"] = 1024
+    rollout_batch_size: Annotated[int, "on-policy: prompts per generate call", ">=1"] = 32
     temperature: Annotated[float, "on-policy: sampling temperature (1: the policy itself, which the loss "
-                           "assumes)"] = 1.0
-    top_p: Annotated[float, "nucleus sampling cut (1: off)"] = 1.0
-    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)"] = 0
+                           "assumes)", ">0"] = 1.0
+    top_p: Annotated[float, "nucleus sampling cut (1: off)", "(0,1]"] = 1.0
+    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)", ">=0"] = 0
     rollout_backend: Annotated[Literal["hf", "vllm"], "sampler, temperature 1, no top-k/top-p: "
                                "hf = Hugging Face generate; vllm = an in-process vLLM engine "
                                "that gets the student's weights before every rollout (the "
@@ -65,42 +68,47 @@ class TrainConfig:
     async_rollouts: Annotated[bool, "sample and score step s+1 while step s trains (samples one "
                               "update stale; keeps a second copy of the student)"] = False
     max_seq_len: Annotated[int | None, "on-policy: prompt + response limit (none: the "
-                           "server's)"] = None
-    request_timeout: Annotated[float, "seconds per request"] = 300.0
-    max_retries: Annotated[int, "retries on connection errors/429/503 before stopping"] = 6
+                           "server's)", ">=2"] = None
+    request_timeout: Annotated[float, "seconds per request", ">0"] = 300.0
+    max_retries: Annotated[int, "retries on connection errors/429/503 before stopping", ">=0"] = 6
     # the loss
     tail: Annotated[Literal["uniform", "bucket"], "how the teacher's mass outside its top-k is "
                     "modelled"] = "uniform"
-    beta0: Annotated[float, "beta_t = beta0 / alpha_t"] = 0.1
+    beta0: Annotated[float, "beta_t = beta0 / alpha_t", ">0"] = 0.1
     weighting: Annotated[Literal["alpha", "uniform"], "alpha: beta_t = beta0/alpha_t (released "
                          "code); uniform: beta0"] = "alpha"
     loss_chunk_size: Annotated[int | None, "compute the LM head + loss this many positions at a "
-                               "time (memory O(chunk x V); one extra matmul)"] = None
+                               "time (memory O(chunk x V); one extra matmul)", ">=1"] = None
     # optimisation (defaults: the paper's)
-    lr: Annotated[float, "peak learning rate"] = 1e-6
-    weight_decay: Annotated[float, "AdamW weight decay"] = 0.0
-    adam_betas: Annotated[tuple[float, float], "AdamW betas"] = (0.9, 0.95)
-    warmup_ratio: Annotated[float, "fraction of the steps spent warming up"] = 0.1
+    lr: Annotated[float, "peak learning rate", ">0"] = 1e-6
+    weight_decay: Annotated[float, "AdamW weight decay", ">=0"] = 0.0
+    adam_betas: Annotated[tuple[float, float], "AdamW betas", "[0,1)"] = (0.9, 0.95)
+    warmup_ratio: Annotated[float, "fraction of the steps spent warming up", "[0,1]"] = 0.1
     lr_schedule: Annotated[Schedule, "decay after the warm-up"] = "cosine"
     min_lr_ratio: Annotated[float, "the decay ends at this fraction of --lr (the released "
-                            "scripts' 0.1)"] = 0.1
-    global_batch_size: Annotated[int, "sequences per optimizer step, over all ranks"] = 128
+                            "scripts' 0.1)", "[0,1]"] = 0.1
+    global_batch_size: Annotated[int, "sequences per optimizer step, over all ranks", ">=1"] = 128
     max_tokens: Annotated[int, "padded tokens per micro-batch (gradient accumulation fills the "
-                          "global batch)"] = 8192
-    epochs: Annotated[int, "passes over the data"] = 1
-    max_steps: Annotated[int | None, "stop after this many steps"] = None
-    max_grad_norm: Annotated[float, "gradient clipping (0 disables it)"] = 1.0
+                          "global batch)", ">=2"] = 8192
+    epochs: Annotated[int, "passes over the data", ">=1"] = 1
+    max_steps: Annotated[int | None, "stop after this many steps", ">=1"] = None
+    max_grad_norm: Annotated[float, "gradient clipping (0 disables it)", ">=0"] = 1.0
     seed: Annotated[int, "seed of the data order, sampling and initialisation"] = 42
     # runtime
     device: Annotated[Device, "where the student trains"] = "auto"
     bf16: Annotated[Literal["auto", "on", "off"], "bf16 autocast (auto: on with CUDA); weights "
                     "stay float32"] = "auto"
     gradient_checkpointing: Annotated[bool, "recompute activations in backward"] = False
-    save_every: Annotated[int, "checkpoint every N steps (0: only the final one)"] = 100
+    save_every: Annotated[int, "checkpoint every N steps (0: only the final one)", ">=0"] = 100
     save_total_limit: Annotated[int, "keep this many checkpoint-N folders (final/ is always "
-                                "kept)"] = 2
+                                "kept)", ">=0"] = 2
     resume: Annotated[str | None, "continue from the newest checkpoint in --out (bare "
-                      "--resume), or from the given checkpoint folder", RESUME] = None
+                      "--resume), or from the given checkpoint folder; the run's saved settings "
+                      "must not change", RESUME] = None
+    overwrite: Annotated[bool, "start over in an --out that holds another run (its files are "
+                         "deleted)"] = False
+    allow_incomplete: Annotated[bool, "train on a store some precompute workers have not "
+                                "finished (default: refuse)"] = False
     progress: Annotated[bool, "show a progress bar"] = True
     tensorboard: Annotated[bool, "write TensorBoard events"] = True
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
@@ -111,12 +119,72 @@ class TrainConfig:
             raise ConfigError("--mode off-policy needs --store")
         if self.mode == "on-policy" and not (self.teacher_url and self.prompts):
             raise ConfigError("--mode on-policy needs --teacher-url and --prompts")
+        if self.mode == "off-policy":
+            unused = [flag for flag, given in (
+                ("--teacher-url", self.teacher_url), ("--prompts", self.prompts),
+                ("--top-k", self.top_k is not None), ("--max-seq-len", self.max_seq_len),
+                ("--async-rollouts", self.async_rollouts),
+                ("--rollout-backend", self.rollout_backend != "hf")) if given]
+            if unused:
+                raise ConfigError(f"{', '.join(unused)} only apply to --mode on-policy (the "
+                                  f"off-policy targets come from --store)")
+        if self.mode == "on-policy" and self.store:
+            raise ConfigError("--store only applies to --mode off-policy (on-policy targets "
+                              "come from --teacher-url)")
+        refuse_output_on_inputs(self.out, {"--model": self.model, "--store": self.store,
+                                           "--prompts": self.prompts})
+        if self.mode == "on-policy":
+            require_file(self.prompts, "--prompts")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite deletes it: "
+                              "give one of them")
+        if self.resume:
+            self._check_resume()
+        else:
+            refuse_used_folder(self.out, own=(SAVED_CONFIG["train"],), resume=True,
+                               overwrite=self.overwrite)
         for name in ("global_batch_size", "max_tokens", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be >= 1")
         check_sampling(self)
+
+    def _check_resume(self) -> None:
+        """--resume continues the saved run: a setting that changes its math or data is
+        refused, with the list of differences."""
+        import yaml
+
+        path = Path(self.out) / SAVED_CONFIG["train"]
+        if not path.is_file():
+            return
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        diffs = []
+        for name in RESUME_FIXED:
+            old, new = saved.get(name), getattr(self, name)
+            new = list(new) if isinstance(new, tuple) else new
+            if isinstance(old, (int, float)) and isinstance(new, (int, float)) \
+                    and not isinstance(old, bool) and float(old) == float(new):
+                continue
+            if old != new:
+                diffs.append(f"--{name.replace('_', '-')} {old!r} -> {new!r}")
+        if diffs:
+            raise ConfigError(f"--resume: {self.out} was started with other settings "
+                              f"({'; '.join(diffs)}); resume the same run with `aligndistil train "
+                              f"--config {path} --resume`, or start a new --out")
+
+
+#: The file each command saves its resolved config to (inside its --out folder).
+SAVED_CONFIG = {"train": "train_config.yaml", "dpo": "dpo_config.yaml", "sft": "sft_config.yaml"}
+
+#: TrainConfig fields that shape a run's math or data: --resume refuses to change them.
+RESUME_FIXED = (
+    "mode", "model", "store", "prompts", "top_k", "max_new_tokens", "max_prompt_len",
+    "rollout_batch_size", "temperature", "top_p", "sampling_top_k", "rollout_backend",
+    "async_rollouts", "max_seq_len", "tail", "beta0", "weighting", "loss_chunk_size", "lr",
+    "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule", "min_lr_ratio",
+    "global_batch_size", "max_tokens", "epochs", "max_steps", "max_grad_norm", "seed", "bf16",
+    "allow_incomplete")
 
 
 @dataclass(kw_only=True)
@@ -127,28 +195,31 @@ class DPOConfig:
                     "'rejected': [messages]}"]
     out: Annotated[str, "where the trained model is saved"]
     reverse: Annotated[bool, "swap chosen and rejected (the reverse-DPO teacher)"] = False
-    beta: Annotated[float, "the DPO beta (the paper's beta0)"] = 0.1
-    lr: Annotated[float, "peak learning rate (the paper's 1e-6)"] = 1e-6
-    weight_decay: Annotated[float, "AdamW weight decay"] = 0.0
-    warmup_ratio: Annotated[float, "fraction of the steps spent warming up"] = 0.1
+    beta: Annotated[float, "the DPO beta (the paper's beta0)", ">0"] = 0.1
+    lr: Annotated[float, "peak learning rate (the paper's 1e-6)", ">0"] = 1e-6
+    weight_decay: Annotated[float, "AdamW weight decay", ">=0"] = 0.0
+    warmup_ratio: Annotated[float, "fraction of the steps spent warming up", "[0,1]"] = 0.1
     lr_schedule: Annotated[Schedule, "decay after the warm-up"] = "cosine"
     min_lr_ratio: Annotated[float, "the decay ends at this fraction of --lr (the released "
-                            "scripts' 0.1)"] = 0.1
-    batch_size: Annotated[int, "pairs per optimizer step (the paper's 128)"] = 128
-    max_tokens: Annotated[int, "padded tokens per micro-batch (chosen + rejected)"] = 4096
-    epochs: Annotated[int, "passes over the pairs"] = 1
-    max_steps: Annotated[int | None, "stop after this many steps"] = None
-    max_grad_norm: Annotated[float, "gradient clipping (0 disables it)"] = 1.0
+                            "scripts' 0.1)", "[0,1]"] = 0.1
+    batch_size: Annotated[int, "pairs per optimizer step (the paper's 128)", ">=1"] = 128
+    max_tokens: Annotated[int, "padded tokens per micro-batch (chosen + rejected)", ">=2"] = 4096
+    epochs: Annotated[int, "passes over the pairs", ">=1"] = 1
+    max_steps: Annotated[int | None, "stop after this many steps", ">=1"] = None
+    max_grad_norm: Annotated[float, "gradient clipping (0 disables it)", ">=0"] = 1.0
     max_seq_len: Annotated[int, "longer pairs are cut in the response, keeping its EOS "
-                           "(counted)"] = 2048
+                           "(counted)", ">=2"] = 2048
     seed: Annotated[int, "seed of the data order"] = 42
     device: Annotated[Device, "where the model trains"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
     log_level: Annotated[str, "logging level"] = "info"
+    overwrite: Annotated[bool, "replace what another run left in --out"] = False
 
     def validate(self) -> None:
-        pass
+        require_file(self.data, "--data")
+        refuse_output_on_inputs(self.out, {"--model": self.model, "--data": self.data})
+        refuse_used_folder(self.out, own=(SAVED_CONFIG["dpo"],), overwrite=self.overwrite)
 
 
 @dataclass(kw_only=True)
@@ -157,22 +228,25 @@ class SFTConfig:
     model: Annotated[str, "the initial model"]
     data: Annotated[str, "chat demonstrations: {'messages': [...]} or prompt/response rows"]
     out: Annotated[str, "where the fine-tuned model is saved"]
-    lr: Annotated[float, "peak learning rate"] = 1e-5
-    batch_size: Annotated[int, "examples per optimizer step"] = 64
-    epochs: Annotated[int, "passes over the data"] = 1
-    max_steps: Annotated[int | None, "stop after this many steps"] = None
-    warmup_ratio: Annotated[float, "fraction of the steps spent warming up"] = 0.05
+    lr: Annotated[float, "peak learning rate", ">0"] = 1e-5
+    batch_size: Annotated[int, "examples per optimizer step", ">=1"] = 64
+    epochs: Annotated[int, "passes over the data", ">=1"] = 1
+    max_steps: Annotated[int | None, "stop after this many steps", ">=1"] = None
+    warmup_ratio: Annotated[float, "fraction of the steps spent warming up", "[0,1]"] = 0.05
     lr_schedule: Annotated[Schedule, "decay after the warm-up"] = "cosine"
-    weight_decay: Annotated[float, "AdamW weight decay"] = 0.0
-    max_grad_norm: Annotated[float, "gradient clipping (0 disables it)"] = 1.0
-    max_seq_len: Annotated[int, "longer responses are cut"] = 1024
+    weight_decay: Annotated[float, "AdamW weight decay", ">=0"] = 0.0
+    max_grad_norm: Annotated[float, "gradient clipping (0 disables it)", ">=0"] = 1.0
+    max_seq_len: Annotated[int, "longer responses are cut", ">=2"] = 1024
     seed: Annotated[int, "seed of the data order and initialisation"] = 42
     device: Annotated[Device, "where the model trains"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
     log_level: Annotated[str, "logging level"] = "info"
+    overwrite: Annotated[bool, "replace what another run left in --out"] = False
 
     def validate(self) -> None:
-        pass
+        require_file(self.data, "--data")
+        refuse_output_on_inputs(self.out, {"--model": self.model, "--data": self.data})
+        refuse_used_folder(self.out, own=(SAVED_CONFIG["sft"],), overwrite=self.overwrite)
 
 
 @dataclass(kw_only=True)
@@ -186,25 +260,34 @@ class EvalConfig:
     api_key: Annotated[str | None, "bearer token (default: $ALIGNDISTIL_API_KEY)", SECRET] = None
     task: Annotated[str | None, "score with this task's gold reward (a registered task, e.g. "
                     "sort)"] = None
-    samples_per_prompt: Annotated[int, "samples per prompt"] = 1
-    max_new_tokens: Annotated[int, "longest sampled response"] = 64
-    batch_size: Annotated[int, "prompts per generate call"] = 256
+    samples_per_prompt: Annotated[int, "samples per prompt", ">=1"] = 1
+    max_new_tokens: Annotated[int, "longest sampled response", ">=1"] = 64
+    batch_size: Annotated[int, "prompts per generate call", ">=1"] = 256
     temperature: Annotated[float, "sampling temperature (1: the policy itself, which the loss "
-                           "assumes)"] = 1.0
-    top_p: Annotated[float, "nucleus sampling cut (1: off)"] = 1.0
-    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)"] = 0
+                           "assumes)", ">0"] = 1.0
+    top_p: Annotated[float, "nucleus sampling cut (1: off)", "(0,1]"] = 1.0
+    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)", ">=0"] = 0
     samples_out: Annotated[str | None, "write every sample here (JSONL: prompt, response text, "
                            "response token ids, gold reward with --task)"] = None
-    beta0: Annotated[float, "the contrastive reward's beta0"] = 0.1
+    beta0: Annotated[float, "the contrastive reward's beta0", ">0"] = 0.1
     seed: Annotated[int, "sampling seed"] = 1234
     device: Annotated[Device, "where the model runs"] = "auto"
-    examples: Annotated[int, "samples included verbatim in the JSON"] = 5
+    examples: Annotated[int, "samples included verbatim in the JSON", ">=0"] = 5
     log_level: Annotated[str, "logging level"] = "info"
 
     def validate(self) -> None:
         if self.samples_per_prompt < 1:
             raise ConfigError("--samples-per-prompt must be at least 1")
         check_sampling(self)
+        require_file(self.prompts, "--prompts")
+        inputs = {"--model": self.model, "--prompts": self.prompts}
+        for flag, path in (("--out", self.out), ("--samples-out", self.samples_out)):
+            refuse_folder_as_file(path, flag)
+            if path:
+                refuse_output_on_inputs(path, inputs, out_flag=flag)
+        if self.out and self.samples_out and Path(self.out).resolve() == \
+                Path(self.samples_out).resolve():
+            raise ConfigError("--out and --samples-out name the same file")
 
 
 @dataclass(kw_only=True)
@@ -216,9 +299,9 @@ class RewardAccuracyConfig:
     reference_model: Annotated[str, "the reference (SFT) model both were trained from"]
     train_pairs: Annotated[str | None, "preference pairs the teachers were trained on"] = None
     test_pairs: Annotated[str | None, "held-out preference pairs"] = None
-    beta0: Annotated[float, "the teachers' DPO beta (scales both rewards)"] = 0.1
-    max_seq_len: Annotated[int, "longer pairs are cut in the response, keeping its EOS"] = 2048
-    max_tokens: Annotated[int, "padded tokens per forward pass"] = 4096
+    beta0: Annotated[float, "the teachers' DPO beta (scales both rewards)", ">0"] = 0.1
+    max_seq_len: Annotated[int, "longer pairs are cut in the response, keeping its EOS", ">=2"] = 2048
+    max_tokens: Annotated[int, "padded tokens per forward pass", ">=2"] = 4096
     out: Annotated[str | None, "write the JSON here too"] = None
     device: Annotated[Device, "where the models run"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
@@ -228,3 +311,11 @@ class RewardAccuracyConfig:
     def validate(self) -> None:
         if not (self.train_pairs or self.test_pairs):
             raise ConfigError("give --train-pairs, --test-pairs or both")
+        require_file(self.train_pairs, "--train-pairs")
+        require_file(self.test_pairs, "--test-pairs")
+        refuse_folder_as_file(self.out, "--out")
+        if self.out:
+            refuse_output_on_inputs(self.out, {
+                "--dpo-model": self.dpo_model, "--reverse-model": self.reverse_model,
+                "--reference-model": self.reference_model, "--train-pairs": self.train_pairs,
+                "--test-pairs": self.test_pairs})

@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
+from storage.fsio import atomic_write_text
+from storage.outputs import clear_folder
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
 from student_trainer.preferences import (collate_pairs, load_pairs, pair_logprobs,
                                          pair_micro_batches, sequence_logprobs)
-from student_trainer.recipes.configs import DPOConfig
+from student_trainer.recipes.configs import SAVED_CONFIG, DPOConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ def run_dpo(config: DPOConfig) -> dict:
     random.seed(config.seed)
     device = resolve_device(config.device)
     out = Path(config.out)
+    if config.overwrite:
+        clear_folder(out, keep=(SAVED_CONFIG["dpo"],))
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(config.model, device=device, train=True,
                                                 trust_remote_code=config.trust_remote_code)
@@ -127,7 +131,7 @@ def run_dpo(config: DPOConfig) -> dict:
         "logprob_accuracy_after": float((final_chosen > final_rejected).double().mean()),
         "config": asdict(config),
     }
-    (out / "dpo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "dpo_summary.json", json.dumps(summary, indent=2) + "\n")
     plot_curves(out / JSONL_NAME, out / PNG_NAME,
                 title="DPO" + (" (reverse)" if config.reverse else ""))
     return summary

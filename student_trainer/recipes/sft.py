@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from student_trainer.recipes.configs import SFTConfig
+from storage.fsio import atomic_write_text
+from storage.outputs import clear_folder
+from student_trainer.recipes.configs import SAVED_CONFIG, SFTConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ def run_sft(config: SFTConfig) -> dict:
     rng = random.Random(config.seed)
     device = resolve_device(config.device)
     out = Path(config.out)
+    if config.overwrite:
+        clear_folder(out, keep=(SAVED_CONFIG["sft"],))
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(config.model, device=device, train=True)
     pad_id = pad_token_id(tokenizer)
@@ -102,5 +106,5 @@ def run_sft(config: SFTConfig) -> dict:
     plot_curves(out / "metrics.jsonl", out / "training_curves.png", title="SFT")
     summary = {"steps": step, "examples": len(seqs), "final": str(out), "last": last,
                "seconds": round(time.perf_counter() - started, 1)}
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "sft_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

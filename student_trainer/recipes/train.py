@@ -18,6 +18,7 @@ mean is weighted by its share of the rank's sequences, and DDP averages equal-si
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
+from storage.fsio import atomic_write_text
+from storage.outputs import clear_folder
 from storage.tokenization import tokenizer_sha256
 from student_trainer import losses
 from student_trainer.checkpoint import (
@@ -43,7 +46,7 @@ from student_trainer.errors import ConfigError
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
-from student_trainer.recipes.configs import TrainConfig
+from student_trainer.recipes.configs import SAVED_CONFIG, TrainConfig
 from student_trainer.sources.plan import BatchSource
 
 log = logging.getLogger(__name__)
@@ -155,6 +158,9 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
 def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     """Model, data source, optimizer and schedule, restored from a checkpoint on --resume."""
     out = Path(config.out)
+    if config.overwrite and env.is_main:
+        clear_folder(out, keep=(SAVED_CONFIG["train"],))  # start over, as asked
+    barrier(env)
     resume_from = _resolve_resume(config, out)
     state = load_state(resume_from) if resume_from else None
     _seed_everything(config.seed + env.rank)
@@ -166,6 +172,7 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     source = open_source(config, env, model, tokenizer)
     try:
+        _check_same_teacher(source, out, resuming=resume_from is not None, env=env)
         if config.global_batch_size % env.world_size:
             raise ConfigError(f"--global-batch-size {config.global_batch_size} is not divisible "
                               f"by the {env.world_size} ranks")
@@ -294,7 +301,7 @@ def open_source(config: TrainConfig, env: DistEnv, model, tokenizer) -> BatchSou
         from student_trainer.sources.store import StoreSource
 
         source = StoreSource(config.store, seed=config.seed, rank=env.rank,
-                             world_size=env.world_size)
+                             world_size=env.world_size, allow_incomplete=config.allow_incomplete)
         source.check_tokenizer(tokenizer_sha256=tokenizer_sha256(tokenizer),
                                vocab_size=len(tokenizer), model=config.model)
         return source
@@ -302,6 +309,34 @@ def open_source(config: TrainConfig, env: DistEnv, model, tokenizer) -> BatchSou
 
     return OnPolicySource.open(config, model=model, tokenizer=tokenizer, rank=env.rank,
                                world_size=env.world_size, distributed=env.enabled)
+
+
+#: /v1/info fields that shape the targets: a resumed on-policy run must see the same ones.
+TEACHER_FIXED = ("models", "tokenizer_sha256", "vocab_size", "top_k", "r", "eps", "tvd_norm",
+                 "mode", "beta0", "beta", "max_seq_len")
+TEACHER_INFO = "teacher_info.json"
+
+
+def _check_same_teacher(source: BatchSource, out: Path, *, resuming: bool, env: DistEnv) -> None:
+    """On-policy: record the server's /v1/info in the run folder; on --resume, refuse a server
+    whose teachers or target settings changed since (the loss would change mid-run)."""
+    info = getattr(source, "teacher_info", None)
+    if not info:
+        return
+    fixed = {k: info.get(k) for k in TEACHER_FIXED}
+    path = out / TEACHER_INFO
+    if resuming and path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        diffs = [f"{k}: {saved.get(k)!r} -> {fixed[k]!r}" for k in TEACHER_FIXED
+                 if saved.get(k) != fixed[k]]
+        if diffs:
+            raise CheckpointError(f"--resume: the teacher server changed since this run started "
+                                  f"({'; '.join(diffs)}); resume against the same teachers and "
+                                  f"settings, or start a new --out")
+        return
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(fixed, indent=2, sort_keys=True) + "\n")
 
 
 def _resolve_resume(config: TrainConfig, out: Path) -> Path | None:

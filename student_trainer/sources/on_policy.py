@@ -52,12 +52,13 @@ class OnPolicySource:
                  rollouts: RolloutBackend | None, scorer: Scorer | None, seed: int,
                  top_k: int | None = None, rank: int = 0, world_size: int = 1,
                  async_rollouts: bool = False, eos_ids: set[int] | None = None,
-                 prompts_truncated: int = 0):
+                 prompts_truncated: int = 0, teacher_info: dict | None = None):
         self.prompts = [list(p) for p in prompts]
         self.model = model
         self.rollouts, self.scorer, self.top_k = rollouts, scorer, top_k
         self.eos_ids = set(eos_ids or ())
         self.prompts_truncated = prompts_truncated  #: prompts cut to --max-prompt-len
+        self.teacher_info = teacher_info or {}      #: the server's /v1/info
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.records_per_epoch = len(self.prompts) // world_size
         if self.records_per_epoch < 1:
@@ -202,5 +203,6 @@ class OnPolicySource:
         return cls(prompts, model=model, rollouts=rollouts, scorer=client, seed=config.seed,
                    top_k=config.top_k, rank=rank, world_size=world_size,
                    async_rollouts=config.async_rollouts,
-                   eos_ids=eos_id_set(tokenizer.eos_token_id), prompts_truncated=len(cut))
+                   eos_ids=eos_id_set(tokenizer.eos_token_id), prompts_truncated=len(cut),
+                   teacher_info=info)
 

@@ -24,10 +24,16 @@ class StoreSource:
     """This rank's records of the store, step by step (see the module docstring)."""
 
     def __init__(self, path: str, *, seed: int, rank: int = 0, world_size: int = 1,
-                 prefetch: int = 1):
+                 prefetch: int = 1, allow_incomplete: bool = False):
         from storage.store import TargetStore
 
         self.store = TargetStore.open(path)
+        missing = self.store.unfinished_workers()
+        if missing and not allow_incomplete:
+            raise ConfigError(f"store {path} is incomplete: {'; '.join(missing)} (it holds "
+                              f"{len(self.store)} examples); finish those precompute workers "
+                              f"(rerun their commands), or pass --allow-incomplete to train on "
+                              f"what is there")
         self.path = path
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.prefetch = prefetch

@@ -34,14 +34,14 @@ class WorldConfig:
     """``aligndistil toyworld``: the files of the toy world."""
     out: Annotated[str, "the world's folder"]
     seed: Annotated[int, "seed of everything the world draws"] = 0
-    hidden_size: Annotated[int, "the tiny model's hidden size"] = 128
-    layers: Annotated[int, "the tiny model's layers"] = 2
-    head_dim: Annotated[int, "attention head size (vLLM's CPU backend needs >= 32)"] = 32
-    demos: Annotated[int, "noisy SFT demonstrations"] = 4000
+    hidden_size: Annotated[int, "the tiny model's hidden size", ">=1"] = 128
+    layers: Annotated[int, "the tiny model's layers", ">=1"] = 2
+    head_dim: Annotated[int, "attention head size (vLLM's CPU backend needs >= 32)", ">=1"] = 32
+    demos: Annotated[int, "noisy SFT demonstrations", ">=1"] = 4000
     noise: Annotated[float, "probability that a demonstration's answer token is a random "
-                     "number"] = 0.2
-    train_prompts: Annotated[int, "prompts for preference pairs and on-policy training"] = 512
-    eval_prompts: Annotated[int, "held-out prompts for evaluation"] = 128
+                     "number", "[0,1]"] = 0.2
+    train_prompts: Annotated[int, "prompts for preference pairs and on-policy training", ">=1"] = 512
+    eval_prompts: Annotated[int, "held-out prompts for evaluation", ">=1"] = 128
     task: SortTask = field(default=SortTask(), init=False)
 
 
