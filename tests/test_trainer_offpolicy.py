@@ -75,10 +75,11 @@ def test_loss_goes_down_and_the_students_kl_to_pi_star_drops(world, full_run):
     before = exact_kl_to_pi_star(world["student"], world["records"], world["log_pis"])
     after = exact_kl_to_pi_star(full_run / "final", world["records"], world["log_pis"])
     assert after < 0.7 * before, (before, after)
-    # warmup (ceil(0.1 * 12) = 2 steps) then cosine decay
+    # warmup (ceil(0.1 * 12) = 2 steps) then cosine decay towards the default floor of
+    # 0.1 x the peak (--min-lr-ratio 0.1, the released scripts')
     lrs = [r["lr"] for r in rows]
     assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)
-    assert lrs[-1] < 3e-4
+    assert 3e-4 <= lrs[-1] < 4e-4 and all(b <= a for a, b in zip(lrs[1:], lrs[2:]))
     assert (full_run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("checkpoint-00000003", "checkpoint-00000006", "checkpoint-00000009", "final"):
