@@ -154,7 +154,7 @@ def _case_argv(i: dict, out: Path) -> dict[str, tuple[list[str], str]]:
         "eval --prompts a folder": ([*ev, "--prompts", str(r)], "is a folder"),
         "pairs --samples-per-prompt 1": (["pairs", "--model", str(i["student"]), "--prompts",
                                           str(i["prompts"]), "--out", o, "--samples-per-prompt",
-                                          "1"], "--samples-per-prompt: must be >= 2"),
+                                          "1"], "--samples-per-prompt must be at least 2"),
         "toyworld --noise 2": (["toyworld", "--out", o, "--noise", "2"],
                                "--noise: must be in [0,1]"),
     }

@@ -16,24 +16,20 @@ from typing import Annotated, Literal
 
 from storage.errors import ConfigError
 from storage.fsio import atomic_write_text
-from student_trainer.recipes.configs import check_sampling
+from student_trainer.recipes.configs import SamplingOptions, check_sampling
 
 
 @dataclass(kw_only=True)
-class PairsConfig:
+class PairsConfig(SamplingOptions):
     """``aligndistil pairs``: preference pairs sampled from a model, labelled by a task."""
     model: Annotated[str, "the model to sample from"]
     prompts: Annotated[str, "JSONL/Parquet rows with 'prompt' or 'messages'"]
     out: Annotated[str, "the pairs file to write (JSONL)"]
     task: Annotated[str, "the registered task whose gold reward labels the pairs"] = "sort"
     samples_per_prompt: Annotated[int, "samples per prompt (the best and worst become a "
-                                  "pair)", ">=2"] = 4
+                                  "pair; at least 2)"] = 4
     max_new_tokens: Annotated[int, "longest sampled answer", ">=1"] = 16
     batch_size: Annotated[int, "prompts per generate call", ">=1"] = 256
-    temperature: Annotated[float, "sampling temperature (1: the policy itself, which the loss "
-                           "assumes)", ">0"] = 1.0
-    top_p: Annotated[float, "nucleus sampling cut (1: off)", "(0,1]"] = 1.0
-    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)", ">=0"] = 0
     seed: Annotated[int, "sampling seed"] = 42
     device: Annotated[Literal["auto", "cpu", "cuda"], "where the model runs"] = "auto"
 

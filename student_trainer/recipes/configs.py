@@ -23,9 +23,20 @@ Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["cosine", "linear", "constant"]
 
 
-def check_sampling(config) -> None:
-    """``temperature``, ``top_p`` and ``sampling_top_k`` of a sampling command."""
-    if not config.temperature > 0 or config.temperature == float("inf"):
+@dataclass(kw_only=True)
+class SamplingOptions:
+    """How a command samples responses (train on-policy, eval, pairs): exactly these settings
+    and nothing from the model's generation_config.json."""
+    temperature: Annotated[float, "sampling temperature (1: the policy itself, which the "
+                           "AlignDistil loss assumes)", ">0"] = 1.0
+    top_p: Annotated[float, "nucleus sampling cut (1: off)", "(0,1]"] = 1.0
+    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)", ">=0"] = 0
+
+
+def check_sampling(config: SamplingOptions) -> None:
+    """The sampling settings of a config built in code (the command line checks them when
+    parsing)."""
+    if not 0 < config.temperature < float("inf"):
         raise ConfigError(f"--temperature must be > 0 and finite, got {config.temperature}")
     if not 0 < config.top_p <= 1:
         raise ConfigError(f"--top-p must be in (0, 1], got {config.top_p}")
@@ -34,7 +45,7 @@ def check_sampling(config) -> None:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(SamplingOptions):
     """``aligndistil train``: AlignDistil, off-policy from a store or on-policy via a server."""
     mode: Annotated[Literal["off-policy", "on-policy"], "where the targets come from"]
     model: Annotated[str, "the initial student: a local Hugging Face folder (safetensors) whose "
@@ -57,10 +68,6 @@ class TrainConfig:
     max_prompt_len: Annotated[int, "on-policy: longer prompts keep their last tokens (cut "
                               "from the left, counted)", ">=1"] = 1024
     rollout_batch_size: Annotated[int, "on-policy: prompts per generate call", ">=1"] = 32
-    temperature: Annotated[float, "on-policy: sampling temperature (1: the policy itself, which the loss "
-                           "assumes)", ">0"] = 1.0
-    top_p: Annotated[float, "nucleus sampling cut (1: off)", "(0,1]"] = 1.0
-    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)", ">=0"] = 0
     rollout_backend: Annotated[Literal["hf", "vllm"], "sampler, temperature 1, no top-k/top-p: "
                                "hf = Hugging Face generate; vllm = an in-process vLLM engine "
                                "that gets the student's weights before every rollout (the "
@@ -250,7 +257,7 @@ class SFTConfig:
 
 
 @dataclass(kw_only=True)
-class EvalConfig:
+class EvalConfig(SamplingOptions):
     """``aligndistil eval``: sample a model on prompts and measure the samples."""
     model: Annotated[str, "the model to evaluate"]
     prompts: Annotated[str, "JSONL/Parquet rows with 'prompt' or 'messages'"]
@@ -263,10 +270,6 @@ class EvalConfig:
     samples_per_prompt: Annotated[int, "samples per prompt", ">=1"] = 1
     max_new_tokens: Annotated[int, "longest sampled response", ">=1"] = 64
     batch_size: Annotated[int, "prompts per generate call", ">=1"] = 256
-    temperature: Annotated[float, "sampling temperature (1: the policy itself, which the loss "
-                           "assumes)", ">0"] = 1.0
-    top_p: Annotated[float, "nucleus sampling cut (1: off)", "(0,1]"] = 1.0
-    sampling_top_k: Annotated[int, "sample among the k likeliest tokens only (0: off)", ">=0"] = 0
     samples_out: Annotated[str | None, "write every sample here (JSONL: prompt, response text, "
                            "response token ids, gold reward with --task)"] = None
     beta0: Annotated[float, "the contrastive reward's beta0", ">0"] = 0.1

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+from storage.outputs import clear_folder, refuse_used_folder
+
 from .task import SortTask, make_prompt, target_answer
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
@@ -40,9 +42,14 @@ class WorldConfig:
     demos: Annotated[int, "noisy SFT demonstrations", ">=1"] = 4000
     noise: Annotated[float, "probability that a demonstration's answer token is a random "
                      "number", "[0,1]"] = 0.2
-    train_prompts: Annotated[int, "prompts for preference pairs and on-policy training", ">=1"] = 512
+    train_prompts: Annotated[int, "prompts for preference pairs and on-policy training",
+                             ">=1"] = 512
     eval_prompts: Annotated[int, "held-out prompts for evaluation", ">=1"] = 128
+    overwrite: Annotated[bool, "replace what another run left in --out"] = False
     task: SortTask = field(default=SortTask(), init=False)
+
+    def validate(self) -> None:
+        refuse_used_folder(self.out, own=("toyworld_config.yaml",), overwrite=self.overwrite)
 
 
 def build_tokenizer(words: list[str]):
@@ -89,6 +96,8 @@ def build_world(config: WorldConfig) -> dict:
     ``prompts_eval.jsonl`` into ``config.out``; returns their paths. Seeded: same files every run.
     Evaluation prompts are disjoint from the training prompts and demonstrations."""
     out = Path(config.out)
+    if config.overwrite:
+        clear_folder(out, keep=("toyworld_config.yaml",))
     out.mkdir(parents=True, exist_ok=True)
     task, rng = config.task, random.Random(config.seed)
     tokenizer = build_tokenizer(task.words)
