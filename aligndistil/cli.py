@@ -138,14 +138,16 @@ COMMANDS: tuple[Command, ...] = (
             "--nproc-per-node 8 -m aligndistil.cli train ...); each rank reads its own part of "
             "the data and gradients are averaged with DDP.",
             _in_folder("out", "train_config.yaml"), _train_line),
-    Command("dpo", "student_trainer.recipes.configs:DPOConfig", "student_trainer.recipes.dpo:run_dpo",
+    Command("dpo", "student_trainer.recipes.configs:DPOConfig",
+            "student_trainer.recipes.dpo:run_dpo",
             "train a teacher with DPO (or the reverse teacher with --reverse)",
             "Sigmoid DPO against the initial model as the reference (its log-probs are computed "
             "once, up front). --reverse swaps chosen and rejected, giving the reverse-DPO "
             "teacher. The trained model is saved into --out as a Hugging Face folder (with "
             "metrics.jsonl, training_curves.png, dpo_summary.json).",
             _in_folder("out", "dpo_config.yaml"), _dpo_line),
-    Command("sft", "student_trainer.recipes.configs:SFTConfig", "student_trainer.recipes.sft:run_sft",
+    Command("sft", "student_trainer.recipes.configs:SFTConfig",
+            "student_trainer.recipes.sft:run_sft",
             "supervised fine-tuning on chat demonstrations",
             "Cross-entropy on the assistant's response tokens of {'messages': [...]} (or "
             "prompt/response) rows, tokenised with the model's chat template. Saves a Hugging "

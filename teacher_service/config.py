@@ -34,7 +34,8 @@ class TeacherOptions:
                     "model)"] = "adaptive"
     top_k: Annotated[int, "top-k entries of log pi* kept per position", ">=1"] = 64
     r: Annotated[float | None, "alpha_t = r * tvd_t + eps; none: the released runs' value for "
-                 "the norm and policy (half-l1 20 off-policy / 30 on-policy; l1 10 / 15)", ">=0"] = None
+                 "the norm and policy (half-l1 20 off-policy / 30 on-policy; l1 10 / 15)",
+                 ">=0"] = None
     eps: Annotated[float, "alpha_t = r * tvd_t + eps", ">0"] = 1e-3
     tvd_norm: Annotated[Literal["half-l1", "l1"], "half-l1: the paper's TVD; l1: the released "
                         "code's"] = "half-l1"
@@ -47,7 +48,8 @@ class TeacherOptions:
     max_seq_len: Annotated[int | None, "longest prompt + response (none: the models' "
                            "maximum)", ">=2"] = None
     max_batch_tokens: Annotated[int, "padded tokens per engine pass", ">=2"] = 8192
-    chunk_size: Annotated[int, "response positions per LM-head chunk (memory O(chunk x V))", ">=1"] = 256
+    chunk_size: Annotated[int, "response positions per LM-head chunk (memory O(chunk x V))",
+                          ">=1"] = 256
     trust_remote_code: Annotated[bool, "allow model code from the model folder (it runs "
                                  "arbitrary code)"] = False
 

@@ -303,7 +303,8 @@ class RewardAccuracyConfig:
     train_pairs: Annotated[str | None, "preference pairs the teachers were trained on"] = None
     test_pairs: Annotated[str | None, "held-out preference pairs"] = None
     beta0: Annotated[float, "the teachers' DPO beta (scales both rewards)", ">0"] = 0.1
-    max_seq_len: Annotated[int, "longer pairs are cut in the response, keeping its EOS", ">=2"] = 2048
+    max_seq_len: Annotated[int, "longer pairs are cut in the response, keeping its EOS",
+                           ">=2"] = 2048
     max_tokens: Annotated[int, "padded tokens per forward pass", ">=2"] = 4096
     out: Annotated[str | None, "write the JSON here too"] = None
     device: Annotated[Device, "where the models run"] = "auto"
