@@ -138,8 +138,9 @@ class TrainConfig(SamplingOptions):
         if self.mode == "on-policy" and self.store:
             raise ConfigError("--store only applies to --mode off-policy (on-policy targets "
                               "come from --teacher-url)")
-        refuse_output_on_inputs(self.out, {"--model": self.model, "--store": self.store,
-                                           "--prompts": self.prompts})
+        # Resuming, --model may be one of the run's own checkpoints, inside --out.
+        refuse_output_on_inputs(self.out, {"--model": None if self.resume else self.model,
+                                           "--store": self.store, "--prompts": self.prompts})
         if self.mode == "on-policy":
             require_file(self.prompts, "--prompts")
         if self.resume and self.overwrite:
