@@ -288,3 +288,36 @@ def test_overlong_examples_are_cut_keeping_eos_and_counted(pair_dirs, tmp_path):
     eos = pair.tokenizer.eos_token_id
     assert [records[i].seq_len for i in (1, 2)] == [24, 24]
     assert all(records[i].input_ids[-1] == eos for i in range(3))
+
+
+def test_k_equal_to_the_vocabulary_is_exact_aligndistil_through_the_store(pair_dirs, data,
+                                                                          tmp_path):
+    """k = V: the store carries the whole pi* (tail -inf), and the sparse loss on the stored
+    record is the exact full-vocabulary reverse KL, up to the float16 storage of log pi* —
+    exact AlignDistil through the very same path, no separate code."""
+    import torch
+
+    from reference import dense_targets, full_logits
+    from student_trainer.losses import exact_reverse_kl, sparse_reverse_kl
+    from tiny_models import load
+
+    pair = load_teacher_pair(*pair_dirs, device="cpu")
+    vocab = pair.vocab_size
+    out = tmp_path / "full"
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", data, "--out", out, "--top-k", vocab, "--device", "cpu", "--limit", 4)
+    assert res.returncode == 0, res.stderr
+    _, dpo = load(pair_dirs[0])
+    _, rev = load(pair_dirs[1])
+    g = torch.Generator().manual_seed(0)
+    for rec in _records(out).values():
+        assert rec.topk_ids.shape[1] == vocab and np.isneginf(rec.tail_logmass).all()
+        ids, p = rec.input_ids.tolist(), rec.prompt_len
+        log_pi = dense_targets(full_logits(dpo, ids)[p - 1:-1], full_logits(rev, ids)[p - 1:-1],
+                               ids[p:], top_k=vocab)["log_pi"]
+        student = torch.randn(len(ids) - p, vocab, generator=g, dtype=torch.float64) * 3
+        sparse = sparse_reverse_kl(student, torch.from_numpy(rec.topk_ids.astype(np.int64)),
+                                   torch.from_numpy(rec.topk_logprobs.astype(np.float64)),
+                                   torch.from_numpy(rec.tail_logmass.astype(np.float64)))
+        exact = exact_reverse_kl(student, torch.from_numpy(log_pi))
+        torch.testing.assert_close(sparse, exact, rtol=2e-3, atol=2e-3)
