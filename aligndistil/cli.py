@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aligndistil import config as cfg
+from aligndistil.worlds.toy.build import SAVED_CONFIG as TOYWORLD_SAVED_CONFIG
+from student_trainer.recipes.configs import SAVED_CONFIG
 from storage.errors import UserError
 
 
@@ -100,7 +102,9 @@ def _beside_file(config) -> Path | None:
 
 def _precompute_config_path(config) -> Path:
     worker, _ = config.placement(os.environ)
-    return Path(config.out) / f"precompute-w{worker:04d}.config.yaml"
+    from teacher_service.config import saved_config_name
+
+    return Path(config.out) / saved_config_name(worker)
 
 
 # ---------------------------------------------------------------------------- the table
@@ -137,7 +141,7 @@ COMMANDS: tuple[Command, ...] = (
             "'aligndistil serve'. Multi-GPU/CPU: launch with torchrun (e.g. torchrun "
             "--nproc-per-node 8 -m aligndistil.cli train ...); each rank reads its own part of "
             "the data and gradients are averaged with DDP.",
-            _in_folder("out", "train_config.yaml"), _train_line),
+            _in_folder("out", SAVED_CONFIG["train"]), _train_line),
     Command("dpo", "student_trainer.recipes.configs:DPOConfig",
             "student_trainer.recipes.dpo:run_dpo",
             "train a teacher with DPO (or the reverse teacher with --reverse)",
@@ -145,14 +149,14 @@ COMMANDS: tuple[Command, ...] = (
             "once, up front). --reverse swaps chosen and rejected, giving the reverse-DPO "
             "teacher. The trained model is saved into --out as a Hugging Face folder (with "
             "metrics.jsonl, training_curves.png, dpo_summary.json).",
-            _in_folder("out", "dpo_config.yaml"), _dpo_line),
+            _in_folder("out", SAVED_CONFIG["dpo"]), _dpo_line),
     Command("sft", "student_trainer.recipes.configs:SFTConfig",
             "student_trainer.recipes.sft:run_sft",
             "supervised fine-tuning on chat demonstrations",
             "Cross-entropy on the assistant's response tokens of {'messages': [...]} (or "
             "prompt/response) rows, tokenised with the model's chat template. Saves a Hugging "
             "Face folder with metrics.jsonl and training_curves.png.",
-            _in_folder("out", "sft_config.yaml"), _json(("steps", "examples", "last", "final"))),
+            _in_folder("out", SAVED_CONFIG["sft"]), _json(("steps", "examples", "last", "final"))),
     Command("eval", "student_trainer.recipes.configs:EvalConfig",
             "student_trainer.recipes.evaluate:run_eval",
             "sample a model on held-out prompts: gold reward, contrastive reward, KL to the dpo "
@@ -179,7 +183,7 @@ COMMANDS: tuple[Command, ...] = (
             "template, safetensors), OUT/sft_demos.jsonl (noisy demonstrations of sorting short "
             "lists of numbers), OUT/prompts_train.jsonl and OUT/prompts_eval.jsonl (held-out). "
             "Same files for the same seed.",
-            _in_folder("out", "toyworld_config.yaml"), _world_lines),
+            _in_folder("out", TOYWORLD_SAVED_CONFIG), _world_lines),
     Command("pairs", "aligndistil.worlds.pairs:PairsConfig", "aligndistil.worlds.pairs:run_pairs",
             "sample answers from a model and label preference pairs with a gold reward",
             "For every prompt, samples answers at temperature 1; the best and worst by the "

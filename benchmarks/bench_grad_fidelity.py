@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,6 +45,7 @@ from storage.tokenization import tokenize_example  # noqa: E402
 from student_trainer import losses  # noqa: E402
 from student_trainer.collate import collate_sequences  # noqa: E402
 from teacher_service.targets import TargetConfig, compute_targets, teacher_logprobs  # noqa: E402
+from benchmarks.machine_info import machine as machine_record  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 KS = (8, 16, 32, 64, 128)
@@ -167,9 +166,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     top1 = log_pi.max(-1).values.exp()
-    machine = {"machine": platform.machine(), "cpus": os.cpu_count(),
-               "torch_threads": args.threads, "torch": torch.__version__,
-               "load_average": os.getloadavg()}
+    machine = machine_record(args.threads)
     result = {"pair": str(pair), "student": str(args.student or pair / "dpo"),
               "data": args.data, "sequences": len(seqs), "response_positions": n,
               "vocab": vocab, "r": args.r, "beta0": args.beta0, "exact_loss": exact_loss,

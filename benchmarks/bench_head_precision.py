@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from teacher_service.targets import TargetConfig, compute_targets, teacher_logprobs  # noqa: E402
+from benchmarks.machine_info import machine as machine_record  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -93,9 +92,7 @@ def main() -> None:
     rows["float32 head"]["head_ms_per_256_positions"] = 1e3 * timed(lambda: chunk.float() @ w32.T)
     rows["bf16 head"]["head_ms_per_256_positions"] = 1e3 * timed(lambda: chunk @ w_d.T)
     targets_s = timed(lambda: compute_targets(*logits["float32 head"], next_ids, cfg), repeat=2)
-    machine = {"machine": platform.machine(), "processor": platform.processor() or "?",
-               "cpus": os.cpu_count(), "torch_threads": args.threads, "torch": torch.__version__,
-               "load_average": os.getloadavg()}
+    machine = machine_record(args.threads)
     result = {"positions": args.positions, "hidden": args.hidden, "vocab": args.vocab,
               "max_logit": float(logits["exact"][0].abs().max()), "rows": rows,
               "target_math_s_per_call": targets_s, "machine": machine}

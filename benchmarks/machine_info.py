@@ -15,3 +15,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def machine(torch_threads: int) -> dict:
+    """The machine record of a results file: CPU model, cores, torch threads and version, and
+    the load average when the run ended (a busy machine skews timings)."""
+    import os
+
+    import torch
+
+    return {"cpu": cpu_model(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch_threads, "torch": torch.__version__,
+            "load_average": os.getloadavg()}

@@ -22,6 +22,11 @@ SECRET = "secret"  # the marker aligndistil.config looks for (never saved)
 SAVED_CONFIG = re.compile(r"^precompute-w\d{4}\.config\.yaml$")
 
 
+def saved_config_name(worker: int) -> str:
+    """The name of worker ``worker``'s saved config inside the store (matches SAVED_CONFIG)."""
+    return f"precompute-w{worker:04d}.config.yaml"
+
+
 @dataclass(kw_only=True)
 class TeacherOptions:
     dpo_model: Annotated[str, "local Hugging Face folder of the DPO-trained teacher"]

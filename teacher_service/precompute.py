@@ -27,7 +27,7 @@ from storage.outputs import clear_folder
 from storage.store import StoreMetadata, TargetStore, TargetStoreWriter, summarize
 from storage.store.errors import StoreMetadataMismatchError
 from storage.tokenization import TokenizationError, tokenize_example
-from teacher_service.config import PrecomputeConfig
+from teacher_service.config import SAVED_CONFIG, PrecomputeConfig
 from teacher_service.engine import ScoreRequest, TeacherEngine, build_engine
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def run_precompute(config: PrecomputeConfig) -> dict:
                             limit=config.limit)
     engine = build_engine(config)
     if config.overwrite:
-        clear_folder(config.out, keep=[e.name for e in Path(config.out).glob("precompute-w*")])
+        clear_folder(config.out, keep=[e.name for e in Path(config.out).iterdir()
+                                       if SAVED_CONFIG.match(e.name)])
     # Shard boundaries are placed here (at group ends), not by the writer's token count.
     try:
         writer = TargetStoreWriter(config.out, store_metadata(engine, config, workers),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -142,7 +141,7 @@ class Run:
 def run_train(config: TrainConfig) -> dict[str, Any]:
     """Train the student; returns a summary (rank 0's view). See the module docstring."""
     config.validate()
-    device = resolve_device(config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(config.device)  # under torchrun: the GPU of $LOCAL_RANK
     env = init_distributed(device.type)
     try:
         run = setup(config, env, device)

@@ -18,6 +18,9 @@ from storage.outputs import clear_folder, refuse_used_folder
 
 from .task import SortTask, make_prompt, target_answer
 
+#: Where ``aligndistil toyworld`` saves its resolved config inside --out.
+SAVED_CONFIG = "toyworld_config.yaml"
+
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 #: Each turn is ``<|role|> content``; an assistant turn ends with ``<eos>``; the generation
@@ -49,7 +52,7 @@ class WorldConfig:
     task: SortTask = field(default=SortTask(), init=False)
 
     def validate(self) -> None:
-        refuse_used_folder(self.out, own=("toyworld_config.yaml",), overwrite=self.overwrite)
+        refuse_used_folder(self.out, own=(SAVED_CONFIG,), overwrite=self.overwrite)
 
 
 def build_tokenizer(words: list[str]):
@@ -97,7 +100,7 @@ def build_world(config: WorldConfig) -> dict:
     Evaluation prompts are disjoint from the training prompts and demonstrations."""
     out = Path(config.out)
     if config.overwrite:
-        clear_folder(out, keep=("toyworld_config.yaml",))
+        clear_folder(out, keep=(SAVED_CONFIG,))
     out.mkdir(parents=True, exist_ok=True)
     task, rng = config.task, random.Random(config.seed)
     tokenizer = build_tokenizer(task.words)
