@@ -59,6 +59,19 @@ SIZES = {
                       off_policy_epochs=6, on_policy_epochs=4, eval_samples=8),
 }
 
+#: The fidelity world (``--world grammar``): 16-word answers over a 2,008-token vocabulary,
+#: 50 right words per position; k = 64 as for a real model.
+GRAMMAR_SIZES = {
+    "default": DemoSize(demos=8000, sft_epochs=6, top_k=64, max_new_tokens=20),
+    # Fewer held-out samples only: with half the preference pairs the teachers' extrapolation
+    # is noisy enough to make the students worse than SFT (measured; benchmarks/results).
+    "small": DemoSize(demos=8000, sft_epochs=6, eval_prompts=64, eval_samples=8, top_k=64,
+                      max_new_tokens=20),
+}
+
+#: World name -> (its task, its sizes).
+WORLDS = {"sort": SIZES, "grammar": GRAMMAR_SIZES}
+
 #: Model name in the results -> its folder under the workdir.
 MODELS = {"sft": "sft", "dpo": "dpo", "reverse": "reverse",
           "aligndistil-off-policy": "off_policy/final",
@@ -74,6 +87,8 @@ class DemoConfig:
     """``aligndistil demo``: where and how big."""
     workdir: Annotated[str, "where every stage writes (a rerun skips finished stages)"] = \
         "aligndistil-demo"
+    world: Annotated[Literal["sort", "grammar"], "sort: short number lists, vocabulary 28; "
+                     "grammar: the fidelity world, 16-word chains over 2,000 words"] = "sort"
     size: Annotated[Literal["default", "small"], "how much data (small: the CI test's size)"] = \
         "default"
     seed: Annotated[int, "seed of the whole pipeline"] = 0
@@ -93,34 +108,30 @@ def run_demo_command(config: DemoConfig) -> int:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(workdir / "demo_config.yaml", dump_config(config, "demo"))
-    run_demo(workdir, SIZES[config.size], seed=config.seed, port=config.port,
-             device=config.device)
+    run_demo(workdir, WORLDS[config.world][config.size], seed=config.seed, port=config.port,
+             device=config.device, world=config.world)
     return 0
 
 
 # ------------------------------------------------------------------------------ the pipeline
-def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = False,
-             port: int = 0, device: str = "cpu") -> dict:
-    if fresh and workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(workdir)
-    w = workdir
-    world = w / "world"
+def build_teachers(runner: "Runner", w: Path, size: DemoSize, *, seed: int, world: str,
+                   device: str) -> Path:
+    """The stages up to the two teachers: ``world -> sft -> pairs -> dpo, dpo --reverse``
+    (each skipped when its output is complete). Returns the world's folder."""
     dev = ["--device", device]
-    started = time.perf_counter()
-
-    runner.step("toyworld", ["toyworld", "--out", world, "--seed", seed,
+    world_dir = w / "world"
+    runner.step("toyworld", ["toyworld", "--world", world, "--out", world_dir, "--seed", seed,
                              "--demos", size.demos, "--train-prompts", size.train_prompts,
                              "--eval-prompts", size.eval_prompts, "--overwrite"],
-                done=world / "prompts_eval.jsonl")
-    runner.step("sft", ["sft", "--model", world / "init", "--data", world / "sft_demos.jsonl",
-                        "--out", w / "sft", "--lr", size.sft_lr, "--epochs", size.sft_epochs,
-                        "--seed", seed, "--no-progress", "--overwrite", *dev],
+                done=world_dir / "prompts_eval.jsonl")
+    runner.step("sft", ["sft", "--model", world_dir / "init", "--data",
+                        world_dir / "sft_demos.jsonl", "--out", w / "sft", "--lr", size.sft_lr,
+                        "--epochs", size.sft_epochs, "--seed", seed, "--no-progress",
+                        "--overwrite", *dev],
                 done=w / "sft" / "sft_summary.json")
     runner.step("pairs", ["pairs", "--model", w / "sft", "--prompts",
-                          world / "prompts_train.jsonl", "--out", w / "pairs.jsonl",
-                          "--task", "sort", "--samples-per-prompt", size.samples_per_prompt,
+                          world_dir / "prompts_train.jsonl", "--out", w / "pairs.jsonl",
+                          "--task", world, "--samples-per-prompt", size.samples_per_prompt,
                           "--max-new-tokens", size.max_new_tokens, "--seed", seed, *dev],
                 done=w / "pairs.jsonl")
     for name, extra in (("dpo", []), ("reverse", ["--reverse"])):
@@ -129,6 +140,20 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
                            "--batch-size", 32, "--min-lr-ratio", 0, "--seed", seed,
                            "--no-progress", "--overwrite", *dev],
                     done=w / name / "dpo_summary.json")
+    return world_dir
+
+
+def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = False,
+             port: int = 0, device: str = "cpu", world: str = "sort") -> dict:
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(workdir)
+    w = workdir
+    dev = ["--device", device]
+    started = time.perf_counter()
+    task = world  # each world's task is registered under the world's name
+    world_dir = build_teachers(runner, w, size, seed=seed, world=world, device=device)
     runner.step("precompute", ["precompute", "--dpo-model", w / "dpo", "--reverse-model",
                                w / "reverse", "--data", w / "pairs.jsonl", "--response-field",
                                "chosen", "--out", w / "store", "--top-k", size.top_k, *dev])
@@ -143,7 +168,7 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
     with runner.server(["serve", "--dpo-model", w / "dpo", "--reverse-model", w / "reverse",
                         "--top-k", size.top_k, *dev], port=port) as url:
         runner.step("train-on-policy", ["train", "--mode", "on-policy", "--teacher-url", url,
-                                        "--prompts", world / "prompts_train.jsonl",
+                                        "--prompts", world_dir / "prompts_train.jsonl",
                                         "--out", w / "on_policy", "--epochs",
                                         size.on_policy_epochs, "--max-new-tokens",
                                         size.max_new_tokens, "--rollout-batch-size",
@@ -153,13 +178,13 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
         for name, folder in MODELS.items():
             out = w / "eval" / f"{name}.json"
             runner.step(f"eval-{name}", ["eval", "--model", w / folder, "--prompts",
-                                         world / "prompts_eval.jsonl", "--task", "sort",
+                                         world_dir / "prompts_eval.jsonl", "--task", task,
                                          "--teacher-url", url, "--samples-per-prompt",
                                          size.eval_samples, "--max-new-tokens",
                                          size.max_new_tokens, "--seed", seed + 1234,
                                          "--out", out, *dev])
             evals[name] = json.loads(out.read_text(encoding="utf-8"))
-    results = {"size": asdict(size), "seed": seed, "workdir": str(w),
+    results = {"world": world, "size": asdict(size), "seed": seed, "workdir": str(w),
                "seconds": round(time.perf_counter() - started, 1),
                "stage_seconds": runner.seconds, "commands": runner.commands,
                "models": {name: _summary(e) for name, e in evals.items()}}
@@ -253,7 +278,7 @@ def plot_results(workdir: Path, models: dict) -> Path:
 
 
 # ------------------------------------------------------------------------------ processes
-class _Runner:
+class Runner:
     """Runs ``aligndistil`` subcommands as child processes, logging each to its own file."""
 
     def __init__(self, workdir: Path):
@@ -276,7 +301,7 @@ class _Runner:
             print(f"[{name}] done already ({done} exists), skipped:\n  $ {shown}", flush=True)
             return
         print(f"[{name}]\n  $ {shown}", flush=True)
-        log = self.logs / f"{name}.log"
+        log = self.logs / f"{name.replace('/', '_')}.log"
         started = time.perf_counter()
         with open(log, "w", encoding="utf-8") as fh:
             rc = subprocess.call(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
@@ -289,14 +314,14 @@ class _Runner:
         last = _last_line(log)
         print(f"  ok in {seconds:.1f} s" + (f": {last}" if last else ""), flush=True)
 
-    def server(self, args: list, *, port: int = 0) -> "_Server":
-        return _Server(self, args, port)
+    def server(self, args: list, *, port: int = 0) -> "Server":
+        return Server(self, args, port)
 
 
-class _Server:
+class Server:
     """``aligndistil serve`` as a child process for the duration of a ``with`` block."""
 
-    def __init__(self, runner: _Runner, args: list, port: int):
+    def __init__(self, runner: Runner, args: list, port: int):
         self.runner, self.args, self.port = runner, args, port or _free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -350,4 +375,5 @@ def _last_line(log: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-__all__ = ["DemoConfig", "DemoSize", "SIZES", "run_demo", "run_demo_command"]
+__all__ = ["DemoConfig", "DemoSize", "Runner", "SIZES", "WORLDS", "build_teachers", "run_demo",
+           "run_demo_command"]

@@ -126,6 +126,9 @@ class PrecomputeConfig(TeacherOptions):
                            "EOS, and counted (none: 2048, the released scripts' length, or the "
                            "models' maximum if smaller)", ">=2"] = None
 
+    layout: Annotated[Literal["compact", "compact-lossy8"], "how shards are encoded: compact "
+                      "(lossless, the default) or compact-lossy8 (log pi* as 8-bit codes on each "
+                      "row's range: smaller, lossy; benchmarks/results/store.md)"] = "compact"
     overwrite: Annotated[bool, "delete the store at --out first (one worker only): to start "
                          "over after changing the data or the settings"] = False
 

@@ -19,7 +19,8 @@ STAGES = ["toyworld", "sft", "pairs", "dpo", "reverse", "precompute", "inspect",
 MODELS = ["sft", "dpo", "reverse", "aligndistil-off-policy", "aligndistil-on-policy"]
 EVAL_FIELDS = {"model", "prompts", "num_prompts", "samples", "seed", "task", "gold_reward",
                "exact_match", "mean_response_length", "teacher_url", "beta0",
-               "contrastive_reward", "kl_to_dpo", "examples", "seconds"}
+               "contrastive_reward", "kl_to_dpo", "kl_to_teacher", "teacher_exact", "examples",
+               "seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,8 @@ def test_eval_json_of_every_model(demo):
         assert result["num_prompts"] == 64 and result["samples"] == 64 * 8
         assert 0 <= result["gold_reward"] <= 1 and 0 <= result["exact_match"] <= 1
         assert result["kl_to_dpo"] > -0.05, "a KL estimate far below 0 means mismatched log-probs"
+        # the demo's server keeps k = 8 of V = 28: KL to pi* with the uniform tail, not exact
+        assert result["kl_to_teacher"] >= 0 and result["teacher_exact"] is False
     dpo = json.loads((workdir / "eval" / "dpo.json").read_text())
     # The dpo model's own samples scored by the dpo teacher on the server: the same model, so
     # the estimated KL(model || dpo) is zero up to float noise.

@@ -321,3 +321,31 @@ def test_k_equal_to_the_vocabulary_is_exact_aligndistil_through_the_store(pair_d
                                    torch.from_numpy(rec.tail_logmass.astype(np.float64)))
         exact = exact_reverse_kl(student, torch.from_numpy(log_pi))
         torch.testing.assert_close(sparse, exact, rtol=2e-3, atol=2e-3)
+
+
+def test_lossy8_layout_is_pinned_and_decodes_close_to_the_lossless_store(store, pair_dirs, data,
+                                                                         tmp_path):
+    out = tmp_path / "lossy"
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", data, "--out", out, "--top-k", 8, "--device", "cpu",
+               "--group-size", 8, "--shard-tokens", 40, "--layout", "compact-lossy8")
+    assert res.returncode == 0, res.stderr
+    assert TargetStore.open(out).metadata.layout == "compact-lossy8"
+    exact, lossy = _records(store), _records(out)
+    assert sorted(lossy) == sorted(exact)
+    worst = 0.0
+    for i, want in exact.items():
+        got = lossy[i]
+        assert np.array_equal(got.topk_ids, want.topk_ids)
+        assert np.array_equal(got.alpha, want.alpha)
+        assert np.array_equal(got.tail_logmass, want.tail_logmass)
+        span = np.ptp(want.topk_logprobs.astype(np.float64), axis=1, keepdims=True)
+        err = np.abs(got.topk_logprobs.astype(np.float64) - want.topk_logprobs)
+        # 8-bit codes over each row's range: at most half a step, plus float16 rounding
+        assert (err <= span / 255 / 2 + 2e-3 * (1 + np.abs(want.topk_logprobs))).all()
+        worst = max(worst, float(err.max()))
+    assert worst > 0  # it is lossy: the test would notice a lossless store
+    # resuming the store with the other layout is refused, naming the field
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", data, "--out", out, "--top-k", 8, "--device", "cpu")
+    assert res.returncode == 2 and "layout" in res.stderr, res.stderr

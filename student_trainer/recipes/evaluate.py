@@ -10,6 +10,10 @@ measures it). Reported, averaged over the samples:
   ``mean_t (log pi_model(y_t) - log pi_dpo(y_t))`` (unbiased, since the samples come from
   pi_model);
 - ``kl_to_dpo_per_sequence``: the same summed over each response (the paper's Table 3 unit);
+- ``kl_to_teacher``: per-token ``KL(pi_model || pi*)`` over the whole vocabulary at every
+  sampled position, against the server's top-k of log pi* with the uniform tail: the exact
+  AlignDistil objective on held-out samples when the server's ``top_k`` is the vocabulary size
+  (``teacher_exact``);
 - ``mean_response_length``: response tokens, EOS included.
 
 Sampling uses exactly ``--temperature`` / ``--top-p`` / ``--sampling-top-k`` (default: the
@@ -38,21 +42,37 @@ from student_trainer.sampling import Sample, sample_answers
 
 @torch.no_grad()
 def response_logprobs(model, samples: list[Sample], pad_id: int, batch_size: int,
-                      vocab_size: int) -> list[torch.Tensor]:
+                      vocab_size: int, records: list | None = None
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Log-probs of each sample's response tokens under ``model`` (float32, CPU): the decoder
-    and LM head at the response rows only (:mod:`causal_lm`), as the teachers compute theirs."""
+    and LM head at the response rows only (:mod:`causal_lm`), as the teachers compute theirs.
+    With the teacher's ``records`` for the samples, also each position's
+    ``KL(model || pi*)`` against their top-k with the uniform tail (exact when k = V).
+    Returns ``(log-probs, KLs)``, one tensor per sample each (KLs empty without records)."""
+    from student_trainer.losses import sparse_reverse_kl
+
     device = next(model.parameters()).device
-    out = []
+    logprobs, kls = [], []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
+        lengths = [len(s.response_ids) for s in chunk]
         batch = collate_sequences([(s.prompt_ids + s.response_ids, len(s.prompt_ids))
                                    for s in chunk], pad_id).to(device)
         hidden = response_hidden(model, batch.input_ids, batch.attention_mask, batch.row_idx,
                                  batch.col_idx)
-        logp = torch.log_softmax(head_logits(model, hidden, vocab_size).float(), dim=-1)
+        logits = head_logits(model, hidden, vocab_size).float()
+        logp = torch.log_softmax(logits, dim=-1)
         picked = logp.gather(-1, batch.target_ids[:, None])[:, 0].cpu()
-        out.extend(torch.split(picked, [len(s.response_ids) for s in chunk]))
-    return out
+        logprobs.extend(torch.split(picked, lengths))
+        if records is not None:
+            recs = records[start:start + batch_size]
+            kl = sparse_reverse_kl(
+                logits,
+                torch.cat([torch.as_tensor(r.topk_ids, dtype=torch.long) for r in recs]).to(device),
+                torch.cat([torch.as_tensor(r.topk_logprobs) for r in recs]).to(device),
+                torch.cat([torch.as_tensor(r.tail_logmass) for r in recs]).to(device))
+            kls.extend(torch.split(kl.cpu(), lengths))
+    return logprobs, kls
 
 
 def run_eval(config: EvalConfig) -> dict:
@@ -83,13 +103,14 @@ def run_eval(config: EvalConfig) -> dict:
         result["gold_reward"] = _mean(rewards)
         result["exact_match"] = _mean([float(r == 1.0) for r in rewards])
     if config.teacher_url:
-        own = response_logprobs(model, samples, pad_token_id(tokenizer), config.batch_size,
-                                len(tokenizer))
         with TeacherClient(config.teacher_url, api_key=config.api_key) as client:
-            client.check_compatible(tokenizer_sha256=tokenizer_sha256(tokenizer),
-                                    vocab_size=len(tokenizer), student=f"--model {config.model}")
+            info = client.check_compatible(tokenizer_sha256=tokenizer_sha256(tokenizer),
+                                           vocab_size=len(tokenizer),
+                                           student=f"--model {config.model}")
             records = client.score([(s.prompt_ids + s.response_ids, len(s.prompt_ids))
                                     for s in samples])
+        own, to_teacher = response_logprobs(model, samples, pad_token_id(tokenizer),
+                                            config.batch_size, len(tokenizer), records)
         contrast, kl, kl_seq = [], [], []
         for rec, mine in zip(records, own):
             dpo = torch.as_tensor(rec.dpo_logprobs, dtype=torch.float32)
@@ -101,7 +122,10 @@ def run_eval(config: EvalConfig) -> dict:
         # kl_to_dpo_per_sequence: summed over each response (the paper's Table 3 unit).
         result.update(teacher_url=config.teacher_url, beta0=config.beta0,
                       contrastive_reward=_mean(contrast), kl_to_dpo=_mean(kl),
-                      kl_to_dpo_per_sequence=_mean(kl_seq))
+                      kl_to_dpo_per_sequence=_mean(kl_seq),
+                      kl_to_teacher=_mean(float(t.mean()) for t in to_teacher if len(t)),
+                      teacher_top_k=info.get("top_k"),
+                      teacher_exact=info.get("top_k") == len(tokenizer))
     result["examples"] = [{"prompt": s.prompt, "response": s.text,
                            **({"gold_reward": reward} if task else {})}
                           for s, reward in zip(samples[:config.examples],

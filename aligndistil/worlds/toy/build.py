@@ -1,4 +1,8 @@
-"""Build the toy world offline: tokenizer + tiny model folder, noisy demonstrations, prompts.
+"""Build a toy world offline: tokenizer + tiny model folder, noisy demonstrations, prompts.
+
+Two worlds (``--world``): ``sort`` (the demo's: sort a short list of numbers, a 28-token
+vocabulary, one right answer) and ``grammar`` (the fidelity world: 16-word chains in a synthetic
+grammar of 2,000 words, about 40 right words per position; :mod:`.grammar`).
 
 The tokenizer is word-level (``tokenizers`` WordLevel, whitespace split) with a chat template,
 wrapped as a ``PreTrainedTokenizerFast``; the model is a randomly initialised Llama-architecture
@@ -10,13 +14,18 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
+from storage.errors import ConfigError
 from storage.outputs import clear_folder, refuse_used_folder
 
-from .task import SortTask, make_prompt, target_answer
+from .grammar import GrammarTask
+from .task import SortTask
+
+#: World name -> its task (the task's gold reward is registered under the same name).
+WORLDS = {"sort": SortTask(), "grammar": GrammarTask()}
 
 #: Where ``aligndistil toyworld`` saves its resolved config inside --out.
 SAVED_CONFIG = "toyworld_config.yaml"
@@ -38,20 +47,30 @@ CHAT_TEMPLATE = (
 class WorldConfig:
     """``aligndistil toyworld``: the files of the toy world."""
     out: Annotated[str, "the world's folder"]
+    world: Annotated[Literal["sort", "grammar"], "sort: short lists of numbers (the demo's); "
+                     "grammar: 16-word chains over 2,000 words (the fidelity world)"] = "sort"
     seed: Annotated[int, "seed of everything the world draws"] = 0
     hidden_size: Annotated[int, "the tiny model's hidden size", ">=1"] = 128
     layers: Annotated[int, "the tiny model's layers", ">=1"] = 2
     head_dim: Annotated[int, "attention head size (vLLM's CPU backend needs >= 32)", ">=1"] = 32
     demos: Annotated[int, "noisy SFT demonstrations", ">=1"] = 4000
-    noise: Annotated[float, "probability that a demonstration's answer token is a random "
-                     "number", "[0,1]"] = 0.2
+    noise: Annotated[float, "probability that a demonstration's answer token is wrong (sort: "
+                     "a random number; grammar: a word of the decoy class)", "[0,1]"] = 0.2
     train_prompts: Annotated[int, "prompts for preference pairs and on-policy training",
                              ">=1"] = 512
     eval_prompts: Annotated[int, "held-out prompts for evaluation", ">=1"] = 128
     overwrite: Annotated[bool, "replace what another run left in --out"] = False
-    task: SortTask = field(default=SortTask(), init=False)
+
+    @property
+    def task(self):
+        return WORLDS[self.world]
 
     def validate(self) -> None:
+        wanted, distinct = self.train_prompts + self.eval_prompts, self.task.prompt_count
+        if wanted > distinct:
+            raise ConfigError(f"--train-prompts {self.train_prompts} + --eval-prompts "
+                              f"{self.eval_prompts} exceed the {distinct} distinct prompts of "
+                              f"--world {self.world}")
         refuse_used_folder(self.out, own=(SAVED_CONFIG,), overwrite=self.overwrite)
 
 
@@ -69,7 +88,8 @@ def build_tokenizer(words: list[str]):
     return tokenizer
 
 
-def build_model(vocab_size: int, *, seed: int, hidden_size: int, layers: int, head_dim: int):
+def build_model(vocab_size: int, *, seed: int, hidden_size: int, layers: int, head_dim: int,
+                max_positions: int = 64):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -79,19 +99,11 @@ def build_model(vocab_size: int, *, seed: int, hidden_size: int, layers: int, he
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        head_dim=head_dim, max_position_embeddings=64, tie_word_embeddings=False,
+        head_dim=head_dim, max_position_embeddings=max_positions, tie_word_embeddings=False,
         bos_token_id=SPECIAL_TOKENS.index("<bos>"), eos_token_id=SPECIAL_TOKENS.index("<eos>"),
         pad_token_id=SPECIAL_TOKENS.index("<pad>"))
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
-
-
-def noisy_answer(numbers: list[int], task: SortTask, noise: float, rng: random.Random) -> str:
-    """The sorted list with each token replaced by a random number with probability ``noise``."""
-    out = []
-    for n in sorted(numbers):
-        out.append(task.random_number(rng) if rng.random() < noise else n)
-    return " ".join(map(str, out))
 
 
 def build_world(config: WorldConfig) -> dict:
@@ -110,34 +122,34 @@ def build_world(config: WorldConfig) -> dict:
     model.save_pretrained(init, safe_serialization=True)
     tokenizer.save_pretrained(init)
 
-    seen: set[tuple[int, ...]] = set()
+    seen: set = set()
 
-    def fresh(n: int) -> list[list[int]]:
+    def fresh(n: int) -> list:
         found = []
         while len(found) < n:
-            nums = task.sample_numbers(rng)
-            if tuple(nums) not in seen:
-                seen.add(tuple(nums))
-                found.append(nums)
+            key = task.sample_key(rng)
+            if key not in seen:
+                seen.add(key)
+                found.append(key)
         return found
 
     evals = fresh(config.eval_prompts)  # drawn first, so every other split avoids them
     train = fresh(config.train_prompts)
     demo_rows = []
     for _ in range(config.demos):
-        nums = task.sample_numbers(rng)
-        if tuple(nums) in seen:
+        key = task.sample_key(rng)
+        if key in seen:
             continue
         demo_rows.append({"messages": [
-            {"role": "user", "content": make_prompt(nums)},
-            {"role": "assistant", "content": noisy_answer(nums, task, config.noise, rng)}]})
+            {"role": "user", "content": task.prompt(key)},
+            {"role": "assistant", "content": task.demonstration(key, config.noise, rng)}]})
     paths = {"model": init, "demos": out / "sft_demos.jsonl",
              "prompts_train": out / "prompts_train.jsonl",
              "prompts_eval": out / "prompts_eval.jsonl"}
     _write_jsonl(paths["demos"], demo_rows)
-    _write_jsonl(paths["prompts_train"], [{"prompt": make_prompt(n)} for n in train])
-    _write_jsonl(paths["prompts_eval"], [{"prompt": make_prompt(n),
-                                          "reference": target_answer(n)} for n in evals])
+    _write_jsonl(paths["prompts_train"], [{"prompt": task.prompt(k)} for k in train])
+    _write_jsonl(paths["prompts_eval"], [{"prompt": task.prompt(k),
+                                          "reference": task.reference(k)} for k in evals])
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -9,6 +9,7 @@ token-level rewards (and AlignDistil) are about.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -34,6 +35,27 @@ class SortTask:
 
     def random_number(self, rng: random.Random) -> int:
         return rng.randint(0, self.max_value)
+
+    @property
+    def prompt_count(self) -> int:
+        """Distinct prompts: ordered lists of distinct numbers of every allowed length."""
+        return sum(math.perm(self.max_value + 1, n) for n in range(self.min_len, self.max_len + 1))
+
+    # What building a world asks of a task: prompts keyed by a hashable value, demonstrations.
+    def sample_key(self, rng: random.Random) -> tuple[int, ...]:
+        return tuple(self.sample_numbers(rng))
+
+    def prompt(self, numbers: tuple[int, ...]) -> str:
+        return make_prompt(list(numbers))
+
+    def demonstration(self, numbers: tuple[int, ...], noise: float, rng: random.Random) -> str:
+        """The sorted list with each number replaced by a random one with probability
+        ``noise``."""
+        return " ".join(str(self.random_number(rng) if rng.random() < noise else n)
+                        for n in sorted(numbers))
+
+    def reference(self, numbers: tuple[int, ...]) -> str:
+        return target_answer(list(numbers))
 
 
 def make_prompt(numbers: list[int]) -> str:

@@ -1,0 +1,362 @@
+"""Fidelity: what cached, compressed targets cost against exact AlignDistil, in the grammar world.
+
+Per seed, the demo's stages build the fidelity world (``toyworld --world grammar``: V = 2,008,
+16-word answers, about 40 right words per position), the SFT model, preference pairs and the two
+teachers. Then, through the ordinary commands only:
+
+- **off-policy**: ``precompute`` at k = V (the store carries the whole pi*: exact AlignDistil,
+  no separate code path), at k in {64, 16, 4} and at k = 64 with the 8-bit lossy layout; one
+  ``train --mode off-policy`` per (store, tail);
+- **on-policy**: one ``serve --top-k V``; ``train --mode on-policy --top-k k --tail T`` asks it
+  for k entries (k = V: exact);
+- every student, and the SFT model, is measured by ``eval`` against that k = V server on the
+  held-out prompts: gold reward, ``kl_to_teacher`` (KL(student || pi*) over the whole vocabulary,
+  exact since the server's k = V), KL to pi_dpo per sequence, response length.
+
+Reported per setting: gold reward, its gain over SFT, ``retained`` = gain / the exact run's gain
+of the same seed (paired: same teachers, same data order), KL to pi*, store bytes per response
+token, training wall time; over seeds: mean and 95% t-interval. Plots: retained vs k, training
+curves. pi*'s tail mass outside its top 64 and its top-1 probability are read from the k = V
+store (median, p90), the figures bench_grad_fidelity reports for SmolLM2.
+
+    .venv/bin/python benchmarks/fidelity.py --quick --seed 0 --out /tmp/fid   # <= 10 min, 2 cores
+    .venv/bin/python benchmarks/fidelity.py --seeds 0 1 2 --out benchmarks/results/fidelity
+
+``--quick`` runs one seed of exact vs k = 64 uniform, off-policy, and writes ``DIR/fidelity.json`` with ``seed, exact_gain, k64_gain, retained,
+median_tail_mass``. Stages whose outputs exist are skipped on a rerun (``--workdir`` keeps them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from aligndistil.demo import WORLDS, DemoSize, Runner, build_teachers  # noqa: E402
+from benchmarks.machine_info import machine  # noqa: E402
+
+WORLD = "grammar"
+EXACT = 0  # k placeholder for "the whole vocabulary" (resolved per seed)
+
+
+@dataclass(frozen=True)
+class Setting:
+    mode: str            # off-policy | on-policy
+    k: int               # EXACT: k = V
+    tail: str = "uniform"
+    layout: str = "compact"
+
+    @property
+    def name(self) -> str:
+        k = "exact" if self.k == EXACT else f"k{self.k}"
+        lossy = "-lossy8" if self.layout != "compact" else ""
+        tail = "" if self.k == EXACT else f"-{self.tail}"
+        return f"{self.mode}/{k}{tail}{lossy}"
+
+
+def all_settings() -> list[Setting]:
+    out = []
+    for mode in ("off-policy", "on-policy"):
+        out.append(Setting(mode, EXACT))
+        for k in (64, 16, 4):
+            for tail in ("uniform", "bucket"):
+                out.append(Setting(mode, k, tail))
+    out.append(Setting("off-policy", 64, "uniform", "compact-lossy8"))
+    return out
+
+
+QUICK = [Setting("off-policy", EXACT), Setting("off-policy", 64, "uniform")]
+
+
+# ------------------------------------------------------------------------------ one seed
+def vocab_size(model_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(model_dir))
+
+
+def store_name(k: int, layout: str) -> str:
+    return f"store_k{'V' if k == EXACT else k}{'' if layout == 'compact' else '_' + layout}"
+
+
+def pi_star_shape(store_dir: Path, ks=(4, 16, 64)) -> dict:
+    """From a k = V store: pi*'s mass outside its top k (median, p90) and its top-1 probability
+    (median), over every response position."""
+    import numpy as np
+
+    from storage.store import TargetStore
+
+    store = TargetStore.open(store_dir)
+    tails = {k: [] for k in ks}
+    top1 = []
+    for shard in range(len(store.shards)):
+        batch = store.load_shard(shard)
+        p = np.exp(batch.topk_logprobs.astype(np.float64))  # sorted, descending
+        top1.append(p[:, 0])
+        cum = np.cumsum(p, axis=1)
+        for k in ks:
+            tails[k].append(np.clip(1.0 - cum[:, k - 1], 0.0, 1.0))
+    out = {"positions": int(sum(t.size for t in top1)),
+           "top1_median": float(np.median(np.concatenate(top1)))}
+    for k, parts in tails.items():
+        t = np.concatenate(parts)
+        out[f"tail_mass_k{k}_median"] = float(np.median(t))
+        out[f"tail_mass_k{k}_p90"] = float(np.quantile(t, 0.9))
+    return out
+
+
+def run_seed(seed: int, workdir: Path, settings: list[Setting], size: DemoSize,
+             eval_samples: int) -> dict:
+    from storage.store import TargetStore, summarize
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(workdir)
+    w, dev = workdir, ["--device", "cpu"]
+    world_dir = build_teachers(runner, w, size, seed=seed, world=WORLD, device="cpu")
+    V = vocab_size(w / "sft")
+    k_of = lambda s: V if s.k == EXACT else s.k  # noqa: E731
+    teachers = ["--dpo-model", w / "dpo", "--reverse-model", w / "reverse"]
+    train = ["--model", w / "sft", "--lr", size.student_lr, "--global-batch-size",
+             size.global_batch_size, "--min-lr-ratio", 0, "--seed", seed, "--save-every", 0,
+             "--no-progress", "--no-tensorboard", "--overwrite", *dev]
+    stores: dict[str, dict] = {}
+    runs: dict[str, dict] = {}
+    for s in settings:
+        if s.mode != "off-policy":
+            continue
+        name = store_name(s.k, s.layout)
+        if name not in stores:
+            runner.step(f"precompute-{name}", ["precompute", *teachers, "--data",
+                                               w / "pairs.jsonl", "--response-field", "chosen",
+                                               "--out", w / name, "--top-k", k_of(s), "--layout",
+                                               s.layout, "--no-progress", *dev])
+            summary = summarize(TargetStore.open(w / name))
+            stores[name] = {"bytes_per_token": summary["bytes_per_token"],
+                            "response_tokens": summary["response_tokens"],
+                            "seconds": runner.seconds.get(f"precompute-{name}")}
+        out = w / "runs" / s.name
+        runner.step(f"train-{s.name}", ["train", "--mode", "off-policy", "--store", w / name,
+                                        "--tail", s.tail, "--out", out, "--epochs",
+                                        size.off_policy_epochs, *train],
+                    done=out / "final" / "model.safetensors")
+        runs[s.name] = {"setting": asdict(s), "k": k_of(s), "store": name,
+                        "train_seconds": runner.seconds.get(f"train-{s.name}")}
+    shape = pi_star_shape(w / store_name(EXACT, "compact")) \
+        if store_name(EXACT, "compact") in stores else None
+    with runner.server(["serve", *teachers, "--top-k", V, *dev]) as url:
+        for s in settings:
+            if s.mode != "on-policy":
+                continue
+            out = w / "runs" / s.name
+            runner.step(f"train-{s.name}", ["train", "--mode", "on-policy", "--teacher-url", url,
+                                            "--prompts", world_dir / "prompts_train.jsonl",
+                                            "--top-k", k_of(s), "--tail", s.tail, "--out", out,
+                                            "--epochs", size.on_policy_epochs,
+                                            "--max-new-tokens", size.max_new_tokens,
+                                            "--rollout-batch-size", size.global_batch_size,
+                                            *train],
+                        done=out / "final" / "model.safetensors")
+            runs[s.name] = {"setting": asdict(s), "k": k_of(s),
+                            "train_seconds": runner.seconds.get(f"train-{s.name}")}
+        models = {"sft": w / "sft", **{n: w / "runs" / n / "final" for n in runs}}
+        evals = {}
+        for name, folder in models.items():
+            out = w / "eval" / f"{name.replace('/', '_')}.json"
+            runner.step(f"eval-{name}", ["eval", "--model", folder, "--prompts",
+                                         world_dir / "prompts_eval.jsonl", "--task", WORLD,
+                                         "--teacher-url", url, "--samples-per-prompt",
+                                         eval_samples, "--max-new-tokens", size.max_new_tokens,
+                                         "--seed", seed + 1234, "--out", out, *dev],
+                        done=out)
+            evals[name] = json.loads(out.read_text(encoding="utf-8"))
+    sft_gold = evals["sft"]["gold_reward"]
+    exact = {m: evals.get(f"{m}/exact", {}).get("gold_reward") for m in ("off-policy", "on-policy")}
+    for name, r in runs.items():
+        e = evals[name]
+        gain = e["gold_reward"] - sft_gold
+        exact_gain = exact[r["setting"]["mode"]]
+        exact_gain = None if exact_gain is None else exact_gain - sft_gold
+        r.update(gold_reward=e["gold_reward"], gain=gain,
+                 retained=(gain / exact_gain) if exact_gain else None,
+                 kl_to_teacher=e.get("kl_to_teacher"),
+                 kl_to_dpo_per_sequence=e.get("kl_to_dpo_per_sequence"),
+                 length=e.get("mean_response_length"),
+                 bytes_per_token=stores.get(r.get("store"), {}).get("bytes_per_token"))
+    return {"seed": seed, "vocab_size": V, "sft": {k: evals["sft"].get(k) for k in (
+                "gold_reward", "kl_to_teacher", "kl_to_dpo_per_sequence",
+                "mean_response_length")},
+            "pi_star": shape, "stores": stores, "runs": runs,
+            "stage_seconds": runner.seconds}
+
+
+# ------------------------------------------------------------------------------ statistics
+#: Two-sided 95% Student-t quantiles by degrees of freedom.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci(values: list[float]) -> dict:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(values)
+    if not n:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = sum(values) / n
+    if n == 1:
+        return {"mean": mean, "ci95": None, "n": 1}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
+def aggregate(per_seed: list[dict], settings: list[Setting]) -> dict:
+    out = {}
+    for s in settings:
+        rows = [p["runs"][s.name] for p in per_seed if s.name in p["runs"]]
+        out[s.name] = {"k": rows[0]["k"] if rows else None, "setting": asdict(s)} | {
+            key: mean_ci([r.get(key) for r in rows])
+            for key in ("gold_reward", "gain", "retained", "kl_to_teacher",
+                        "kl_to_dpo_per_sequence", "length", "bytes_per_token", "train_seconds")}
+    out["sft"] = {"gold_reward": mean_ci([p["sft"]["gold_reward"] for p in per_seed]),
+                  "kl_to_teacher": mean_ci([p["sft"]["kl_to_teacher"] for p in per_seed])}
+    return out
+
+
+def format_table(agg: dict, settings: list[Setting]) -> str:
+    def f(cell, digits=3, pct=False):
+        if cell is None or cell.get("mean") is None:
+            return "-"
+        scale = 100 if pct else 1
+        text = f"{scale * cell['mean']:.{digits}f}"
+        if cell.get("ci95"):
+            lo, hi = (scale * v for v in cell["ci95"])
+            text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+        return text
+
+    lines = ["| setting | gold reward | gain over SFT | gain kept (%) | KL(student ‖ π*) | "
+             "KL to π_dpo / seq | length | store B/token | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines.append(f"| SFT | {f(agg['sft']['gold_reward'])} | | | "
+                 f"{f(agg['sft']['kl_to_teacher'])} | | | | |")
+    for s in settings:
+        a = agg[s.name]
+        lines.append(f"| {s.name} | {f(a['gold_reward'])} | {f(a['gain'])} | "
+                     f"{f(a['retained'], 1, pct=True)} | {f(a['kl_to_teacher'])} | "
+                     f"{f(a['kl_to_dpo_per_sequence'], 2)} | {f(a['length'], 2)} | "
+                     f"{f(a['bytes_per_token'], 0)} | {f(a['train_seconds'], 0)} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ plots
+def plot(agg: dict, per_seed: list[dict], workdir: Path, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from student_trainer.metrics import read_jsonl
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, marker in (("off-policy", "o"), ("on-policy", "s")):
+        for tail, style in (("uniform", "-"), ("bucket", "--")):
+            pts = [(a["k"], a["retained"]["mean"], a["retained"]["ci95"])
+                   for n, a in agg.items() if n != "sft" and a["setting"]["mode"] == mode
+                   and a["setting"]["layout"] == "compact" and a["retained"]["mean"] is not None
+                   and (a["setting"]["tail"] == tail or a["setting"]["k"] == EXACT)]
+            if len(pts) < 2:
+                continue
+            pts.sort()
+            ks = [p[0] for p in pts]
+            ax.plot(ks, [100 * p[1] for p in pts], style, marker=marker, label=f"{mode}, {tail}")
+            for k, _, ci in pts:
+                if ci:
+                    ax.plot([k, k], [100 * ci[0], 100 * ci[1]], color="grey", lw=0.8)
+    ax.axhline(98, color="red", lw=0.8, ls=":", label="goal: 98%")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (top-k entries of log pi* kept; rightmost = V, exact)")
+    ax.set_ylabel("gain over SFT kept (% of exact)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "fidelity_retained_vs_k.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    seed = per_seed[0]["seed"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, mode in zip(axes, ("off-policy", "on-policy")):
+        for name in per_seed[0]["runs"]:
+            if not name.startswith(mode) or name.endswith("bucket"):
+                continue
+            rows = read_jsonl(workdir / f"seed{seed}" / "runs" / name / "metrics.jsonl")
+            pts = [(r["step"], r["kl"]) for r in rows if isinstance(r.get("kl"), (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name.split("/")[1])
+        ax.set_title(f"{mode}: KL(student || teacher targets), seed {seed}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "fidelity_training_curves.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for fidelity.json, the table and plots")
+    ap.add_argument("--workdir", default=None, help="where each seed's pipeline runs (kept; a "
+                    "rerun skips finished stages); default OUT/work")
+    ap.add_argument("--quick", action="store_true", help="one seed, exact vs k=64 uniform, "
+                    "off-policy")
+    ap.add_argument("--seed", type=int, default=None, help="the one seed of --quick")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--size", choices=["default", "small"], default="default",
+                    help="the demo size of the grammar world")
+    ap.add_argument("--eval-samples", type=int, default=None,
+                    help="samples per held-out prompt (default 16; 8 with --quick)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(args.workdir) if args.workdir else out / "work"
+    seeds = [args.seed if args.seed is not None else 0] if args.quick else args.seeds
+    settings = QUICK if args.quick else all_settings()
+    size = WORLDS[WORLD][args.size]
+    eval_samples = args.eval_samples or (8 if args.quick else 16)
+    started = time.perf_counter()
+    per_seed = [run_seed(s, workdir / f"seed{s}", settings, size, eval_samples) for s in seeds]
+    agg = aggregate(per_seed, settings)
+    result = {"world": WORLD, "size": asdict(size), "eval_samples_per_prompt": eval_samples,
+              "seeds": seeds, "settings": [s.name for s in settings], "aggregate": agg,
+              "per_seed": per_seed, "seconds": round(time.perf_counter() - started, 1),
+              "machine": machine(torch.get_num_threads()),
+              "command": " ".join(["benchmarks/fidelity.py", *(argv or sys.argv[1:])])}
+    if args.quick:
+        p = per_seed[0]
+        exact, k64 = p["runs"]["off-policy/exact"], p["runs"]["off-policy/k64-uniform"]
+        result.update(seed=p["seed"], exact_gain=exact["gain"], k64_gain=k64["gain"],
+                      retained=k64["retained"],
+                      median_tail_mass=(p["pi_star"] or {}).get("tail_mass_k64_median"))
+    (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    table = format_table(agg, settings)
+    (out / "fidelity_table.md").write_text(table + "\n", encoding="utf-8")
+    pngs = plot(agg, per_seed, workdir, out)
+    print(table)
+    print(f"\nwrote {out / 'fidelity.json'}, {', '.join(str(p) for p in pngs)} "
+          f"in {result['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
