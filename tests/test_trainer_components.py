@@ -205,3 +205,19 @@ def test_rollouts_sample_the_full_distribution_at_temperature_one():
                              config=RolloutConfig(max_new_tokens=16, batch_size=48), seed=0)
     distinct = {t for ids, p in out for t in ids[p:]}
     assert len(distinct) > 100  # of len(tok) ~ 140 equally likely ids
+
+
+def test_the_uniform_tail_warns_once_about_a_broad_teacher_tail(caplog):
+    from student_trainer.recipes.configs import TrainConfig
+    from student_trainer.recipes.train import warn_broad_tail
+
+    def warned(tail: str, mass: float) -> bool:
+        caplog.clear()
+        config = TrainConfig(mode="off-policy", model="m", out="o", store="s", tail=tail)
+        with caplog.at_level("WARNING", logger="student_trainer.recipes.train"):
+            warn_broad_tail(mass, config)
+        return any("--tail bucket" in r.getMessage() for r in caplog.records)
+
+    assert warned("uniform", 0.13)
+    assert not warned("uniform", 0.002)  # a real chat model's tail
+    assert not warned("bucket", 0.13)

@@ -67,6 +67,14 @@ def test_loss_goes_down_and_the_students_kl_to_pi_star_drops(world, full_run):
                 "tokens_per_s", "grad_norm"):
         assert all(isinstance(r[key], float) for r in rows), key
     assert all(r["sequences"] == 8 for r in rows)
+    # tail_mass_mean: each epoch sees every record once, so its token-weighted mean is the
+    # store's mean teacher mass outside the top-k
+    want = np.mean(np.concatenate([np.exp(r.tail_logmass.astype(np.float64))
+                                   for r in world["records"]]))
+    first = [r for r in rows if r["epoch"] == 0]
+    got = sum(r["tail_mass_mean"] * r["response_tokens"] for r in first) / \
+        sum(r["response_tokens"] for r in first)
+    assert 0 < want < 1 and got == pytest.approx(want, rel=1e-5)
     assert max(r["micro_batches"] for r in rows) > 1  # --max-tokens 64 forces accumulation
     # Epoch e repeats the same 32 records in another order: compare whole epochs.
     epoch_loss = [np.mean([r["loss"] for r in rows if r["epoch"] == e]) for e in range(6)]

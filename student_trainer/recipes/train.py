@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepStats:
     """Sums over a step's response positions / sequences, reduced over ranks."""
-    values: torch.Tensor = field(default_factory=lambda: torch.zeros(8, dtype=torch.float64))
-    KEYS = ("loss_x_seqs", "kl", "beta", "alpha", "reward", "positions", "tokens", "sequences")
+    values: torch.Tensor = field(default_factory=lambda: torch.zeros(9, dtype=torch.float64))
+    KEYS = ("loss_x_seqs", "kl", "beta", "alpha", "reward", "tail", "positions", "tokens",
+            "sequences")
 
     def add(self, **kw: float) -> None:
         for key, v in kw.items():
@@ -68,6 +69,7 @@ class StepStats:
         return {"loss": v["loss_x_seqs"] / seqs, "kl": v["kl"] / positions,
                 "beta_mean": v["beta"] / positions, "alpha_mean": v["alpha"] / positions,
                 "reward_token_mean": v["reward"] / positions,
+                "tail_mass_mean": v["tail"] / positions,
                 "response_tokens": v["positions"], "tokens": v["tokens"],
                 "sequences": v["sequences"]}
 
@@ -101,7 +103,7 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                                                      config.beta0)
             stats.add(loss_x_seqs=float(loss) * batch.num_sequences, kl=kl.float().sum(),
                       beta=beta.sum(), alpha=batch.alpha.sum(), reward=reward.sum(),
-                      positions=batch.num_response_tokens, tokens=batch.num_tokens,
+                      tail=batch.tail_logmass.float().exp().sum(), positions=batch.num_response_tokens, tokens=batch.num_tokens,
                       sequences=batch.num_sequences)
     lr = optimizer.param_groups[0]["lr"]
     grad_norm = clip_grad_norm(params, config.max_grad_norm or None)
@@ -111,6 +113,22 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
     stats.values = all_reduce_sum(env, stats.values)
     return {**stats.as_dict(), "lr": lr, "grad_norm": grad_norm,
             "micro_batches": len(batches)}
+
+
+#: Above this mean teacher mass outside the top-k, the uniform tail changes what is learned.
+BROAD_TAIL = 0.05
+
+
+def warn_broad_tail(tail_mass_mean: float, config: TrainConfig) -> None:
+    """The uniform tail spreads pi*'s mass outside the top-k evenly over the other V - k ids.
+    When that mass is large, the student learns a visibly different policy from exact
+    AlignDistil (benchmarks/results/fidelity.md): say so once, with what to do."""
+    if config.tail == "uniform" and tail_mass_mean > BROAD_TAIL:
+        log.warning("the teacher keeps %.1f%% of its mass outside the top-k targets (mean over "
+                    "the first step); --tail uniform spreads it evenly over the rest of the "
+                    "vocabulary, which changes what the student learns (see "
+                    "benchmarks/results/fidelity.md): use a larger top-k or --tail bucket",
+                    100 * tail_mass_mean)
 
 
 # ============================================================================ the run
@@ -255,6 +273,8 @@ def train(run: Run) -> dict[str, Any]:
                          tokens_per_s=stats["tokens"] / max(elapsed + wait_s, 1e-9),
                          **data.timings, **data.counts)
             run.metrics.log(completed, stats)
+            if not last:  # the first step of this process
+                warn_broad_tail(stats["tail_mass_mean"], config)
             last = stats
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4g}", kl=f"{stats['kl']:.4g}")
