@@ -70,7 +70,7 @@ GRAMMAR_SIZES = {
 }
 
 #: World name -> (its task, its sizes).
-WORLDS = {"sort": SIZES, "grammar": GRAMMAR_SIZES}
+WORLD_SIZES = {"sort": SIZES, "grammar": GRAMMAR_SIZES}
 
 #: Model name in the results -> its folder under the workdir.
 MODELS = {"sft": "sft", "dpo": "dpo", "reverse": "reverse",
@@ -108,7 +108,7 @@ def run_demo_command(config: DemoConfig) -> int:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(workdir / "demo_config.yaml", dump_config(config, "demo"))
-    run_demo(workdir, WORLDS[config.world][config.size], seed=config.seed, port=config.port,
+    run_demo(workdir, WORLD_SIZES[config.world][config.size], seed=config.seed, port=config.port,
              device=config.device, world=config.world)
     return 0
 
@@ -375,5 +375,5 @@ def _last_line(log: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-__all__ = ["DemoConfig", "DemoSize", "Runner", "SIZES", "WORLDS", "build_teachers", "run_demo",
+__all__ = ["DemoConfig", "DemoSize", "Runner", "SIZES", "WORLD_SIZES", "build_teachers", "run_demo",
            "run_demo_command"]

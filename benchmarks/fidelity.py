@@ -15,15 +15,17 @@ teachers. Then, through the ordinary commands only:
 
 Reported per setting: gold reward, its gain over SFT, ``retained`` = gain / the exact run's gain
 of the same seed (paired: same teachers, same data order), KL to pi*, store bytes per response
-token, training wall time; over seeds: mean and 95% t-interval. Plots: retained vs k, training
-curves. pi*'s tail mass outside its top 64 and its top-1 probability are read from the k = V
-store (median, p90), the figures bench_grad_fidelity reports for SmolLM2.
+token, training wall time; over seeds: mean and 95% t-interval. Plots: gold reward and KL to
+pi* vs k, training curves. pi*'s tail mass outside its top 64 and its top-1 probability are
+read from the k = V store (median, p90), the figures bench_grad_fidelity reports for SmolLM2.
 
     .venv/bin/python benchmarks/fidelity.py --quick --seed 0 --out /tmp/fid   # <= 10 min, 2 cores
     .venv/bin/python benchmarks/fidelity.py --seeds 0 1 2 --out benchmarks/results/fidelity
 
-``--quick`` runs one seed of exact vs k = 64 uniform, off-policy, and writes ``DIR/fidelity.json`` with ``seed, exact_gain, k64_gain, retained,
-median_tail_mass``. Stages whose outputs exist are skipped on a rerun (``--workdir`` keeps them).
+``--quick`` runs one seed of exact vs k = 64 uniform, off-policy, and writes
+``DIR/fidelity.json`` with ``seed, exact_gain, k64_gain, retained, median_tail_mass``. Stages
+whose outputs exist are skipped on a rerun (``--workdir`` keeps them); ``--replot`` redoes the
+table and plots from ``DIR/fidelity.json``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aligndistil.demo import WORLDS, DemoSize, Runner, build_teachers  # noqa: E402
+from aligndistil.demo import WORLD_SIZES, DemoSize, Runner, build_teachers  # noqa: E402
 from benchmarks.machine_info import machine  # noqa: E402
 
 WORLD = "grammar"
@@ -262,29 +264,34 @@ def plot(agg: dict, per_seed: list[dict], workdir: Path, out: Path) -> list[Path
     from student_trainer.metrics import read_jsonl
 
     paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    sft = agg["sft"]["gold_reward"]["mean"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for mode, marker in (("off-policy", "o"), ("on-policy", "s")):
         for tail, style in (("uniform", "-"), ("bucket", "--")):
-            pts = [(a["k"], a["retained"]["mean"], a["retained"]["ci95"])
-                   for n, a in agg.items() if n != "sft" and a["setting"]["mode"] == mode
-                   and a["setting"]["layout"] == "compact" and a["retained"]["mean"] is not None
-                   and (a["setting"]["tail"] == tail or a["setting"]["k"] == EXACT)]
+            pts = sorted((a["k"], a["gold_reward"], a["kl_to_teacher"])
+                         for n, a in agg.items() if n != "sft"
+                         and a["setting"]["mode"] == mode and a["setting"]["layout"] == "compact"
+                         and (a["setting"]["tail"] == tail or a["setting"]["k"] == EXACT))
             if len(pts) < 2:
                 continue
-            pts.sort()
-            ks = [p[0] for p in pts]
-            ax.plot(ks, [100 * p[1] for p in pts], style, marker=marker, label=f"{mode}, {tail}")
-            for k, _, ci in pts:
-                if ci:
-                    ax.plot([k, k], [100 * ci[0], 100 * ci[1]], color="grey", lw=0.8)
-    ax.axhline(98, color="red", lw=0.8, ls=":", label="goal: 98%")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (top-k entries of log pi* kept; rightmost = V, exact)")
-    ax.set_ylabel("gain over SFT kept (% of exact)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            for ax, i in zip(axes, (1, 2)):
+                ax.errorbar([p[0] for p in pts], [p[i]["mean"] for p in pts],
+                            yerr=[[p[i]["mean"] - p[i]["ci95"][0] if p[i]["ci95"] else 0
+                                   for p in pts],
+                                  [p[i]["ci95"][1] - p[i]["mean"] if p[i]["ci95"] else 0
+                                   for p in pts]],
+                            fmt=style, marker=marker, capsize=3, label=f"{mode}, {tail}")
+    axes[0].axhline(sft, color="grey", lw=1, ls=":", label="SFT")
+    axes[0].set_ylabel("gold reward (held-out)")
+    axes[1].set_ylabel("KL(student || exact pi*) per token")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k (top-k of log pi* kept; rightmost: k = V, exact)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out / "fidelity_retained_vs_k.png")
+    paths.append(out / "fidelity_vs_k.png")
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
 
@@ -324,15 +331,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", choices=["default", "small"], default="default",
                     help="the demo size of the grammar world")
+    ap.add_argument("--replot", action="store_true", help="only redo the table and plots from "
+                    "OUT/fidelity.json")
     ap.add_argument("--eval-samples", type=int, default=None,
                     help="samples per held-out prompt (default 16; 8 with --quick)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(args.workdir) if args.workdir else out / "work"
+    if args.replot:
+        result = json.loads((out / "fidelity.json").read_text(encoding="utf-8"))
+        settings = [s for s in all_settings() + QUICK if s.name in result["settings"]]
+        settings = list(dict.fromkeys(settings))
+        table = format_table(result["aggregate"], settings)
+        (out / "fidelity_table.md").write_text(table + "\n", encoding="utf-8")
+        print(table)
+        print(plot(result["aggregate"], result["per_seed"], workdir, out))
+        return 0
     seeds = [args.seed if args.seed is not None else 0] if args.quick else args.seeds
     settings = QUICK if args.quick else all_settings()
-    size = WORLDS[WORLD][args.size]
+    size = WORLD_SIZES[WORLD][args.size]
     eval_samples = args.eval_samples or (8 if args.quick else 16)
     started = time.perf_counter()
     per_seed = [run_seed(s, workdir / f"seed{s}", settings, size, eval_samples) for s in seeds]

@@ -4,8 +4,9 @@ Runs on the teachers ``benchmarks/fidelity.py`` built for a seed (``WORKDIR/seed
 sft, pairs.jsonl, dpo, reverse), through the ordinary commands:
 
 - **Table 2** (reward accuracy): held-out pairs are sampled from the SFT model on 1,024 fresh
-  prompts (none a training prompt) and labelled by the gold reward (``pairs``); ``reward-accuracy`` then reports how often
-  the DPO reward ``beta0 * sum_t log(pi_dpo / pi_ref)`` and the contrastive reward
+  prompts (none a training prompt) and labelled by the gold reward (``pairs``);
+  ``reward-accuracy`` then reports how often the DPO reward
+  ``beta0 * sum_t log(pi_dpo / pi_ref)`` and the contrastive reward
   ``beta0 * sum_t log(pi_dpo / pi_rev)`` rank chosen above rejected, on the training pairs and
   on the held-out ones. The gold reward's row is 100% by construction (it labelled the pairs;
   ties are not pairs).
@@ -30,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aligndistil.demo import WORLDS, Runner  # noqa: E402
+from aligndistil.demo import WORLD_SIZES, Runner  # noqa: E402
 from benchmarks.fidelity import WORLD, mean_ci, vocab_size  # noqa: E402
 from benchmarks.machine_info import machine  # noqa: E402
 
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    size = WORLDS[WORLD]["default"]
+    size = WORLD_SIZES[WORLD]["default"]
     started = time.perf_counter()
     per_seed = [run_seed(s, Path(args.workdir) / f"seed{s}", size, args.eval_samples,
                          args.alphas, args.tables) for s in args.seeds]

@@ -43,5 +43,5 @@ def test_quick_fidelity_writes_the_promised_json(tmp_path):
     store = TargetStore.open(out / "work" / "seed3" / "store_kV")
     batch = store.load_shard(0)
     assert batch.topk_ids.shape[1] == 2008 and (batch.tail_logmass == -math.inf).all()
-    assert (out / "fidelity_retained_vs_k.png").stat().st_size > 0
+    assert (out / "fidelity_vs_k.png").stat().st_size > 0
     assert (out / "fidelity_training_curves.png").stat().st_size > 0

@@ -103,7 +103,8 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                                                      config.beta0)
             stats.add(loss_x_seqs=float(loss) * batch.num_sequences, kl=kl.float().sum(),
                       beta=beta.sum(), alpha=batch.alpha.sum(), reward=reward.sum(),
-                      tail=batch.tail_logmass.float().exp().sum(), positions=batch.num_response_tokens, tokens=batch.num_tokens,
+                      tail=batch.tail_logmass.float().exp().sum(),
+                      positions=batch.num_response_tokens, tokens=batch.num_tokens,
                       sequences=batch.num_sequences)
     lr = optimizer.param_groups[0]["lr"]
     grad_norm = clip_grad_norm(params, config.max_grad_norm or None)

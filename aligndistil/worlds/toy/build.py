@@ -2,7 +2,7 @@
 
 Two worlds (``--world``): ``sort`` (the demo's: sort a short list of numbers, a 28-token
 vocabulary, one right answer) and ``grammar`` (the fidelity world: 16-word chains in a synthetic
-grammar of 2,000 words, about 40 right words per position; :mod:`.grammar`).
+grammar of 2,000 words, 50 right words per position; :mod:`.grammar`).
 
 The tokenizer is word-level (``tokenizers`` WordLevel, whitespace split) with a chat template,
 wrapped as a ``PreTrainedTokenizerFast``; the model is a randomly initialised Llama-architecture
@@ -88,8 +88,7 @@ def build_tokenizer(words: list[str]):
     return tokenizer
 
 
-def build_model(vocab_size: int, *, seed: int, hidden_size: int, layers: int, head_dim: int,
-                max_positions: int = 64):
+def build_model(vocab_size: int, *, seed: int, hidden_size: int, layers: int, head_dim: int):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -99,7 +98,7 @@ def build_model(vocab_size: int, *, seed: int, hidden_size: int, layers: int, he
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        head_dim=head_dim, max_position_embeddings=max_positions, tie_word_embeddings=False,
+        head_dim=head_dim, max_position_embeddings=64, tie_word_embeddings=False,
         bos_token_id=SPECIAL_TOKENS.index("<bos>"), eos_token_id=SPECIAL_TOKENS.index("<eos>"),
         pad_token_id=SPECIAL_TOKENS.index("<pad>"))
     torch.manual_seed(seed)
