@@ -139,11 +139,12 @@ def format_tables(per_seed: list[dict]) -> str:
         row = [cell([p["table2"].get(split, {}).get(key, {}).get("accuracy") for p in per_seed],
                     1, pct=True) for split in ("train", "test")]
         lines.append(f"| {label} | {row[0]} | {row[1]} |")
-    lines += ["", f"Table 3: off-policy, alpha adaptive vs constant (k = V), seeds "
-              f"{[p['seed'] for p in per_seed if p['table3']]} (mean ± 95% half-interval where "
-              f"more than one)", "",
-              "| teacher | gold reward | KL to π_dpo / seq | length |", "|---|---|---|---|"]
     with3 = [p for p in per_seed if p["table3"]]
+    if with3:
+        lines += ["", f"Table 3: off-policy, alpha adaptive vs constant (k = V), seeds "
+                  f"{[p['seed'] for p in with3]} (mean ± 95% half-interval where more than "
+                  f"one)", "",
+                  "| teacher | gold reward | KL to π_dpo / seq | length |", "|---|---|---|---|"]
     for name in (list(with3[0]["table3"]) if with3 else []):
         vals = [p["table3"][name] for p in with3]
         lines.append(f"| {name} | {cell([v['gold_reward'] for v in vals])} | "
