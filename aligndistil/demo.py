@@ -143,6 +143,15 @@ def build_teachers(runner: "Runner", w: Path, size: DemoSize, *, seed: int, worl
     return world_dir
 
 
+def student_flags(w: Path, size: DemoSize, *, seed: int, device: str,
+                  save_every: int = 1000) -> list:
+    """The ``train`` flags every AlignDistil student of the demo (and the benchmarks built on
+    it) shares: the SFT model as the start, the size's learning rate and batch, quiet output."""
+    return ["--model", w / "sft", "--lr", size.student_lr, "--global-batch-size",
+            size.global_batch_size, "--min-lr-ratio", 0, "--seed", seed, "--save-every",
+            save_every, "--no-progress", "--no-tensorboard", "--overwrite", "--device", device]
+
+
 def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = False,
              port: int = 0, device: str = "cpu", world: str = "sort") -> dict:
     if fresh and workdir.exists():
@@ -158,9 +167,7 @@ def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = Fals
                                w / "reverse", "--data", w / "pairs.jsonl", "--response-field",
                                "chosen", "--out", w / "store", "--top-k", size.top_k, *dev])
     runner.step("inspect", ["inspect", w / "store", "--verify"])
-    train = ["--model", w / "sft", "--lr", size.student_lr, "--global-batch-size",
-             size.global_batch_size, "--min-lr-ratio", 0, "--seed", seed, "--save-every", 1000,
-             "--no-progress", "--no-tensorboard", "--overwrite", *dev]
+    train = student_flags(w, size, seed=seed, device=device)
     runner.step("train-off-policy", ["train", "--mode", "off-policy", "--store", w / "store",
                                      "--out", w / "off_policy", "--epochs",
                                      size.off_policy_epochs, *train],
@@ -375,5 +382,5 @@ def _last_line(log: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-__all__ = ["DemoConfig", "DemoSize", "Runner", "SIZES", "WORLD_SIZES", "build_teachers", "run_demo",
+__all__ = ["DemoConfig", "DemoSize", "Runner", "SIZES", "WORLD_SIZES", "build_teachers", "student_flags", "run_demo",
            "run_demo_command"]

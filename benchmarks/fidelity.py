@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aligndistil.demo import WORLD_SIZES, DemoSize, Runner, build_teachers  # noqa: E402
+from aligndistil.demo import WORLD_SIZES, DemoSize, Runner, build_teachers, student_flags  # noqa: E402
 from benchmarks.machine_info import machine  # noqa: E402
 
 WORLD = "grammar"
@@ -125,9 +125,7 @@ def run_seed(seed: int, workdir: Path, settings: list[Setting], size: DemoSize,
     V = vocab_size(w / "sft")
     k_of = lambda s: V if s.k == EXACT else s.k  # noqa: E731
     teachers = ["--dpo-model", w / "dpo", "--reverse-model", w / "reverse"]
-    train = ["--model", w / "sft", "--lr", size.student_lr, "--global-batch-size",
-             size.global_batch_size, "--min-lr-ratio", 0, "--seed", seed, "--save-every", 0,
-             "--no-progress", "--no-tensorboard", "--overwrite", *dev]
+    train = student_flags(w, size, seed=seed, device="cpu", save_every=0)
     stores: dict[str, dict] = {}
     runs: dict[str, dict] = {}
     for s in settings:
@@ -179,14 +177,14 @@ def run_seed(seed: int, workdir: Path, settings: list[Setting], size: DemoSize,
                         done=out)
             evals[name] = json.loads(out.read_text(encoding="utf-8"))
     sft_gold = evals["sft"]["gold_reward"]
-    exact = {m: evals.get(f"{m}/exact", {}).get("gold_reward") for m in ("off-policy", "on-policy")}
+    exact_gain = {mode: evals[f"{mode}/exact"]["gold_reward"] - sft_gold
+                  for mode in ("off-policy", "on-policy") if f"{mode}/exact" in evals}
     for name, r in runs.items():
         e = evals[name]
         gain = e["gold_reward"] - sft_gold
-        exact_gain = exact[r["setting"]["mode"]]
-        exact_gain = None if exact_gain is None else exact_gain - sft_gold
+        base = exact_gain.get(r["setting"]["mode"])
         r.update(gold_reward=e["gold_reward"], gain=gain,
-                 retained=(gain / exact_gain) if exact_gain else None,
+                 retained=(gain / base) if base else None,
                  kl_to_teacher=e.get("kl_to_teacher"),
                  kl_to_dpo_per_sequence=e.get("kl_to_dpo_per_sequence"),
                  length=e.get("mean_response_length"),
@@ -268,10 +266,11 @@ def plot(agg: dict, per_seed: list[dict], workdir: Path, out: Path) -> list[Path
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for mode, marker in (("off-policy", "o"), ("on-policy", "s")):
         for tail, style in (("uniform", "-"), ("bucket", "--")):
-            pts = sorted((a["k"], a["gold_reward"], a["kl_to_teacher"])
-                         for n, a in agg.items() if n != "sft"
-                         and a["setting"]["mode"] == mode and a["setting"]["layout"] == "compact"
-                         and (a["setting"]["tail"] == tail or a["setting"]["k"] == EXACT))
+            pts = sorted(((a["k"], a["gold_reward"], a["kl_to_teacher"])
+                          for n, a in agg.items() if n != "sft"
+                          and a["setting"]["mode"] == mode and a["setting"]["layout"] == "compact"
+                          and (a["setting"]["tail"] == tail or a["setting"]["k"] == EXACT)),
+                         key=lambda p: p[0])
             if len(pts) < 2:
                 continue
             for ax, i in zip(axes, (1, 2)):
@@ -290,10 +289,7 @@ def plot(agg: dict, per_seed: list[dict], workdir: Path, out: Path) -> list[Path
         ax.set_xlabel("k (top-k of log pi* kept; rightmost: k = V, exact)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "fidelity_vs_k.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_save(fig, out / "fidelity_vs_k.png"))
 
     seed = per_seed[0]["seed"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -310,11 +306,17 @@ def plot(agg: dict, per_seed: list[dict], workdir: Path, out: Path) -> list[Path
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "fidelity_training_curves.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    paths.append(_save(fig, out / "fidelity_training_curves.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 # ------------------------------------------------------------------------------ main
@@ -341,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) if args.workdir else out / "work"
     if args.replot:
         result = json.loads((out / "fidelity.json").read_text(encoding="utf-8"))
-        settings = [s for s in all_settings() + QUICK if s.name in result["settings"]]
-        settings = list(dict.fromkeys(settings))
+        settings = [s for s in all_settings() if s.name in result["settings"]]  # QUICK within
         table = format_table(result["aggregate"], settings)
         (out / "fidelity_table.md").write_text(table + "\n", encoding="utf-8")
         print(table)

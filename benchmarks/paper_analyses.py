@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aligndistil.demo import WORLD_SIZES, Runner  # noqa: E402
+from aligndistil.demo import WORLD_SIZES, Runner, student_flags  # noqa: E402
 from benchmarks.fidelity import WORLD, mean_ci, vocab_size  # noqa: E402
 from benchmarks.machine_info import machine  # noqa: E402
 
@@ -85,10 +85,8 @@ def run_seed(seed: int, w: Path, size, eval_samples: int, alphas, tables=("2", "
     if "3" not in tables:
         return {"seed": seed, "table2": table2["splits"], "table3": None}
     # ---- Table 3
-    train = ["--model", w / "sft", "--lr", size.student_lr, "--global-batch-size",
-             size.global_batch_size, "--min-lr-ratio", 0, "--seed", seed, "--save-every", 0,
-             "--no-progress", "--no-tensorboard", "--overwrite", "--epochs",
-             size.off_policy_epochs, *dev]
+    train = [*student_flags(w, size, seed=seed, device="cpu", save_every=0), "--epochs",
+             size.off_policy_epochs]
     runs = {}
     for alpha in alphas:
         name = f"constant-{alpha:g}"
