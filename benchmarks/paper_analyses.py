@@ -15,9 +15,18 @@ sft, pairs.jsonl, dpo, reverse), through the ordinary commands:
   is then ``beta``) against ``--mode adaptive`` (the fidelity benchmark's exact run), all at
   k = V, each trained like the benchmark's off-policy students; ``eval`` against a k = V
   adaptive server gives the gold reward, KL to pi_dpo per sequence and response length.
+- **Figure 2** (convergence, on-policy): ``train --mode on-policy`` with ``--objective
+  aligndistil`` (exact: the server's k = V), ``reinforce-sentence`` and ``reinforce-token``
+  (student_trainer/reinforce.py; beta = 0.08), same student, prompts, schedule and seed, for
+  :data:`FIG2_EPOCHS` epochs. The curve is each step's token-averaged contrastive reward
+  ``beta0 * (log pi_dpo - log pi_rev)`` of the step's own samples (``reward_token_mean``). The
+  steps AlignDistil needs to reach a baseline's final reward (its mean over the last
+  :data:`FINAL_WINDOW` steps) are counted on AlignDistil's trailing :data:`SMOOTH`-step mean.
 
     .venv/bin/python benchmarks/paper_analyses.py --workdir /tmp/fidwork --seeds 0 1 2 \\
         --out benchmarks/results/paper_analyses
+    .venv/bin/python benchmarks/paper_analyses.py --workdir /tmp/fidwork --seeds 0 1 2 \\
+        --tables fig2 --out benchmarks/results/paper_analyses/figure2
 """
 
 from __future__ import annotations
@@ -38,6 +47,11 @@ from benchmarks.machine_info import machine  # noqa: E402
 CONSTANT_ALPHAS = (1.0, 1.2, 1.5, 1.8, 2.0)
 HELDOUT_PROMPTS = 1024
 BETA0 = 0.1
+FIG2_OBJECTIVES = ("aligndistil", "reinforce-sentence", "reinforce-token")
+FIG2_EPOCHS = 4        #: 128 steps of 32 prompts over the 1,024 training prompts
+FIG2_BETA = 0.08       #: the paper's beta for the baselines' KL penalty
+FINAL_WINDOW = 16      #: a baseline's final reward: its mean over the last steps
+SMOOTH = 8             #: AlignDistil's curve is read as a trailing mean over this many steps
 
 
 def heldout_prompts(train: Path, out: Path, *, n: int, seed: int) -> Path:
@@ -119,6 +133,139 @@ def run_seed(seed: int, w: Path, size, eval_samples: int, alphas, tables=("2", "
     return {"seed": seed, "table2": table2["splits"], "table3": table3}
 
 
+def figure2_seed(seed: int, w: Path, size, eval_samples: int, epochs: int) -> dict:
+    """On-policy AlignDistil and the two REINFORCE baselines from the same SFT student; the
+    per-step contrastive reward of each, the gold reward of each final student."""
+    from student_trainer.metrics import read_jsonl
+
+    runner = Runner(w)
+    dev = ["--device", "cpu"]
+    world = w / "world"
+    V = vocab_size(w / "sft")
+    teachers = ["--dpo-model", w / "dpo", "--reverse-model", w / "reverse"]
+    train = student_flags(w, size, seed=seed, device="cpu", save_every=0)
+    result: dict = {"seed": seed, "epochs": epochs, "curves": {}, "final": {}, "eval": {}}
+    with runner.server(["serve", *teachers, "--top-k", V, *dev]) as url:
+        for objective in FIG2_OBJECTIVES:
+            out = w / "figure2" / f"epochs{epochs}" / objective
+            # The baselines need only the sampled tokens' log-probs: ask for one top-k entry.
+            k = [] if objective == "aligndistil" else ["--top-k", 1]
+            runner.step(f"fig2-train-{objective}", [
+                "train", "--mode", "on-policy", "--objective", objective, "--kl-coef",
+                FIG2_BETA, "--beta0", BETA0, "--teacher-url", url, "--prompts",
+                world / "prompts_train.jsonl", *k, "--out", out, "--epochs", epochs,
+                "--max-new-tokens", size.max_new_tokens, "--rollout-batch-size",
+                size.global_batch_size, *train], done=out / "final" / "model.safetensors")
+            rows = read_jsonl(out / "metrics.jsonl")
+            result["curves"][objective] = [r["reward_token_mean"] for r in rows]
+            result["final"][objective] = rows[-1].get("step")
+            evaluation = w / "figure2" / f"epochs{epochs}" / "eval" / f"{objective}.json"
+            runner.step(f"fig2-eval-{objective}", [
+                "eval", "--model", out / "final", "--prompts", world / "prompts_eval.jsonl",
+                "--task", WORLD, "--teacher-url", url, "--samples-per-prompt", eval_samples,
+                "--max-new-tokens", size.max_new_tokens, "--seed", seed + 1234, "--out",
+                evaluation, *dev], done=evaluation)
+            e = json.loads(evaluation.read_text(encoding="utf-8"))
+            result["eval"][objective] = {k: e.get(k) for k in (
+                "gold_reward", "kl_to_dpo_per_sequence", "kl_to_teacher", "mean_response_length")}
+            result["eval"][objective]["train_seconds"] = runner.seconds.get(
+                f"fig2-train-{objective}")
+    result["speed"] = convergence(result["curves"])
+    return result
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        part = values[max(0, i - window + 1):i + 1]
+        out.append(sum(part) / len(part))
+    return out
+
+
+def convergence(curves: dict[str, list[float]]) -> dict:
+    """For each baseline: its final reward (mean of the last FINAL_WINDOW steps), the first step
+    at which AlignDistil's trailing SMOOTH-step mean reaches it (None: never), and that step as
+    a fraction of the baseline's steps."""
+    ours = trailing_mean(curves["aligndistil"], SMOOTH)
+    out = {"aligndistil_final": sum(curves["aligndistil"][-FINAL_WINDOW:]) /
+           len(curves["aligndistil"][-FINAL_WINDOW:])}
+    for name, curve in curves.items():
+        if name == "aligndistil":
+            continue
+        final = sum(curve[-FINAL_WINDOW:]) / len(curve[-FINAL_WINDOW:])
+        step = next((i + 1 for i, v in enumerate(ours) if v >= final), None)
+        out[name] = {"final": final, "aligndistil_steps_to_reach": step, "steps": len(curve),
+                     "fraction": (step / len(curve)) if step else None}
+    return out
+
+
+def plot_figure2(per_seed: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colors = {"aligndistil": "tab:blue", "reinforce-sentence": "tab:orange",
+              "reinforce-token": "tab:green"}
+    for name, color in colors.items():
+        curves = [p["curves"][name] for p in per_seed if name in p["curves"]]
+        if not curves:
+            continue
+        for c in curves:
+            ax.plot(range(1, len(c) + 1), c, color=color, alpha=0.15, lw=0.8)
+        n = min(len(c) for c in curves)
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+        ax.plot(range(1, n + 1), trailing_mean(mean, SMOOTH), color=color, lw=2,
+                label=f"{name} (mean of {len(curves)} seeds, {SMOOTH}-step trailing mean)")
+    ax.set_xlabel("optimizer step (32 sampled responses each)")
+    ax.set_ylabel("contrastive reward per token, β0·(log π_dpo − log π_rev)")
+    ax.set_title("On-policy convergence in the grammar world (Figure 2 in miniature)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_figure2(per_seed: list[dict]) -> str:
+    lines = [f"Figure 2: on-policy, {per_seed[0]['epochs']} epochs, seeds "
+             f"{[p['seed'] for p in per_seed]} (mean ± 95% half-interval where more than one)",
+             "", "| objective | final contrastive reward / token | gold reward | KL to π_dpo / "
+             "seq | KL(student ‖ π*) | train s |", "|---|---|---|---|---|---|"]
+
+    def cell(values, digits=3):
+        m = mean_ci(values)
+        if m["mean"] is None:
+            return "-"
+        text = f"{m['mean']:.{digits}f}"
+        return text + (f" ± {m['ci95'][1] - m['mean']:.{digits}f}" if m["ci95"] else "")
+
+    for name in FIG2_OBJECTIVES:
+        finals = [sum(p["curves"][name][-FINAL_WINDOW:]) / len(p["curves"][name][-FINAL_WINDOW:])
+                  for p in per_seed]
+        ev = [p["eval"][name] for p in per_seed]
+        lines.append(f"| {name} | {cell(finals, 4)} | {cell([e['gold_reward'] for e in ev])} | "
+                     f"{cell([e['kl_to_dpo_per_sequence'] for e in ev], 2)} | "
+                     f"{cell([e['kl_to_teacher'] for e in ev])} | "
+                     f"{cell([e['train_seconds'] for e in ev], 0)} |")
+    lines += ["", "Steps AlignDistil needs to reach each baseline's final reward "
+              f"(its {SMOOTH}-step trailing mean >= the baseline's mean over its last "
+              f"{FINAL_WINDOW} steps):", "", "| baseline | " +
+              " | ".join(f"seed {p['seed']}" for p in per_seed) + " |",
+              "|---|" + "---|" * len(per_seed)]
+    for name in FIG2_OBJECTIVES[1:]:
+        cells = []
+        for p in per_seed:
+            s = p["speed"][name]
+            cells.append(f"{s['aligndistil_steps_to_reach']} of {s['steps']} "
+                         f"({100 * s['fraction']:.0f}%)" if s["fraction"] else
+                         f"not reached in {s['steps']}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_tables(per_seed: list[dict]) -> str:
     def cell(values, digits=3, pct=False):
         m = mean_ci(values)
@@ -160,13 +307,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval-samples", type=int, default=16)
     ap.add_argument("--alphas", type=float, nargs="+", default=list(CONSTANT_ALPHAS))
-    ap.add_argument("--tables", nargs="+", choices=["2", "3"], default=["2", "3"],
-                    help="which tables to run (3 trains five students per seed)")
+    ap.add_argument("--tables", nargs="+", choices=["2", "3", "fig2"], default=["2", "3"],
+                    help="which analyses to run (3 trains five students per seed, fig2 three "
+                         "on-policy students; fig2 alone skips 2 and 3)")
+    ap.add_argument("--fig2-epochs", type=int, default=FIG2_EPOCHS)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = WORLD_SIZES[WORLD]["default"]
     started = time.perf_counter()
+    if args.tables == ["fig2"]:
+        per_seed = [figure2_seed(s, Path(args.workdir) / f"seed{s}", size, args.eval_samples,
+                                 args.fig2_epochs) for s in args.seeds]
+        result = {"world": WORLD, "seeds": args.seeds, "per_seed": per_seed,
+                  "seconds": round(time.perf_counter() - started, 1),
+                  "machine": machine(torch.get_num_threads()),
+                  "command": " ".join(["benchmarks/paper_analyses.py",
+                                       *(argv or sys.argv[1:])])}
+        (out / "figure2.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        plot_figure2(per_seed, out / "figure2_convergence.png")
+        text = format_figure2(per_seed)
+        (out / "figure2.md").write_text(text + "\n", encoding="utf-8")
+        print(text)
+        return 0
+    if "fig2" in args.tables:
+        ap.error("run --tables fig2 on its own (it writes figure2.json beside the tables)")
     per_seed = [run_seed(s, Path(args.workdir) / f"seed{s}", size, args.eval_samples,
                          args.alphas, args.tables) for s in args.seeds]
     result = {"world": WORLD, "seeds": args.seeds, "per_seed": per_seed,

@@ -97,6 +97,11 @@ def _case_argv(i: dict, out: Path) -> dict[str, tuple[list[str], str]]:
                                            "--teacher-url only apply to --mode on-policy"),
         "train off-policy --top-k": ([*train, "--out", o, "--top-k", "4"],
                                      "--top-k only apply to --mode on-policy"),
+        "train off-policy --objective reinforce": (
+            [*train, "--out", o, "--objective", "reinforce-token"],
+            "--objective reinforce-token is a policy gradient and needs samples from the "
+            "student: use --mode on-policy"),
+        "train --kl-coef < 0": ([*train, "--out", o, "--kl-coef", "-1"], "--kl-coef"),
         "train on-policy --store": ([*on, "--out", o, "--store", str(i["store"])],
                                     "--store only applies to --mode off-policy"),
         "train --out a file": ([*train, "--out", str(r / "a_file")], "is a file"),

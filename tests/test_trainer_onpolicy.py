@@ -4,6 +4,7 @@ real uvicorn, Arrow IPC), sampling from the student with Hugging Face generate."
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import httpx
@@ -84,16 +85,43 @@ def test_on_policy_loop_against_a_live_server(world):
     world["sync_rows"] = rows
 
 
+def _sync_rows(world) -> list[dict]:
+    """The plain on-policy run's metrics (run here when that test was not)."""
+    if "sync_rows" not in world:
+        out = world["root"] / "sync"
+        if not (out / "final").is_dir():
+            assert main(_args(world, out, "--overwrite")) == 0
+        world["sync_rows"] = read_jsonl(out / "metrics.jsonl")
+    return world["sync_rows"]
+
+
 def test_async_rollouts_overlap_with_one_step_of_staleness(world):
     out = world["root"] / "async"
     assert main(_args(world, out, "--async-rollouts")) == 0
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
-    sync_rows = world.get("sync_rows") or read_jsonl(world["root"] / "sync" / "metrics.jsonl")
+    sync_rows = _sync_rows(world)
     # Step 1 samples from the initial weights in both modes, with the same seed.
     assert rows[0]["response_tokens"] == sync_rows[0]["response_tokens"]
     assert rows[0]["loss"] == pytest.approx(sync_rows[0]["loss"], rel=1e-5)
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_reinforce_baselines_train_on_the_same_samples_and_rewards(world):
+    """Figure 2's baselines run the same loop: step 1 samples the same responses from the
+    initial student, so the logged contrastive reward per token is AlignDistil's step 1's."""
+    sync_rows = _sync_rows(world)
+    for objective in ("reinforce-sentence", "reinforce-token"):
+        out = world["root"] / objective
+        assert main(_args(world, out, "--objective", objective, "--top-k", "1")) == 0
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2, 3]
+        assert rows[0]["response_tokens"] == sync_rows[0]["response_tokens"]
+        assert rows[0]["reward_token_mean"] == pytest.approx(sync_rows[0]["reward_token_mean"],
+                                                             rel=1e-5)
+        assert rows[0]["loss"] != pytest.approx(sync_rows[0]["loss"])
+        assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+        assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_a_server_with_another_tokenizer_is_refused_before_the_first_step(world, tmp_path,

@@ -8,7 +8,7 @@ run, naming the flag.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -79,6 +79,13 @@ class TrainConfig(SamplingOptions):
     request_timeout: Annotated[float, "seconds per request", ">0"] = 300.0
     max_retries: Annotated[int, "retries on connection errors/429/503 before stopping", ">=0"] = 6
     # the loss
+    objective: Annotated[Literal["aligndistil", "reinforce-sentence", "reinforce-token"],
+                         "aligndistil: the distillation loss; reinforce-sentence / "
+                         "reinforce-token: the paper's Figure 2 baselines, REINFORCE on the "
+                         "contrastive reward with a KL penalty to pi_dpo (on-policy only; "
+                         "student_trainer/reinforce.py)"] = "aligndistil"
+    kl_coef: Annotated[float, "reinforce-*: beta, the weight of the KL penalty to pi_dpo (the "
+                       "paper's Figure 2: 0.08)", ">=0"] = 0.08
     tail: Annotated[Literal["uniform", "bucket"], "how the teacher's mass outside its top-k is "
                     "modelled"] = "uniform"
     beta0: Annotated[float, "beta_t = beta0 / alpha_t", ">0"] = 0.1
@@ -135,6 +142,9 @@ class TrainConfig(SamplingOptions):
             if unused:
                 raise ConfigError(f"{', '.join(unused)} only apply to --mode on-policy (the "
                                   f"off-policy targets come from --store)")
+        if self.objective != "aligndistil" and self.mode != "on-policy":
+            raise ConfigError(f"--objective {self.objective} is a policy gradient and needs "
+                              f"samples from the student: use --mode on-policy")
         if self.mode == "on-policy" and self.store:
             raise ConfigError("--store only applies to --mode off-policy (on-policy targets "
                               "come from --teacher-url)")
@@ -168,8 +178,10 @@ class TrainConfig(SamplingOptions):
             return
         saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         diffs = []
+        defaults = {f.name: f.default for f in fields(self)}
         for name in RESUME_FIXED:
-            old, new = saved.get(name), getattr(self, name)
+            # A run saved before a field existed ran with its default.
+            old, new = saved.get(name, defaults[name]), getattr(self, name)
             new = list(new) if isinstance(new, tuple) else new
             if isinstance(old, (int, float)) and isinstance(new, (int, float)) \
                     and not isinstance(old, bool) and float(old) == float(new):
@@ -189,8 +201,8 @@ SAVED_CONFIG = {"train": "train_config.yaml", "dpo": "dpo_config.yaml", "sft": "
 RESUME_FIXED = (
     "mode", "model", "store", "prompts", "top_k", "max_new_tokens", "max_prompt_len",
     "rollout_batch_size", "temperature", "top_p", "sampling_top_k", "rollout_backend",
-    "async_rollouts", "max_seq_len", "tail", "beta0", "weighting", "loss_chunk_size", "lr",
-    "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule", "min_lr_ratio",
+    "async_rollouts", "max_seq_len", "objective", "kl_coef", "tail", "beta0", "weighting",
+    "loss_chunk_size", "lr", "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule", "min_lr_ratio",
     "global_batch_size", "max_tokens", "epochs", "max_steps", "max_grad_norm", "seed", "bf16",
     "allow_incomplete")
 

@@ -33,7 +33,7 @@ from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_de
 from storage.fsio import atomic_write_text
 from storage.outputs import clear_folder
 from storage.tokenization import tokenizer_sha256
-from student_trainer import losses
+from student_trainer import losses, reinforce
 from student_trainer.checkpoint import (
     CheckpointError, capture_rng_state, checkpoint_name, latest_checkpoint, load_state,
     prune_checkpoints, restore_rng_state, save_checkpoint)
@@ -80,22 +80,36 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
     """One optimizer step over ``batches`` (this rank's micro-batches of the step).
 
     ``module`` is the :class:`StudentForward`, DDP-wrapped when distributed: gradients are
-    synchronised only on the last micro-batch's backward.
+    synchronised only on the last micro-batch's backward. With ``--objective reinforce-*`` the
+    loss is the policy-gradient surrogate of :mod:`student_trainer.reinforce` instead of the
+    AlignDistil loss, and ``kl`` is the sampled estimate of KL(pi_theta || pi_dpo) per token.
     """
     stats = StepStats()
     ddp = isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    adv = None if config.objective == "aligndistil" else \
+        reinforce_advantages(module, batches, config, device, amp)
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if (last or not ddp) else module.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                kl = module(batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
-                            topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
-                            tail_logmass=batch.tail_logmass)
-            loss = losses.aligndistil_loss(
-                batch.unflatten(kl.float()), batch.unflatten(batch.alpha, 1.0),
-                batch.response_mask, beta0=config.beta0, weighting=config.weighting)
+                if adv is None:
+                    kl = module(batch.input_ids, batch.attention_mask, batch.row_idx,
+                                batch.col_idx, topk_ids=batch.topk_ids,
+                                topk_logprobs=batch.topk_logprobs,
+                                tail_logmass=batch.tail_logmass)
+                else:
+                    logp = module(batch.input_ids, batch.attention_mask, batch.row_idx,
+                                  batch.col_idx, mode="logprobs", target_ids=batch.target_ids)
+            if adv is None:
+                loss = losses.aligndistil_loss(
+                    batch.unflatten(kl.float()), batch.unflatten(batch.alpha, 1.0),
+                    batch.response_mask, beta0=config.beta0, weighting=config.weighting)
+            else:
+                loss = reinforce.policy_gradient_loss(batch.unflatten(logp.float()), adv[i],
+                                                      batch.response_mask)
+                kl = logp.detach().float() - batch.dpo_logprobs  # sampled KL to pi_dpo
             (loss * (batch.num_sequences / rank_sequences)).backward()
         with torch.no_grad():
             beta = losses.sequence_weights(batch.alpha, config.beta0, config.weighting)
@@ -116,6 +130,28 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
             "micro_batches": len(batches)}
 
 
+def reinforce_advantages(module: torch.nn.Module, batches: list[Batch], config: TrainConfig,
+                         device: torch.device, amp: bool) -> list[torch.Tensor]:
+    """The advantages ``[B_i, T_i]`` of each micro-batch for ``--objective reinforce-*``, from
+    one pass without gradients over the step's samples (the baseline is this rank's mean)."""
+    level = config.objective.removeprefix("reinforce-")
+    step_returns, masks = [], []
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logp = module(batch.input_ids, batch.attention_mask, batch.row_idx,
+                              batch.col_idx, mode="logprobs", target_ids=batch.target_ids)
+            rewards = reinforce.token_rewards(logp.float(), batch.dpo_logprobs,
+                                              batch.reverse_logprobs, beta0=config.beta0,
+                                              beta=config.kl_coef)
+            step_returns.append(reinforce.returns(batch.unflatten(rewards), batch.response_mask,
+                                                  level))
+            masks.append(batch.response_mask)
+    base = reinforce.baseline(step_returns, masks, level)
+    return [reinforce.advantages(g, m, base) for g, m in zip(step_returns, masks)]
+
+
 #: Above this mean teacher mass outside the top-k, the uniform tail changes what is learned.
 BROAD_TAIL = 0.05
 
@@ -124,7 +160,8 @@ def warn_broad_tail(tail_mass_mean: float, config: TrainConfig) -> None:
     """The uniform tail spreads pi*'s mass outside the top-k evenly over the other V - k ids.
     When that mass is large, the student learns a visibly different policy from exact
     AlignDistil (benchmarks/results/fidelity.md): say so once, with what to do."""
-    if config.tail == "uniform" and tail_mass_mean > BROAD_TAIL:
+    if config.objective == "aligndistil" and config.tail == "uniform" \
+            and tail_mass_mean > BROAD_TAIL:
         log.warning("the teacher keeps %.1f%% of its mass outside the top-k targets (mean over "
                     "the first step); --tail uniform spreads it evenly over the rest of the "
                     "vocabulary, which changes what the student learns (see "
@@ -296,7 +333,7 @@ def train(run: Run) -> dict[str, Any]:
         bar.close()
     save(run, run.out / "final", run.total_steps, epoch)
     if env.is_main:
-        plot_curves(run.out / JSONL_NAME, run.out / PNG_NAME, title=f"AlignDistil {config.mode}")
+        plot_curves(run.out / JSONL_NAME, run.out / PNG_NAME, title=f"{config.objective} {config.mode}")
     return {"steps": run.total_steps, "start_step": run.start_step,
             "final": str(run.out / "final"), "last": last,
             "prompts_truncated": getattr(run.source, "prompts_truncated", 0)}
