@@ -321,15 +321,18 @@ class Runner:
         last = _last_line(log)
         print(f"  ok in {seconds:.1f} s" + (f": {last}" if last else ""), flush=True)
 
-    def server(self, args: list, *, port: int = 0) -> "Server":
-        return Server(self, args, port)
+    def server(self, args: list, *, port: int = 0, name: str = "serve") -> "Server":
+        """A server for a ``with`` block, logging to ``logs/NAME.log`` (one name per server
+        that runs at the same time)."""
+        return Server(self, args, port, name)
 
 
 class Server:
     """``aligndistil serve`` as a child process for the duration of a ``with`` block."""
 
-    def __init__(self, runner: Runner, args: list, port: int):
+    def __init__(self, runner: Runner, args: list, port: int, name: str = "serve"):
         self.runner, self.args, self.port = runner, args, port or _free_port()
+        self.name = name
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
@@ -337,8 +340,8 @@ class Server:
 
         argv, shown = self.runner._argv([*self.args, "--host", "127.0.0.1", "--port", self.port])
         self.runner.commands.append(shown + " &")
-        print(f"[serve]\n  $ {shown} &", flush=True)
-        self.log = open(self.runner.logs / "serve.log", "w", encoding="utf-8")
+        print(f"[{self.name}]\n  $ {shown} &", flush=True)
+        self.log = open(self.runner.logs / f"{self.name}.log", "w", encoding="utf-8")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=self.runner.env)
         url = f"http://127.0.0.1:{self.port}"
@@ -347,7 +350,7 @@ class Server:
             if self.proc.poll() is not None:
                 self.log.close()
                 raise DemoError(f"the teacher server exited with {self.proc.returncode}; see "
-                                f"{self.runner.logs / 'serve.log'}")
+                                f"{self.runner.logs / (self.name + '.log')}")
             try:
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     print(f"  ready at {url}", flush=True)
@@ -366,7 +369,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-            print(f"[serve] stopped (exit {self.proc.returncode})", flush=True)
+            print(f"[{self.name}] stopped (exit {self.proc.returncode})", flush=True)
         self.log.close()
 
 

@@ -17,7 +17,9 @@ with the exact KL and with the sparse KL (``uniform`` and ``bucket`` tails), and
 
 - the cosine between the sparse and the exact gradient w.r.t. the student's logits (at the
   response positions) and w.r.t. all of the student's parameters;
-- pi*'s tail mass outside the top-k (median, p90) and the loss values.
+- pi*'s tail mass outside the top-k (median, p90) and the loss values;
+- the same with ``--dpo-top`` (the kept ids include the dpo model's top k/4, k/2 or 3k/4,
+  through the engine's own ``compute_targets``).
 
     .venv/bin/python benchmarks/bench_grad_fidelity.py --pair /work/cache/smollm2-135m \\
         --data /work/cache/sharegpt/chat.jsonl [--num 8] [--max-len 256]
@@ -54,26 +56,6 @@ KS = (8, 16, 32, 64, 128)
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
-
-
-def union_targets(log_pi: torch.Tensor, z_dpo: torch.Tensor, k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``k`` ids per position: the dpo model's top ``k // 2``, then pi*'s best ids not yet
-    taken; their log pi*, and the log of pi*'s mass outside them (by logsumexp)."""
-    n, v = log_pi.shape
-    chosen = torch.zeros(n, v, dtype=torch.bool)
-    chosen.scatter_(1, torch.topk(z_dpo, k // 2, dim=-1).indices, True)
-    order = torch.argsort(log_pi, dim=-1, descending=True)
-    ranked_taken = chosen.gather(1, order)
-    # pi*'s ranking with the already chosen ids skipped, first (k - |chosen|) of them
-    need = k - chosen.sum(-1)
-    rank_free = torch.cumsum(~ranked_taken, dim=-1)
-    fill = (~ranked_taken) & (rank_free <= need[:, None])
-    chosen.scatter_(1, order, fill | ranked_taken)
-    ids = torch.nonzero(chosen)[:, 1].view(n, k)
-    lp = log_pi.gather(1, ids)
-    rest = log_pi.masked_fill(chosen, float("-inf"))
-    return ids, lp, torch.logsumexp(rest, dim=-1)
 
 
 def main() -> None:
@@ -139,29 +121,31 @@ def main() -> None:
         lambda z: objective(losses.exact_reverse_kl(z, log_pi)))
     rows = []
     for k in KS:
-        targets = compute_targets(z_d, z_r, torch.zeros(n, dtype=torch.long),
-                                  TargetConfig(top_k=k, r=args.r, chunk_size=64))
-        stored_lp = targets.topk_logprobs.numpy().astype(FIELD_DTYPES["topk_logprobs"])
-        topk_lp = torch.from_numpy(stored_lp.astype(np.float32))
-        tail_mass = targets.tail_logmass.exp()
-        row = {"k": k, "tail_mass_median": float(tail_mass.median()),
-               "tail_mass_p90": float(torch.quantile(tail_mass.double(), 0.9))}
-        for tail in ("uniform", "bucket"):
-            loss, gl, gp = gradients(lambda z, t=tail: objective(losses.sparse_reverse_kl(
-                z, targets.topk_ids, topk_lp, targets.tail_logmass, tail=t)))
-            row[tail] = {"loss": loss, "cos_logits": cosine(gl, exact_gl),
-                         "cos_params": cosine(gp, exact_gp)}
-        # The lead of the fidelity issue: keep the dpo model's top k/2 ids (where a student
-        # near it puts its mass, and which the extrapolation pushes into pi*'s tail) and fill
-        # up to k with pi*'s own ranking; log pi* on those ids, the rest as the tail.
-        ids, lp, tail_lm = union_targets(log_pi, z_d, k)
-        u_lp = torch.from_numpy(
-            lp.numpy().astype(FIELD_DTYPES["topk_logprobs"]).astype(np.float32))
-        loss, gl, gp = gradients(lambda z: objective(losses.sparse_reverse_kl(
-            z, ids, u_lp, tail_lm, tail="uniform")))
-        row["union_uniform"] = {"loss": loss, "cos_logits": cosine(gl, exact_gl),
-                                "cos_params": cosine(gp, exact_gp),
-                                "tail_mass_median": float(tail_lm.exp().median())}
+        row: dict = {"k": k}
+        # dpo_top = 0: pi*'s top-k (the default); k/2 at every k, and k/4, 3k/4 at the larger
+        # k, through the engine's own target code (teacher_service.targets, --dpo-top).
+        variants = [(0, "uniform"), (0, "bucket"), (k // 2, "uniform"), (k // 2, "bucket")]
+        if k >= 64:
+            variants += [(k // 4, "uniform"), (3 * k // 4, "uniform")]
+        for dpo_top in sorted({m for m, _ in variants}):
+            targets = compute_targets(z_d, z_r, torch.zeros(n, dtype=torch.long),
+                                      TargetConfig(top_k=k, r=args.r, chunk_size=64,
+                                                   dpo_top=dpo_top))
+            stored_lp = targets.topk_logprobs.numpy().astype(FIELD_DTYPES["topk_logprobs"])
+            topk_lp = torch.from_numpy(stored_lp.astype(np.float32))
+            tail_mass = targets.tail_logmass.exp()
+            if dpo_top == 0:
+                row.update(tail_mass_median=float(tail_mass.median()),
+                           tail_mass_p90=float(torch.quantile(tail_mass.double(), 0.9)))
+            for m, tail in variants:
+                if m != dpo_top:
+                    continue
+                loss, gl, gp = gradients(lambda z, t=tail: objective(losses.sparse_reverse_kl(
+                    z, targets.topk_ids, topk_lp, targets.tail_logmass, tail=t)))
+                key = tail if dpo_top == 0 else f"dpo_top{dpo_top}_{tail}"
+                row[key] = {"loss": loss, "cos_logits": cosine(gl, exact_gl),
+                            "cos_params": cosine(gp, exact_gp),
+                            "tail_mass_median": float(tail_mass.median())}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -183,15 +167,22 @@ def main() -> None:
              f"{result['alpha_mean']:.3f}; pi* top-1 probability median "
              f"{result['pi_star_top1_median']:.3f}. Cosine of the sparse loss's gradient with "
              f"the exact loss's (1.0 = same direction).", "",
-             "| k | pi* tail mass median / p90 | uniform: cos logits | uniform: cos params | "
-             "bucket: cos logits | bucket: cos params | dpo top-k/2 + pi* fill, uniform: cos "
-             "logits / params |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| k | pi* tail mass median / p90 | uniform: cos logits / params | bucket: cos "
+             "logits / params | --dpo-top k/2, uniform | --dpo-top k/2, bucket | --dpo-top k/4, "
+             "uniform | --dpo-top 3k/4, uniform |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r: dict, key: str) -> str:
+        v = r.get(key)
+        return f"{v['cos_logits']:.4f} / {v['cos_params']:.4f}" if v else "-"
+
     for r in rows:
-        u = r["union_uniform"]
-        lines.append(f"| {r['k']} | {r['tail_mass_median']:.2e} / {r['tail_mass_p90']:.2e} | "
-                     f"{r['uniform']['cos_logits']:.4f} | {r['uniform']['cos_params']:.4f} | "
-                     f"{r['bucket']['cos_logits']:.4f} | {r['bucket']['cos_params']:.4f} | "
-                     f"{u['cos_logits']:.4f} / {u['cos_params']:.4f} |")
+        k = r["k"]
+        lines.append(f"| {k} | {r['tail_mass_median']:.2e} / {r['tail_mass_p90']:.2e} | "
+                     f"{cell(r, 'uniform')} | {cell(r, 'bucket')} | "
+                     f"{cell(r, f'dpo_top{k // 2}_uniform')} | "
+                     f"{cell(r, f'dpo_top{k // 2}_bucket')} | "
+                     f"{cell(r, f'dpo_top{k // 4}_uniform')} | "
+                     f"{cell(r, f'dpo_top{3 * k // 4}_uniform')} |")
     lines += ["", f"Exact loss {exact_loss:.5f}; {result['seconds']} s on {machine}.", "",
               "Command: `.venv/bin/python benchmarks/bench_grad_fidelity.py --pair PAIR --data "
               "CHAT_JSONL`"]

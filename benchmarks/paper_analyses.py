@@ -15,13 +15,16 @@ sft, pairs.jsonl, dpo, reverse), through the ordinary commands:
   is then ``beta``) against ``--mode adaptive`` (the fidelity benchmark's exact run), all at
   k = V, each trained like the benchmark's off-policy students; ``eval`` against a k = V
   adaptive server gives the gold reward, KL to pi_dpo per sequence and response length.
-- **Figure 2** (convergence, on-policy): ``train --mode on-policy`` with ``--objective
-  aligndistil`` (exact: the server's k = V), ``reinforce-sentence`` and ``reinforce-token``
-  (student_trainer/reinforce.py; beta = 0.08), same student, prompts, schedule and seed, for
-  :data:`FIG2_EPOCHS` epochs. The curve is each step's token-averaged contrastive reward
-  ``beta0 * (log pi_dpo - log pi_rev)`` of the step's own samples (``reward_token_mean``). The
-  steps AlignDistil needs to reach a baseline's final reward (its mean over the last
-  :data:`FINAL_WINDOW` steps) are counted on AlignDistil's trailing :data:`SMOOTH`-step mean.
+- **Figure 2** (convergence, on-policy): ``train --mode on-policy`` from the same SFT student,
+  prompts, schedule and seed, for :data:`FIG2_EPOCHS` epochs, with ``--objective aligndistil``
+  against the adaptive k = V server (the method) and against a constant-alpha server with
+  ``alpha = beta0 / beta`` (the baselines' own optimum), and with ``reinforce-sentence`` and
+  ``reinforce-token`` (student_trainer/reinforce.py; beta = 0.08) at the students' learning
+  rate and at 3x and 10x it (:data:`FIG2_ARMS`). The curve is each step's token-averaged
+  contrastive reward ``beta0 * (log pi_dpo - log pi_rev)`` of the step's own samples
+  (``reward_token_mean``). The steps AlignDistil needs to reach a baseline's final reward (its
+  mean over the last :data:`FINAL_WINDOW` steps) are counted on AlignDistil's trailing
+  :data:`SMOOTH`-step mean.
 
     .venv/bin/python benchmarks/paper_analyses.py --workdir /tmp/fidwork --seeds 0 1 2 \\
         --out benchmarks/results/paper_analyses
@@ -35,6 +38,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +51,6 @@ from benchmarks.machine_info import machine  # noqa: E402
 CONSTANT_ALPHAS = (1.0, 1.2, 1.5, 1.8, 2.0)
 HELDOUT_PROMPTS = 1024
 BETA0 = 0.1
-FIG2_OBJECTIVES = ("aligndistil", "reinforce-sentence", "reinforce-token")
 FIG2_EPOCHS = 4        #: 128 steps of 32 prompts over the 1,024 training prompts
 FIG2_BETA = 0.08       #: the paper's beta for the baselines' KL penalty
 FINAL_WINDOW = 16      #: a baseline's final reward: its mean over the last steps
@@ -133,9 +136,33 @@ def run_seed(seed: int, w: Path, size, eval_samples: int, alphas, tables=("2", "
     return {"seed": seed, "table2": table2["splits"], "table3": table3}
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One on-policy student of Figure 2."""
+    name: str
+    objective: str
+    teacher: str = "adaptive"   #: the server it trains against: adaptive, or constant alpha
+    lr: float | None = None     #: None: the size's student learning rate
+
+
+#: AlignDistil (adaptive alpha, the method; constant alpha = beta0 / beta, the baselines' own
+#: optimum) and the two baselines at the students' learning rate, then at 3x and 10x it.
+FIG2_ARMS = (
+    Arm("aligndistil", "aligndistil"),
+    Arm("aligndistil-constant", "aligndistil", teacher="constant"),
+    Arm("reinforce-sentence", "reinforce-sentence"),
+    Arm("reinforce-token", "reinforce-token"),
+    Arm("reinforce-sentence@lr3e-4", "reinforce-sentence", lr=3e-4),
+    Arm("reinforce-token@lr3e-4", "reinforce-token", lr=3e-4),
+    Arm("reinforce-sentence@lr1e-3", "reinforce-sentence", lr=1e-3),
+    Arm("reinforce-token@lr1e-3", "reinforce-token", lr=1e-3),
+)
+
+
 def figure2_seed(seed: int, w: Path, size, eval_samples: int, epochs: int) -> dict:
-    """On-policy AlignDistil and the two REINFORCE baselines from the same SFT student; the
-    per-step contrastive reward of each, the gold reward of each final student."""
+    """On-policy AlignDistil and the two REINFORCE baselines from the same SFT student
+    (:data:`FIG2_ARMS`); the per-step contrastive reward of each, the gold reward of each final
+    student (evaluated against the adaptive k = V server)."""
     from student_trainer.metrics import read_jsonl
 
     runner = Runner(w)
@@ -143,34 +170,40 @@ def figure2_seed(seed: int, w: Path, size, eval_samples: int, epochs: int) -> di
     world = w / "world"
     V = vocab_size(w / "sft")
     teachers = ["--dpo-model", w / "dpo", "--reverse-model", w / "reverse"]
-    train = student_flags(w, size, seed=seed, device="cpu", save_every=0)
-    result: dict = {"seed": seed, "epochs": epochs, "curves": {}, "final": {}, "eval": {}}
-    with runner.server(["serve", *teachers, "--top-k", V, *dev]) as url:
-        for objective in FIG2_OBJECTIVES:
-            out = w / "figure2" / f"epochs{epochs}" / objective
+    result: dict = {"seed": seed, "epochs": epochs, "curves": {}, "eval": {}}
+    constant = ["--mode", "constant", "--beta0", BETA0, "--beta", FIG2_BETA]
+    with runner.server(["serve", *teachers, "--top-k", V, *dev]) as adaptive_url, \
+            runner.server(["serve", *teachers, "--top-k", V, *constant, *dev],
+                          name="serve-constant") as constant_url:
+        for arm in FIG2_ARMS:
+            url = adaptive_url if arm.teacher == "adaptive" else constant_url
+            train = student_flags(w, size, seed=seed, device="cpu", save_every=0)
+            if arm.lr is not None:
+                train[train.index("--lr") + 1] = arm.lr
+            out = w / "figure2" / f"epochs{epochs}" / arm.name
             # The baselines need only the sampled tokens' log-probs: ask for one top-k entry.
-            k = [] if objective == "aligndistil" else ["--top-k", 1]
-            runner.step(f"fig2-train-{objective}", [
-                "train", "--mode", "on-policy", "--objective", objective, "--kl-coef",
+            k = [] if arm.objective == "aligndistil" else ["--top-k", 1]
+            runner.step(f"fig2-train-{arm.name}", [
+                "train", "--mode", "on-policy", "--objective", arm.objective, "--kl-coef",
                 FIG2_BETA, "--beta0", BETA0, "--teacher-url", url, "--prompts",
                 world / "prompts_train.jsonl", *k, "--out", out, "--epochs", epochs,
                 "--max-new-tokens", size.max_new_tokens, "--rollout-batch-size",
                 size.global_batch_size, *train], done=out / "final" / "model.safetensors")
             rows = read_jsonl(out / "metrics.jsonl")
-            result["curves"][objective] = [r["reward_token_mean"] for r in rows]
-            result["final"][objective] = rows[-1].get("step")
-            evaluation = w / "figure2" / f"epochs{epochs}" / "eval" / f"{objective}.json"
-            runner.step(f"fig2-eval-{objective}", [
+            result["curves"][arm.name] = [r["reward_token_mean"] for r in rows]
+            evaluation = w / "figure2" / f"epochs{epochs}" / "eval" / f"{arm.name}.json"
+            runner.step(f"fig2-eval-{arm.name}", [
                 "eval", "--model", out / "final", "--prompts", world / "prompts_eval.jsonl",
-                "--task", WORLD, "--teacher-url", url, "--samples-per-prompt", eval_samples,
-                "--max-new-tokens", size.max_new_tokens, "--seed", seed + 1234, "--out",
-                evaluation, *dev], done=evaluation)
+                "--task", WORLD, "--teacher-url", adaptive_url, "--samples-per-prompt",
+                eval_samples, "--max-new-tokens", size.max_new_tokens, "--seed", seed + 1234,
+                "--out", evaluation, *dev], done=evaluation)
             e = json.loads(evaluation.read_text(encoding="utf-8"))
-            result["eval"][objective] = {k: e.get(k) for k in (
+            result["eval"][arm.name] = {k: e.get(k) for k in (
                 "gold_reward", "kl_to_dpo_per_sequence", "kl_to_teacher", "mean_response_length")}
-            result["eval"][objective]["train_seconds"] = runner.seconds.get(
-                f"fig2-train-{objective}")
-    result["speed"] = convergence(result["curves"])
+            result["eval"][arm.name]["train_seconds"] = runner.seconds.get(
+                f"fig2-train-{arm.name}")
+    result["speed"] = {ours: convergence(result["curves"], ours)
+                       for ours in ("aligndistil", "aligndistil-constant")}
     return result
 
 
@@ -182,19 +215,24 @@ def trailing_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
-def convergence(curves: dict[str, list[float]]) -> dict:
-    """For each baseline: its final reward (mean of the last FINAL_WINDOW steps), the first step
-    at which AlignDistil's trailing SMOOTH-step mean reaches it (None: never), and that step as
-    a fraction of the baseline's steps."""
-    ours = trailing_mean(curves["aligndistil"], SMOOTH)
-    out = {"aligndistil_final": sum(curves["aligndistil"][-FINAL_WINDOW:]) /
-           len(curves["aligndistil"][-FINAL_WINDOW:])}
+def final_reward(curve: list[float]) -> float:
+    """A run's final reward: its mean over the last FINAL_WINDOW steps."""
+    tail = curve[-FINAL_WINDOW:]
+    return sum(tail) / len(tail)
+
+
+def convergence(curves: dict[str, list[float]], ours: str) -> dict:
+    """For each baseline run: its final reward, the first step at which ``ours``'s trailing
+    SMOOTH-step mean reaches it (None: never), and that step as a fraction of the baseline's
+    steps."""
+    smooth = trailing_mean(curves[ours], SMOOTH)
+    out = {}
     for name, curve in curves.items():
-        if name == "aligndistil":
+        if not name.startswith("reinforce"):
             continue
-        final = sum(curve[-FINAL_WINDOW:]) / len(curve[-FINAL_WINDOW:])
-        step = next((i + 1 for i, v in enumerate(ours) if v >= final), None)
-        out[name] = {"final": final, "aligndistil_steps_to_reach": step, "steps": len(curve),
+        final = final_reward(curve)
+        step = next((i + 1 for i, v in enumerate(smooth) if v >= final), None)
+        out[name] = {"final": final, "steps_to_reach": step, "steps": len(curve),
                      "fraction": (step / len(curve)) if step else None}
     return out
 
@@ -205,24 +243,25 @@ def plot_figure2(per_seed: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {"aligndistil": "tab:blue", "reinforce-sentence": "tab:orange",
-              "reinforce-token": "tab:green"}
-    for name, color in colors.items():
-        curves = [p["curves"][name] for p in per_seed if name in p["curves"]]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    colors = {"aligndistil": "tab:blue", "aligndistil-constant": "tab:purple",
+              "reinforce-sentence": "tab:orange", "reinforce-token": "tab:green"}
+    for arm in FIG2_ARMS:
+        curves = [p["curves"][arm.name] for p in per_seed if arm.name in p["curves"]]
         if not curves:
             continue
-        for c in curves:
-            ax.plot(range(1, len(c) + 1), c, color=color, alpha=0.15, lw=0.8)
+        base = arm.name.split("@")[0]
         n = min(len(c) for c in curves)
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-        ax.plot(range(1, n + 1), trailing_mean(mean, SMOOTH), color=color, lw=2,
-                label=f"{name} (mean of {len(curves)} seeds, {SMOOTH}-step trailing mean)")
+        style = {None: "-", 3e-4: "--", 1e-3: ":"}[arm.lr]
+        ax.plot(range(1, n + 1), trailing_mean(mean, SMOOTH), color=colors[base], ls=style,
+                lw=2 if arm.lr is None else 1.2, label=arm.name)
     ax.set_xlabel("optimizer step (32 sampled responses each)")
     ax.set_ylabel("contrastive reward per token, β0·(log π_dpo − log π_rev)")
-    ax.set_title("On-policy convergence in the grammar world (Figure 2 in miniature)")
+    ax.set_title(f"On-policy convergence, grammar world, mean of {len(per_seed)} seeds "
+                 f"({SMOOTH}-step trailing mean)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -232,8 +271,8 @@ def plot_figure2(per_seed: list[dict], path: Path) -> Path:
 def format_figure2(per_seed: list[dict]) -> str:
     lines = [f"Figure 2: on-policy, {per_seed[0]['epochs']} epochs, seeds "
              f"{[p['seed'] for p in per_seed]} (mean ± 95% half-interval where more than one)",
-             "", "| objective | final contrastive reward / token | gold reward | KL to π_dpo / "
-             "seq | KL(student ‖ π*) | train s |", "|---|---|---|---|---|---|"]
+             "", "| run | final contrastive reward / token | gold reward | KL to π_dpo / seq | "
+             "KL(student ‖ adaptive π*) | train s |", "|---|---|---|---|---|---|"]
 
     def cell(values, digits=3):
         m = mean_ci(values)
@@ -242,27 +281,29 @@ def format_figure2(per_seed: list[dict]) -> str:
         text = f"{m['mean']:.{digits}f}"
         return text + (f" ± {m['ci95'][1] - m['mean']:.{digits}f}" if m["ci95"] else "")
 
-    for name in FIG2_OBJECTIVES:
-        finals = [sum(p["curves"][name][-FINAL_WINDOW:]) / len(p["curves"][name][-FINAL_WINDOW:])
-                  for p in per_seed]
-        ev = [p["eval"][name] for p in per_seed]
-        lines.append(f"| {name} | {cell(finals, 4)} | {cell([e['gold_reward'] for e in ev])} | "
+    for arm in FIG2_ARMS:
+        if not all(arm.name in p["curves"] for p in per_seed):
+            continue
+        ev = [p["eval"][arm.name] for p in per_seed]
+        lines.append(f"| {arm.name} | {cell([final_reward(p['curves'][arm.name]) for p in per_seed], 4)} | "
+                     f"{cell([e['gold_reward'] for e in ev])} | "
                      f"{cell([e['kl_to_dpo_per_sequence'] for e in ev], 2)} | "
                      f"{cell([e['kl_to_teacher'] for e in ev])} | "
                      f"{cell([e['train_seconds'] for e in ev], 0)} |")
-    lines += ["", "Steps AlignDistil needs to reach each baseline's final reward "
-              f"(its {SMOOTH}-step trailing mean >= the baseline's mean over its last "
-              f"{FINAL_WINDOW} steps):", "", "| baseline | " +
-              " | ".join(f"seed {p['seed']}" for p in per_seed) + " |",
-              "|---|" + "---|" * len(per_seed)]
-    for name in FIG2_OBJECTIVES[1:]:
-        cells = []
-        for p in per_seed:
-            s = p["speed"][name]
-            cells.append(f"{s['aligndistil_steps_to_reach']} of {s['steps']} "
-                         f"({100 * s['fraction']:.0f}%)" if s["fraction"] else
-                         f"not reached in {s['steps']}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for ours in ("aligndistil", "aligndistil-constant"):
+        lines += ["", f"Steps {ours} needs to reach each baseline's final reward (its "
+                  f"{SMOOTH}-step trailing mean >= the baseline's mean over its last "
+                  f"{FINAL_WINDOW} steps):", "", "| baseline | " +
+                  " | ".join(f"seed {p['seed']}" for p in per_seed) + " |",
+                  "|---|" + "---|" * len(per_seed)]
+        for name in per_seed[0]["speed"][ours]:
+            cells = []
+            for p in per_seed:
+                s = p["speed"][ours][name]
+                cells.append(f"{s['steps_to_reach']} of {s['steps']} "
+                             f"({100 * s['fraction']:.0f}%)" if s["fraction"] else
+                             f"not reached in {s['steps']}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

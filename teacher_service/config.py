@@ -38,6 +38,9 @@ class TeacherOptions:
                     "how the teacher is built (vanilla, vanilla-adaptive: from the reference "
                     "model)"] = "adaptive"
     top_k: Annotated[int, "top-k entries of log pi* kept per position", ">=1"] = 64
+    dpo_top: Annotated[int, "keep log pi* on the dpo model's top N ids too (within --top-k: the "
+                       "rest are pi*'s best; 0: pi*'s top-k only); a student near the dpo "
+                       "model puts its mass there (docs/training.md)", ">=0"] = 0
     r: Annotated[float | None, "alpha_t = r * tvd_t + eps; none: the released runs' value for "
                  "the norm and policy (half-l1 20 off-policy / 30 on-policy; l1 10 / 15)",
                  ">=0"] = None
@@ -80,6 +83,9 @@ class TeacherOptions:
 
     def validate(self) -> None:
         self.other_model()
+        if self.dpo_top > self.top_k:
+            raise ConfigError(f"--dpo-top {self.dpo_top} exceeds --top-k {self.top_k} (the "
+                              f"dpo model's top ids are kept within the top-k entries)")
         if self.mode in ("vanilla", "vanilla-adaptive") and self.reverse_model:
             raise ConfigError(f"--reverse-model does not apply to --mode {self.mode} (it uses "
                               f"--reference-model)")

@@ -74,7 +74,7 @@ class TeacherEngine:
         c = self.config
         return {**describe(self.pair), "top_k": c.top_k, "r": c.r, "eps": c.eps,
                 "tvd_norm": c.tvd_norm, "mode": c.mode, "beta0": c.beta0, "beta": c.beta,
-                "max_seq_len": self.max_seq_len}
+                "dpo_top": c.dpo_top, "max_seq_len": self.max_seq_len}
 
     # ------------------------------------------------------------------ validation
     def validate(self, index: int, input_ids: Sequence[int], prompt_len: int) -> None:
@@ -176,7 +176,7 @@ def build_engine(options) -> TeacherEngine:
     target_config = TargetConfig(top_k=options.top_k, r=options.resolved_r(), eps=options.eps,
                                  tvd_norm=options.tvd_norm, mode=options.mode,
                                  beta0=options.beta0, beta=options.beta,
-                                 chunk_size=options.chunk_size)
+                                 chunk_size=options.chunk_size, dpo_top=options.dpo_top)
     pair = load_teacher_pair(options.dpo_model, options.other_model(), mode=options.mode,
                              device=options.device, dtype=options.dtype,
                              trust_remote_code=options.trust_remote_code)

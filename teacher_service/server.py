@@ -227,6 +227,7 @@ class TeacherInfo(BaseModel):
     mode: str
     beta0: float
     beta: float
+    dpo_top: int  #: 0: the kept ids are pi*'s top-k; N: they include the dpo model's top N
     max_seq_len: int
 
 

@@ -62,7 +62,14 @@ class TargetConfig:
     with ``w = beta0 / beta`` (and reports ``alpha = w``). ``vanilla-adaptive`` (the released
     code's ``theorem1_adaptive``) mixes the same way with a per-position
     ``w = r * TVD(p_dpo, p_ref) + eps`` and reports ``alpha = w`` (so the loss weight is
-    ``beta0 / w``). ``r``, ``eps`` and ``tvd_norm`` are used by the adaptive modes."""
+    ``beta0 / w``). ``r``, ``eps`` and ``tvd_norm`` are used by the adaptive modes.
+
+    ``dpo_top`` (0: off) changes which ``top_k`` ids a position keeps: the dpo model's
+    ``dpo_top`` likeliest ids, then pi*'s best other ids up to ``top_k``; each kept id still
+    carries its ``log pi*`` and the tail is pi*'s mass outside the kept ids. The reverse KL
+    weighs pi* where the *student* puts mass, and a student near the dpo model puts it on the
+    dpo model's favourites, which the extrapolation pushes down into pi*'s tail
+    (benchmarks/results/grad_fidelity.md)."""
 
     top_k: int = 64
     r: float = 20.0
@@ -72,9 +79,14 @@ class TargetConfig:
     beta0: float = 0.1
     beta: float = 0.05
     chunk_size: int = 256
+    dpo_top: int = 0
 
     def __post_init__(self) -> None:
         _check_int("top_k", self.top_k, minimum=1)
+        _check_int("dpo_top", self.dpo_top, minimum=0)
+        if self.dpo_top > self.top_k:
+            raise ValueError(f"dpo_top = {self.dpo_top} exceeds top_k = {self.top_k} (the kept "
+                             f"ids include the dpo model's top dpo_top)")
         _check_int("chunk_size", self.chunk_size, minimum=1)
         _check_real("r", self.r, ">= 0", lambda v: v >= 0)
         _check_real("eps", self.eps, "> 0", lambda v: v > 0)
@@ -90,9 +102,9 @@ class SparseTargets(NamedTuple):
     """Sparse targets for N positions. Floats are float32 (float64 when the logits were)."""
 
     alpha: Tensor             # [N]
-    topk_ids: Tensor          # [N, k] int64, by log-prob descending
+    topk_ids: Tensor          # [N, k] int64 kept ids, by log pi* descending
     topk_logprobs: Tensor     # [N, k] log pi*, normalised over the full vocabulary
-    tail_logmass: Tensor      # [N] log of pi*'s mass outside the top-k; -inf when k == V
+    tail_logmass: Tensor      # [N] log of pi*'s mass outside the kept ids; -inf when k == V
     dpo_logprobs: Tensor      # [N] log softmax(z_dpo)[next_id]
     reverse_logprobs: Tensor  # [N] log softmax(z_other)[next_id]
 
@@ -127,8 +139,11 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
         ids = next_ids[rows].unsqueeze(-1)
         dpo_logprobs[rows] = log_d.gather(-1, ids).squeeze(-1)
         reverse_logprobs[rows] = log_o.gather(-1, ids).squeeze(-1)
+        if config.dpo_top:
+            values, indices = _kept_with_dpo_top(log_star, log_d, k, config.dpo_top)
+        else:
+            values, indices = torch.topk(log_star, k, dim=-1, largest=True, sorted=True)
         del log_d, log_o
-        values, indices = torch.topk(log_star, k, dim=-1, largest=True, sorted=True)
         topk_logprobs[rows] = values
         topk_ids[rows] = indices
         if k < vocab:
@@ -185,6 +200,18 @@ def _teacher_chunk(dpo: Tensor, other: Tensor, config: TargetConfig,
         # eq. 17 on log-probs: equal to z_dpo + alpha (z_dpo - z_rev) up to a per-row constant.
         z_star = log_d + alpha.unsqueeze(-1) * (log_d - log_o)
     return torch.log_softmax(z_star, dim=-1), alpha, log_d, log_o
+
+
+def _kept_with_dpo_top(log_star: Tensor, log_d: Tensor, k: int, m: int) -> tuple[Tensor, Tensor]:
+    """``(log pi*, ids)`` ``[n, k]`` of the kept ids: the dpo model's top ``m``, then pi*'s best
+    ``k - m`` of the others; sorted by log pi* descending."""
+    dpo_ids = torch.topk(log_d, m, dim=-1, largest=True, sorted=False).indices
+    others = log_star.scatter(-1, dpo_ids, -math.inf)
+    best_others = torch.topk(others, k - m, dim=-1, largest=True, sorted=False).indices
+    kept = torch.cat([dpo_ids, best_others], dim=-1)
+    values = log_star.gather(-1, kept)
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    return values.gather(-1, order), kept.gather(-1, order)
 
 
 def _tvd(log_d: Tensor, log_o: Tensor, norm: str) -> Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from live_server import REPO, start_server, stop_server
 
@@ -349,3 +350,41 @@ def test_lossy8_layout_is_pinned_and_decodes_close_to_the_lossless_store(store, 
     res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
                "--data", data, "--out", out, "--top-k", 8, "--device", "cpu")
     assert res.returncode == 2 and "layout" in res.stderr, res.stderr
+
+
+def test_dpo_top_is_a_format_version_2_store_pinned_for_resume(pair_dirs, data, tmp_path):
+    """--dpo-top 4: each position keeps the dpo model's top 4 ids (with their log pi*) within
+    the top 8; the store says so (format version 2, inspect), the server reports it in
+    /v1/info and scores the same records, and resuming without it is refused."""
+    out = tmp_path / "dpo_top"
+    args = ["precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1], "--data",
+            data, "--out", out, "--top-k", 8, "--device", "cpu", "--group-size", 8]
+    res = _cli(*args, "--dpo-top", 4)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((out / "zarr.json").read_text())["attributes"]["aligndistil"]
+    assert doc["format_version"] == 2 and doc["dpo_top"] == 4
+    assert "includes the dpo model's top 4" in _cli("inspect", out).stdout
+    records = _records(out)
+    pair = load_teacher_pair(pair_dirs[0], pair_dirs[1], device="cpu")
+    engine = TeacherEngine(pair, TargetConfig(top_k=8, dpo_top=4))
+    for rec in list(records.values())[:5]:
+        want = engine.score([ScoreRequest(rec.input_ids.tolist(), int(rec.prompt_len))])[0]
+        assert np.array_equal(rec.topk_ids, want.topk_ids)
+        np.testing.assert_allclose(rec.topk_logprobs, want.topk_logprobs, rtol=1e-6)
+        with torch.no_grad():  # the dpo model's own top 4 at each response position
+            logits = pair.dpo(torch.tensor(rec.input_ids.tolist())[None]).logits[0].double()
+        rows = logits[rec.prompt_len - 1:len(rec.input_ids) - 1, :pair.vocab_size]
+        top4 = torch.topk(rows, 4, dim=-1).indices.numpy()
+        for kept, favourite in zip(rec.topk_ids, top4):
+            assert set(favourite.tolist()) <= set(kept.tolist())
+    proc, url = start_server(pair_dirs[0], pair_dirs[1], "--top-k", "8", "--dpo-top", "4",
+                             log_path=tmp_path / "server.log")
+    try:
+        assert httpx.get(url + "/v1/info").json()["dpo_top"] == 4
+    finally:
+        stop_server(proc)
+    res = _cli(*args)  # resuming without --dpo-top
+    assert res.returncode == 2 and "dpo_top" in res.stderr, res.stderr
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", data, "--out", tmp_path / "bad", "--top-k", 8, "--dpo-top", 9)
+    assert res.returncode == 2 and "--dpo-top 9 exceeds --top-k 8" in res.stderr, res.stderr

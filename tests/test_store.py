@@ -243,6 +243,21 @@ def test_metadata_mismatch_on_reopen_is_refused(tmp_path):
     assert err.value.key == "layout"
 
 
+def test_a_version_1_store_cannot_claim_dpo_top(tmp_path):
+    """Version 1 means the kept ids are pi*'s top-k; ids that include the dpo model's favourites
+    need version 2, which a version-1 reader refuses."""
+    write_store(tmp_path / "s", make_records(11, 3))
+    path = tmp_path / "s" / "zarr.json"
+    doc = json.loads(path.read_text())
+    assert doc["attributes"]["aligndistil"]["format_version"] == 1
+    assert TargetStore.open(tmp_path / "s").metadata.dpo_top == 0
+    doc["attributes"]["aligndistil"]["dpo_top"] = 2
+    path.write_text(json.dumps(doc))
+    with pytest.raises(StoreFormatError, match="format_version 1 does not match dpo_top 2"):
+        TargetStore.open(tmp_path / "s")
+    assert make_meta(dpo_top=2).format_version == 2
+
+
 def test_unknown_format_version_is_refused(tmp_path):
     write_store(tmp_path / "s", make_records(11, 3))
     path = tmp_path / "s" / "zarr.json"
@@ -590,9 +605,9 @@ def test_inspect_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     path = write_store(tmp_path / "s", make_records(52, 2))
     doc = json.loads((path / "zarr.json").read_text())
-    doc["attributes"]["aligndistil"]["format_version"] = 2
+    doc["attributes"]["aligndistil"]["format_version"] = 3
     (path / "zarr.json").write_text(json.dumps(doc))
     for args in ([], ["--verify"], ["--example", "0"]):
         out = _cli(str(path), *args)
-        assert out.returncode == 2 and "format_version 2 is not supported" in out.stderr
+        assert out.returncode == 2 and "format_version 3 is not supported" in out.stderr
         assert "Traceback" not in out.stderr

@@ -454,3 +454,39 @@ def test_end_to_end_with_tiny_hf_pair(loaded_pair):
     with torch.no_grad():
         hf_nll = dpo_model(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(-out.dpo_logprobs.mean(), hf_nll, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- dpo_top
+
+@pytest.mark.parametrize("m", [0, 3, 8])
+def test_dpo_top_keeps_the_dpo_models_favourites_with_their_log_pi_star(m):
+    """The kept ids are the dpo model's top m plus pi*'s best others, each with its own log pi*,
+    sorted by log pi*; the tail is pi*'s mass outside them (brute force, float64)."""
+    k, v = 8, 50
+    dpo, other, nxt = random_logits(12, v, seed=5, dtype=torch.float64)
+    out = compute_targets(dpo, other, nxt, TargetConfig(top_k=k, dpo_top=m, chunk_size=5))
+    ref = brute_force(dpo, other, nxt, top_k=k)
+    dpo_order = np.argsort(-_f64(dpo), axis=-1, kind="stable")
+    ids, values = out.topk_ids.numpy(), out.topk_logprobs.numpy()
+    for row in range(12):
+        kept = set(ids[row].tolist())
+        assert len(kept) == k and set(dpo_order[row, :m].tolist()) <= kept
+        others = [i for i in np.argsort(-ref["logp"][row], kind="stable")
+                  if i not in set(dpo_order[row, :m].tolist())][:k - m]
+        assert kept == set(dpo_order[row, :m].tolist()) | set(others)
+        rest = np.array([i for i in range(v) if i not in kept])
+        np.testing.assert_allclose(out.tail_logmass[row].item(),
+                                   _lse(ref["logp"][row, rest]), rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(values, np.take_along_axis(ref["logp"], ids, axis=-1), rtol=1e-11,
+                               atol=1e-11)
+    assert (np.diff(values, axis=-1) <= 0).all()
+    if m == 0:  # off: exactly pi*'s top-k, as before
+        np.testing.assert_array_equal(ids, ref["topk_ids"])
+    np.testing.assert_allclose(out.alpha.numpy(), ref["alpha"], rtol=1e-11, atol=1e-11)
+
+
+def test_dpo_top_above_top_k_is_refused():
+    with pytest.raises(ValueError, match="dpo_top = 9 exceeds top_k = 8"):
+        TargetConfig(top_k=8, dpo_top=9)
+    with pytest.raises(ValueError, match="dpo_top"):
+        TargetConfig(top_k=8, dpo_top=-1)

@@ -15,15 +15,16 @@ Public API::
     store[i]                                                      # random access -> TargetRecord
     for batch in store.iter_batches(256, epoch=e, seed=s, rank=r, world_size=W): ...
 
-On-disk layout, format_version 1
---------------------------------
+On-disk layout, format_version 1 and 2
+--------------------------------------
 ::
 
     STORE/
       zarr.json                zarr v3 group; attributes["aligndistil"] = StoreMetadata
                                (format_version, teachers, tokenizer_sha256, vocab_size, top_k,
                                r, eps, tvd_norm, mode, source_fingerprint, num_workers, layout,
-                               extra, created_with)
+                               extra, created_with; version 2 adds dpo_top > 0: the kept
+                               ids include the dpo model's top dpo_top)
       manifest-w0000.json      worker 0's committed shards, replaced atomically on each commit:
                                {"manifest_version": 1, "worker_index": 0, "finished": bool,
                                 "shards": [{"name", "num_examples", "num_tokens",

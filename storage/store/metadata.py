@@ -23,8 +23,16 @@ from .errors import StoreFormatError, StoreMetadataMismatchError, StoreNotFoundE
 from .layout import DEFAULT_LAYOUT
 
 #: The on-disk format this code writes and reads (see the package docstring for the layout).
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+#: Version 1: each position keeps pi*'s top-k ids. Version 2 adds ``dpo_top`` > 0: the kept ids
+#: include the dpo model's top ``dpo_top`` (same arrays; a reader of version 1 would take them for
+#: pi*'s top-k, so it must refuse them). A store with ``dpo_top`` = 0 is written as version 1.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+
+
+def format_version_for(dpo_top: int) -> int:
+    """The lowest format version that can hold a store with this ``dpo_top``."""
+    return 2 if dpo_top else 1
 
 #: Key of the root group's attributes that holds the store metadata.
 ATTRIBUTE_KEY = "aligndistil"
@@ -39,8 +47,10 @@ class StoreMetadata:
 
     ``teachers`` maps role to identity, e.g. ``{"dpo": "...", "reverse": "..."}`` (in mode
     ``vanilla`` the second role is the reference model). ``layout`` names the preset of
-    :mod:`storage.store.layout` the shards are encoded with. ``extra`` holds further settings
-    a producer wants pinned (e.g. ``max_seq_len``); it is compared like everything else.
+    :mod:`storage.store.layout` the shards are encoded with. ``dpo_top`` > 0: the kept ids of
+    each position include the dpo model's top ``dpo_top`` (format version 2). ``extra`` holds
+    further settings a producer wants pinned (e.g. ``max_seq_len``); it is compared like
+    everything else. ``format_version`` is derived from ``dpo_top`` when not given.
     """
 
     teachers: dict[str, str]
@@ -54,8 +64,9 @@ class StoreMetadata:
     source_fingerprint: str
     num_workers: int = 1
     layout: str = DEFAULT_LAYOUT
+    dpo_top: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = 0  #: 0: derived from dpo_top
     created_with: str = ""
 
     def __post_init__(self) -> None:
@@ -67,6 +78,14 @@ class StoreMetadata:
             raise ValueError(f"num_workers: must be >= 1, got {self.num_workers!r}")
         if not isinstance(self.teachers, dict):
             raise ValueError("teachers: must be a dict of role -> identity")
+        if not isinstance(self.dpo_top, int) or not 0 <= self.dpo_top <= self.top_k:
+            raise ValueError(f"dpo_top: must satisfy 0 <= dpo_top <= top_k, got {self.dpo_top!r}")
+        needed = format_version_for(self.dpo_top)
+        if self.format_version == 0:
+            object.__setattr__(self, "format_version", needed)
+        elif self.format_version != needed:
+            raise ValueError(f"format_version {self.format_version} does not match dpo_top "
+                             f"{self.dpo_top} (format_version {needed})")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -86,7 +105,8 @@ class StoreMetadata:
                 f"reads format_version {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} "
                 f"(a newer aligndistil may have written it)")
         known = {f for f in cls.__dataclass_fields__}
-        missing = [k for k in known if k not in data and k not in ("extra", "created_with")]
+        optional = ("extra", "created_with", "dpo_top")  # dpo_top: version 2 only
+        missing = [k for k in known if k not in data and k not in optional]
         if missing:
             raise StoreFormatError(f"{where}: store metadata lacks key(s) {', '.join(missing)}")
         values = {k: v for k, v in data.items() if k in known}

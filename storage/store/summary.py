@@ -59,6 +59,7 @@ def summarize(store: TargetStore) -> dict[str, Any]:
         "shard_bytes": shard_bytes,
         "bytes_per_token": (shard_bytes / tokens) if tokens else None,
         "top_k": meta.top_k,
+        "dpo_top": meta.dpo_top,
         "vocab_size": meta.vocab_size,
         "teachers": meta.teachers,
         "tokenizer_sha256": meta.tokenizer_sha256,
@@ -130,7 +131,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"response tokens {s['response_tokens']}  (input tokens {s['input_tokens']})",
         f"shards          {s['shards']}",
         f"bytes on disk   {s['bytes_on_disk']}  ({bpt} B/response token in shards)",
-        f"top_k           {s['top_k']}   vocab_size {s['vocab_size']}",
+        f"top_k           {s['top_k']}   vocab_size {s['vocab_size']}"
+        + (f"   (includes the dpo model's top {s['dpo_top']})" if s.get("dpo_top") else ""),
         f"teachers        " + ", ".join(f"{k}={v}" for k, v in s["teachers"].items()),
         f"tokenizer       sha256 {s['tokenizer_sha256']}",
         f"targets         mode {s['mode']}, r {s['r']}, eps {s['eps']}, tvd_norm {s['tvd_norm']}",

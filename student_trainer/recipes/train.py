@@ -370,7 +370,7 @@ def open_source(config: TrainConfig, env: DistEnv, model, tokenizer) -> BatchSou
 
 #: /v1/info fields that shape the targets: a resumed on-policy run must see the same ones.
 TEACHER_FIXED = ("models", "tokenizer_sha256", "vocab_size", "top_k", "r", "eps", "tvd_norm",
-                 "mode", "beta0", "beta", "max_seq_len")
+                 "mode", "beta0", "beta", "dpo_top", "max_seq_len")
 TEACHER_INFO = "teacher_info.json"
 
 
@@ -384,6 +384,7 @@ def _check_same_teacher(source: BatchSource, out: Path, *, resuming: bool, env: 
     path = out / TEACHER_INFO
     if resuming and path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = {"dpo_top": 0, **saved}  # recorded before the setting existed: 0
         diffs = [f"{k}: {saved.get(k)!r} -> {fixed[k]!r}" for k in TEACHER_FIXED
                  if saved.get(k) != fixed[k]]
         if diffs:
