@@ -54,13 +54,15 @@ class Setting:
     k: int               # EXACT: k = V
     tail: str = "uniform"
     layout: str = "compact"
+    dpo_top: int = 0     # precompute --dpo-top: the kept ids include the dpo model's top N
 
     @property
     def name(self) -> str:
         k = "exact" if self.k == EXACT else f"k{self.k}"
         lossy = "-lossy8" if self.layout != "compact" else ""
         tail = "" if self.k == EXACT else f"-{self.tail}"
-        return f"{self.mode}/{k}{tail}{lossy}"
+        dpo = f"-dpo{self.dpo_top}" if self.dpo_top else ""
+        return f"{self.mode}/{k}{tail}{lossy}{dpo}"
 
 
 def all_settings() -> list[Setting]:
@@ -71,6 +73,9 @@ def all_settings() -> list[Setting]:
             for tail in ("uniform", "bucket"):
                 out.append(Setting(mode, k, tail))
     out.append(Setting("off-policy", 64, "uniform", "compact-lossy8"))
+    # Which ids a store keeps: half of them the dpo model's favourites (precompute --dpo-top).
+    out += [Setting("off-policy", 64, tail, dpo_top=32) for tail in ("uniform", "bucket")]
+    out.append(Setting("off-policy", 16, "uniform", dpo_top=8))
     return out
 
 
@@ -84,8 +89,9 @@ def vocab_size(model_dir: Path) -> int:
     return len(AutoTokenizer.from_pretrained(model_dir))
 
 
-def store_name(k: int, layout: str) -> str:
-    return f"store_k{'V' if k == EXACT else k}{'' if layout == 'compact' else '_' + layout}"
+def store_name(k: int, layout: str, dpo_top: int = 0) -> str:
+    return (f"store_k{'V' if k == EXACT else k}{'' if layout == 'compact' else '_' + layout}"
+            f"{f'_dpo{dpo_top}' if dpo_top else ''}")
 
 
 def pi_star_shape(store_dir: Path, ks=(4, 16, 64)) -> dict:
@@ -131,12 +137,13 @@ def run_seed(seed: int, workdir: Path, settings: list[Setting], size: DemoSize,
     for s in settings:
         if s.mode != "off-policy":
             continue
-        name = store_name(s.k, s.layout)
+        name = store_name(s.k, s.layout, s.dpo_top)
         if name not in stores:
             runner.step(f"precompute-{name}", ["precompute", *teachers, "--data",
                                                w / "pairs.jsonl", "--response-field", "chosen",
                                                "--out", w / name, "--top-k", k_of(s), "--layout",
-                                               s.layout, "--no-progress", *dev])
+                                               s.layout, "--dpo-top", s.dpo_top, "--no-progress",
+                                               *dev])
             summary = summarize(TargetStore.open(w / name))
             stores[name] = {"bytes_per_token": summary["bytes_per_token"],
                             "response_tokens": summary["response_tokens"],
@@ -269,6 +276,7 @@ def plot(agg: dict, per_seed: list[dict], workdir: Path, out: Path) -> list[Path
             pts = sorted(((a["k"], a["gold_reward"], a["kl_to_teacher"])
                           for n, a in agg.items() if n != "sft"
                           and a["setting"]["mode"] == mode and a["setting"]["layout"] == "compact"
+                          and not a["setting"].get("dpo_top")
                           and (a["setting"]["tail"] == tail or a["setting"]["k"] == EXACT)),
                          key=lambda p: p[0])
             if len(pts) < 2:

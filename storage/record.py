@@ -12,10 +12,13 @@ and per response position ``t`` in ``[0, T)``, ``T = L - P`` (target ``t`` is th
 distribution over ``input_ids[P + t]`` given ``input_ids[:P + t]``):
 
 - ``alpha``            float32 ``[T]``: the adaptive (or constant) extrapolation weight.
-- ``topk_ids``         int32   ``[T, k]``: the top-k ids of ``log pi*``, by log-prob descending.
+- ``topk_ids``         int32   ``[T, k]``: the kept ids, by ``log pi*`` descending: the top-k of
+  ``log pi*`` or, from a teacher with ``dpo_top`` = N > 0, the dpo model's top N and then
+  pi*'s best others (the store's metadata and ``/v1/info`` say which).
 - ``topk_logprobs``    float16 ``[T, k]``: ``log pi*`` at those ids, normalised over the FULL
   vocabulary.
-- ``tail_logmass``     float32 ``[T]``: log of the mass outside the top-k (``-inf`` when k = V).
+- ``tail_logmass``     float32 ``[T]``: log of pi*'s mass outside the kept ids (``-inf`` when
+  k = V).
 - ``dpo_logprobs``     float32 ``[T]``: log-prob of the actual next token under the dpo teacher.
 - ``reverse_logprobs`` float32 ``[T]``: the same under the reverse teacher (the reference model
   in mode ``vanilla``).

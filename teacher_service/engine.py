@@ -160,7 +160,9 @@ class TeacherEngine:
         return records
 
 def truncate_topk(targets: SparseTargets, k: int) -> SparseTargets:
-    """Keep the first ``k`` entries; the dropped log-probs join the tail by a logsumexp."""
+    """Keep the first ``k`` entries; the dropped log-probs join the tail by a logsumexp. The
+    entries are sorted by log pi* whatever ids were kept (``dpo_top``), so this keeps the ``k``
+    with the highest log pi*: with ``dpo_top`` the dpo model's favourites are the first to go."""
     dropped = targets.topk_logprobs[:, k:]
     tail = torch.logsumexp(torch.cat([targets.tail_logmass[:, None], dropped], dim=1), dim=1)
     return targets._replace(topk_ids=targets.topk_ids[:, :k],

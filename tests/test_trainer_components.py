@@ -221,3 +221,23 @@ def test_the_uniform_tail_warns_once_about_a_broad_teacher_tail(caplog):
     assert warned("uniform", 0.13)
     assert not warned("uniform", 0.002)  # a real chat model's tail
     assert not warned("bucket", 0.13)
+
+
+def test_a_run_recorded_before_dpo_top_existed_resumes_against_dpo_top_0(tmp_path):
+    """teacher_info.json from before the server reported dpo_top: it ran with 0, so resuming
+    against a dpo_top 0 server goes on, and against dpo_top 4 is refused."""
+    import json
+    from types import SimpleNamespace
+
+    from student_trainer.checkpoint import CheckpointError
+    from student_trainer.distributed import DistEnv
+    from student_trainer.recipes.train import TEACHER_FIXED, TEACHER_INFO, _check_same_teacher
+
+    info = {k: 1 for k in TEACHER_FIXED} | {"dpo_top": 0}
+    old = {k: v for k, v in info.items() if k != "dpo_top"}
+    (tmp_path / TEACHER_INFO).write_text(json.dumps(old))
+    _check_same_teacher(SimpleNamespace(teacher_info=info), tmp_path, resuming=True,
+                        env=DistEnv())
+    with pytest.raises(CheckpointError, match="dpo_top: 0 -> 4"):
+        _check_same_teacher(SimpleNamespace(teacher_info=info | {"dpo_top": 4}), tmp_path,
+                            resuming=True, env=DistEnv())
