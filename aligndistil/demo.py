@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from storage.errors import UserError
+from storage.fsio import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,11 @@ class Runner:
         self.logs = workdir / "logs"
         self.logs.mkdir(exist_ok=True)
         self.commands: list[str] = []
+        # Each finished stage's seconds, kept in logs/ so a rerun that skips it still has them.
+        self._seconds_file = self.logs / "stage_seconds.json"
         self.seconds: dict[str, float] = {}
+        if self._seconds_file.is_file():
+            self.seconds = json.loads(self._seconds_file.read_text(encoding="utf-8"))
         # Progress bars belong on a terminal, not in the children's log files.
         self.env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -314,6 +319,7 @@ class Runner:
             rc = subprocess.call(argv, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
         seconds = time.perf_counter() - started
         self.seconds[name] = round(seconds, 1)
+        atomic_write_text(self._seconds_file, json.dumps(self.seconds, indent=1) + "\n")
         if rc != 0:
             tail = "".join(log.read_text(encoding="utf-8", errors="replace")
                            .splitlines(keepends=True)[-25:])
