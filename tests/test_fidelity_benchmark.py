@@ -46,3 +46,30 @@ def test_quick_fidelity_writes_the_promised_json(tmp_path):
     assert batch.topk_ids.shape[1] == 2008 and (batch.tail_logmass == -math.inf).all()
     assert (out / "fidelity_vs_k.png").stat().st_size > 0
     assert (out / "fidelity_training_curves.png").stat().st_size > 0
+
+
+def test_figure2_counts_the_steps_to_each_baselines_final_reward(tmp_path):
+    """paper_analyses' Figure 2 arithmetic on made-up curves (the runs themselves are the
+    benchmark's): a baseline's final reward is the mean of its last 16 steps, and the count is
+    the first step at which AlignDistil's trailing 8-step mean reaches it."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import paper_analyses as pa
+
+    ours = [0.0] * 10 + [1.0] * 118           # the trailing mean reaches 0.5 at step 14
+    never = [2.0] * 128                       # a baseline AlignDistil never reaches
+    slow = [0.0] * 112 + [0.5] * 16           # final reward 0.5
+    speed = pa.convergence({"aligndistil": ours, "reinforce-token": slow,
+                            "reinforce-sentence": never}, "aligndistil")
+    assert speed["reinforce-token"] == {"final": 0.5, "steps_to_reach": 14, "steps": 128,
+                                        "fraction": 14 / 128}
+    assert speed["reinforce-sentence"]["steps_to_reach"] is None
+    assert pa.trailing_mean([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    arms = {a.name: ours for a in pa.FIG2_ARMS}
+    seed = {"seed": 0, "epochs": 4, "curves": arms,
+            "eval": {a.name: {"gold_reward": 0.8, "kl_to_dpo_per_sequence": 0.5,
+                              "kl_to_teacher": 0.1, "train_seconds": None}
+                     for a in pa.FIG2_ARMS},
+            "speed": {o: pa.convergence(arms, o) for o in ("aligndistil", "aligndistil-constant")}}
+    text = pa.format_figure2([seed])
+    assert "| reinforce-token@lr1e-3 |" in text and "of 128" in text
+    assert pa.plot_figure2([seed], tmp_path / "f.png").stat().st_size > 0
