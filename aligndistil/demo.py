@@ -391,5 +391,5 @@ def _last_line(log: Path) -> str:
     return lines[-1][:200] if lines else ""
 
 
-__all__ = ["DemoConfig", "DemoSize", "Runner", "SIZES", "WORLD_SIZES", "build_teachers", "student_flags", "run_demo",
-           "run_demo_command"]
+__all__ = ["DemoConfig", "DemoSize", "Runner", "SIZES", "WORLD_SIZES", "build_teachers",
+           "student_flags", "run_demo", "run_demo_command"]

@@ -274,22 +274,16 @@ def format_figure2(per_seed: list[dict]) -> str:
              "", "| run | final contrastive reward / token | gold reward | KL to π_dpo / seq | "
              "KL(student ‖ adaptive π*) | train s |", "|---|---|---|---|---|---|"]
 
-    def cell(values, digits=3):
-        m = mean_ci(values)
-        if m["mean"] is None:
-            return "-"
-        text = f"{m['mean']:.{digits}f}"
-        return text + (f" ± {m['ci95'][1] - m['mean']:.{digits}f}" if m["ci95"] else "")
-
     for arm in FIG2_ARMS:
         if not all(arm.name in p["curves"] for p in per_seed):
             continue
         ev = [p["eval"][arm.name] for p in per_seed]
-        lines.append(f"| {arm.name} | {cell([final_reward(p['curves'][arm.name]) for p in per_seed], 4)} | "
-                     f"{cell([e['gold_reward'] for e in ev])} | "
-                     f"{cell([e['kl_to_dpo_per_sequence'] for e in ev], 2)} | "
-                     f"{cell([e['kl_to_teacher'] for e in ev])} | "
-                     f"{cell([e['train_seconds'] for e in ev], 0)} |")
+        finals = [final_reward(p["curves"][arm.name]) for p in per_seed]
+        lines.append(f"| {arm.name} | {mean_pm(finals, 4)} | "
+                     f"{mean_pm([e['gold_reward'] for e in ev])} | "
+                     f"{mean_pm([e['kl_to_dpo_per_sequence'] for e in ev], 2)} | "
+                     f"{mean_pm([e['kl_to_teacher'] for e in ev])} | "
+                     f"{mean_pm([e['train_seconds'] for e in ev], 0)} |")
     for ours in ("aligndistil", "aligndistil-constant"):
         lines += ["", f"Steps {ours} needs to reach each baseline's final reward (its "
                   f"{SMOOTH}-step trailing mean >= the baseline's mean over its last "
@@ -307,22 +301,24 @@ def format_figure2(per_seed: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_tables(per_seed: list[dict]) -> str:
-    def cell(values, digits=3, pct=False):
-        m = mean_ci(values)
-        if m["mean"] is None:
-            return "-"
-        s = 100 if pct else 1
-        text = f"{s * m['mean']:.{digits}f}"
-        if m["ci95"]:
-            text += f" ± {s * (m['ci95'][1] - m['mean']):.{digits}f}"
-        return text
+def mean_pm(values, digits=3, pct=False) -> str:
+    """"mean ± 95% half-interval" over seeds ("-" without values, the mean alone for one)."""
+    m = mean_ci(values)
+    if m["mean"] is None:
+        return "-"
+    s = 100 if pct else 1
+    text = f"{s * m['mean']:.{digits}f}"
+    if m["ci95"]:
+        text += f" ± {s * (m['ci95'][1] - m['mean']):.{digits}f}"
+    return text
 
+
+def format_tables(per_seed: list[dict]) -> str:
     lines = ["Table 2: reward accuracy (%), mean ± 95% half-interval over seeds", "",
              "| reward | train pairs | held-out pairs |", "|---|---|---|",
              "| gold reward (labelled the pairs) | 100 | 100 |"]
     for key, label in (("dpo_reward", "DPO reward"), ("contrastive_reward", "contrastive")):
-        row = [cell([p["table2"].get(split, {}).get(key, {}).get("accuracy") for p in per_seed],
+        row = [mean_pm([p["table2"].get(split, {}).get(key, {}).get("accuracy") for p in per_seed],
                     1, pct=True) for split in ("train", "test")]
         lines.append(f"| {label} | {row[0]} | {row[1]} |")
     with3 = [p for p in per_seed if p["table3"]]
@@ -333,9 +329,9 @@ def format_tables(per_seed: list[dict]) -> str:
                   "| teacher | gold reward | KL to π_dpo / seq | length |", "|---|---|---|---|"]
     for name in (list(with3[0]["table3"]) if with3 else []):
         vals = [p["table3"][name] for p in with3]
-        lines.append(f"| {name} | {cell([v['gold_reward'] for v in vals])} | "
-                     f"{cell([v['kl_to_dpo_per_sequence'] for v in vals], 2)} | "
-                     f"{cell([v['mean_response_length'] for v in vals], 2)} |")
+        lines.append(f"| {name} | {mean_pm([v['gold_reward'] for v in vals])} | "
+                     f"{mean_pm([v['kl_to_dpo_per_sequence'] for v in vals], 2)} | "
+                     f"{mean_pm([v['mean_response_length'] for v in vals], 2)} |")
     return "\n".join(lines)
 
 

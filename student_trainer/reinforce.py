@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
 def token_rewards(logp: Tensor, dpo_logprobs: Tensor, reverse_logprobs: Tensor, *,
                   beta0: float, beta: float) -> Tensor:
     """``r_t`` of the module docstring for the sampled tokens (any shape, all equal)."""

@@ -49,7 +49,8 @@ def store_metadata(engine: TeacherEngine, config: PrecomputeConfig, num_workers:
         vocab_size=engine.pair.vocab_size, top_k=target.top_k, r=float(target.r),
         eps=float(target.eps), tvd_norm=target.tvd_norm, mode=target.mode,
         source_fingerprint=source_fingerprint(Path(config.data)), num_workers=num_workers,
-        layout=config.layout, dpo_top=target.dpo_top, extra={"beta0": target.beta0, "beta": target.beta, "max_seq_len": engine.max_seq_len,
+        layout=config.layout, dpo_top=target.dpo_top,
+        extra={"beta0": target.beta0, "beta": target.beta, "max_seq_len": engine.max_seq_len,
                "response_field": config.response_field},
     )
 

@@ -20,7 +20,8 @@ from trainer_support import dense_records, random_sequences
 
 
 def test_token_rewards_are_the_contrastive_reward_minus_the_kl_penalty_to_pi_dpo():
-    logp, dpo, rev = torch.tensor([-1.0, -2.0]), torch.tensor([-0.5, -3.0]), torch.tensor([-1.5, -1.0])
+    logp, dpo = torch.tensor([-1.0, -2.0]), torch.tensor([-0.5, -3.0])
+    rev = torch.tensor([-1.5, -1.0])
     r = reinforce.token_rewards(logp, dpo, rev, beta0=0.1, beta=0.08)
     assert r.tolist() == pytest.approx([0.1 * 1.0 - 0.08 * -0.5, 0.1 * -2.0 - 0.08 * 1.0])
     with pytest.raises(ValueError, match="dpo_logprobs shape"):

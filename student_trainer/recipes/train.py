@@ -333,7 +333,8 @@ def train(run: Run) -> dict[str, Any]:
         bar.close()
     save(run, run.out / "final", run.total_steps, epoch)
     if env.is_main:
-        plot_curves(run.out / JSONL_NAME, run.out / PNG_NAME, title=f"{config.objective} {config.mode}")
+        plot_curves(run.out / JSONL_NAME, run.out / PNG_NAME,
+                    title=f"{config.objective} {config.mode}")
     return {"steps": run.total_steps, "start_step": run.start_step,
             "final": str(run.out / "final"), "last": last,
             "prompts_truncated": getattr(run.source, "prompts_truncated", 0)}
