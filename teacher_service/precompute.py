@@ -112,7 +112,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     total_rows = count_rows(Path(config.data), worker=worker, workers=workers,
                             limit=config.limit)
     engine = build_engine(config)
-    if config.overwrite:
+    if config.overwrite and Path(config.out).is_dir():  # nothing to clear in a new --out
         clear_folder(config.out, keep=[e.name for e in Path(config.out).iterdir()
                                        if SAVED_CONFIG.match(e.name)])
     # Shard boundaries are placed here (at group ends), not by the writer's token count.

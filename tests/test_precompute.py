@@ -216,6 +216,16 @@ def test_missing_flags_and_files_are_clear(pair_dirs, tmp_path):
     assert res.returncode == 2 and "no such file" in res.stderr
 
 
+def test_overwrite_into_a_new_folder_just_writes_the_store(pair_dirs, data, tmp_path):
+    """--overwrite with an --out that does not exist yet: nothing to clear, no traceback."""
+    out = tmp_path / "new" / "store"
+    res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
+               "--data", data, "--out", out, "--top-k", 8, "--device", "cpu", "--limit", 4,
+               "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert len(TargetStore(out)) == 4
+
+
 def test_vanilla_adaptive_mode_end_to_end(pair_dirs, data, tmp_path):
     """--mode vanilla-adaptive (the released code's theorem1_adaptive): z* = w z_dpo +
     (1 - w) z_ref with w = r * TVD(p_dpo, p_ref) + eps per position, alpha = w in the record
