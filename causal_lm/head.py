@@ -23,11 +23,18 @@ from torch import Tensor
 
 
 def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, row_idx: Tensor,
-                    col_idx: Tensor) -> Tensor:
-    """The decoder's last hidden states at ``(row_idx, col_idx)``: ``[N, H]``."""
+                    col_idx: Tensor, position_ids: Tensor | None = None) -> Tensor:
+    """The decoder's last hidden states at ``(row_idx, col_idx)``: ``[N, H]``.
+
+    With ``position_ids`` the rows are packed (:mod:`causal_lm.packed`): the positions keep
+    the sequences apart and ``attention_mask`` is not passed to the model."""
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                     use_cache=False).last_hidden_state
+    if position_ids is not None:
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         use_cache=False).last_hidden_state
     return hidden[row_idx, col_idx]
 
 

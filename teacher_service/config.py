@@ -55,7 +55,11 @@ class TeacherOptions:
         "auto"
     max_seq_len: Annotated[int | None, "longest prompt + response (none: the models' "
                            "maximum)", ">=2"] = None
-    max_batch_tokens: Annotated[int, "padded tokens per engine pass", ">=2"] = 8192
+    max_batch_tokens: Annotated[int, "tokens per engine pass (padded layout: sequences x "
+                                "longest; packed: rows x longest)", ">=2"] = 8192
+    packing: Annotated[Literal["auto", "on", "off"], "padding-free forwards, sequences packed "
+                       "back to back (auto: when a probe shows the models keep packed "
+                       "sequences apart; on: refuse models that do not)"] = "auto"
     chunk_size: Annotated[int, "response positions per LM-head chunk (memory O(chunk x V))",
                           ">=1"] = 256
     trust_remote_code: Annotated[bool, "allow model code from the model folder (it runs "

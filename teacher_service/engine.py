@@ -19,9 +19,10 @@ from typing import Any, Sequence
 import torch
 
 from causal_lm.head import Float32Head, response_hidden
+from causal_lm.packed import pack_rows, packing_check
 from causal_lm.positions import response_coordinates
 from storage.errors import ConfigError, UserError
-from storage.packing import pack_by_token_budget
+from storage.packing import pack_by_token_budget, pack_rows_by_token_budget
 from storage.record import TargetRecord
 from teacher_service.models import TeacherPair, describe
 from teacher_service.targets import SparseTargets, TargetConfig, compute_targets
@@ -50,7 +51,7 @@ class TeacherEngine:
     """Scores (input_ids, prompt_len) sequences with the teacher pair into sparse-target records."""
 
     def __init__(self, pair: TeacherPair, config: TargetConfig, *, max_batch_tokens: int = 8192,
-                 max_seq_len: int | None = None):
+                 max_seq_len: int | None = None, packing: bool = False):
         if config.top_k > pair.vocab_size:
             raise ConfigError(f"--top-k {config.top_k} exceeds the vocabulary size "
                              f"{pair.vocab_size}")
@@ -63,6 +64,8 @@ class TeacherEngine:
         self.dpo_head = Float32Head(pair.dpo, pair.vocab_size)
         self.other_head = Float32Head(pair.other, pair.vocab_size)
         self.max_batch_tokens = max_batch_tokens
+        #: Padding-free forwards (only for models :func:`packing_check` passed).
+        self.packing = packing
         self.max_seq_len = max_seq_len or model_max or 4096
         if model_max and self.max_seq_len > model_max:
             raise ConfigError(f"--max-seq-len {self.max_seq_len} exceeds the models' "
@@ -106,30 +109,53 @@ class TeacherEngine:
             self.validate(i, req.input_ids, req.prompt_len)
         results: list[TargetRecord | None] = [None] * len(requests)
         lengths = [len(r.input_ids) for r in requests]
-        for batch in pack_by_token_budget(lengths, self.max_batch_tokens):
-            for i, record in zip(batch, self._score_batch([requests[i] for i in batch], k)):
+        if self.packing:  # batches of rows; each batch's members in row order
+            plans = [([i for row in rows for i in row], rows)
+                     for rows in pack_rows_by_token_budget(lengths, self.max_batch_tokens)]
+        else:
+            plans = [(group, None) for group in pack_by_token_budget(lengths,
+                                                                     self.max_batch_tokens)]
+        for members, rows in plans:
+            local = {i: j for j, i in enumerate(members)}
+            layout = [[local[i] for i in row] for row in rows] if rows else None
+            for i, record in zip(members, self._score_batch([requests[i] for i in members], k,
+                                                            layout)):
                 results[i] = record
         return results  # type: ignore[return-value]
 
-    @torch.inference_mode()
-    def _score_batch(self, batch: list[ScoreRequest], k: int) -> list[TargetRecord]:
-        device = self.pair.device
-        longest = max(len(r.input_ids) for r in batch)
-        ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    @staticmethod
+    def _layout(batch: list[ScoreRequest], rows: list[list[int]] | None):
+        """``(input_ids, attention_mask, position_ids, rows, cols)`` of a batch: packed
+        ``rows`` (``position_ids`` set, no mask for the model) or, without them, right-padded
+        sequences (no ``position_ids``)."""
+        lengths = [len(r.input_ids) for r in batch]
+        prompt_lens = [r.prompt_len for r in batch]
+        if rows is not None:
+            packed = pack_rows([r.input_ids for r in batch], rows, pad_id=0)
+            rows, cols = packed.response_coordinates(prompt_lens, lengths)
+            return packed.input_ids, packed.token_mask, packed.position_ids, rows, cols
+        ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
+        mask = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
         for b, req in enumerate(batch):
             n = len(req.input_ids)
             ids[b, :n] = torch.as_tensor(req.input_ids, dtype=torch.long)
             mask[b, :n] = 1
-        rows, cols = response_coordinates([len(r.input_ids) for r in batch],
-                                          [r.prompt_len for r in batch])
+        rows, cols = response_coordinates(lengths, prompt_lens)
+        return ids, mask, None, rows, cols
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: list[ScoreRequest], k: int,
+                     packed_rows: list[list[int]] | None = None) -> list[TargetRecord]:
+        device = self.pair.device
+        ids, mask, positions, rows, cols = self._layout(batch, packed_rows)
         ids, mask = ids.to(device), mask.to(device)
+        positions = positions.to(device) if positions is not None else None
         row_idx = torch.from_numpy(rows).to(device)
         col_idx = torch.from_numpy(cols).to(device)
         next_ids = ids[row_idx, col_idx + 1]
 
-        hidden_dpo = response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx)
-        hidden_other = response_hidden(self.pair.other, ids, mask, row_idx, col_idx)
+        hidden_dpo = response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx, positions)
+        hidden_other = response_hidden(self.pair.other, ids, mask, row_idx, col_idx, positions)
         parts: list[SparseTargets] = []
         chunk = self.config.chunk_size
         for start in range(0, hidden_dpo.shape[0], chunk):
@@ -187,4 +213,28 @@ def build_engine(options) -> TeacherEngine:
         model_max = getattr(pair.dpo.config, "max_position_embeddings", None)
         max_seq_len = min(options.DEFAULT_MAX_SEQ_LEN, model_max or options.DEFAULT_MAX_SEQ_LEN)
     return TeacherEngine(pair, target_config, max_batch_tokens=options.max_batch_tokens,
-                         max_seq_len=max_seq_len)
+                         max_seq_len=max_seq_len,
+                         packing=choose_packing(options.packing, pair.dpo, pair.other))
+
+
+def choose_packing(setting: str, *models) -> bool:
+    """``--packing auto|on|off`` for these models: ``auto`` packs when every model passes
+    :func:`~causal_lm.packed.packing_check` (else the padded layout, and the log says why);
+    ``on`` refuses models that fail it. The choice is logged."""
+    import logging
+
+    log = logging.getLogger("aligndistil.packing")
+    if setting == "off":
+        log.info("packing: off (--packing off): padded batches")
+        return False
+    for model in models:
+        ok, why = packing_check(model)
+        if not ok:
+            if setting == "on":
+                raise ConfigError(f"--packing on: {model.config.model_type} model: {why}; use "
+                                  f"--packing auto or off")
+            log.warning("packing: off, padded batches instead: %s model: %s",
+                        model.config.model_type, why)
+            return False
+    log.info("packing: on (%s)", why)
+    return True

@@ -249,3 +249,57 @@ def test_bfloat16_teachers_get_float32_heads(pair_dirs):
     fp32, bf = max(err["float32 head"]), max(err["bf16 head"])
     assert fp32 < 1e-4, err
     assert bf > 50 * fp32, err  # what the head in the decoder's dtype used to cost
+
+
+def test_packed_forwards_give_the_padded_records(pair):
+    """Padding-free rows (several sequences back to back, positions restarting) score every
+    sequence as the padded layout does, within float32 rounding; a small budget forces several
+    batches and rows holding several sequences."""
+    reqs = _requests(pair.tokenizer, n=15, seed=3)
+    config = TargetConfig(top_k=8, chunk_size=16)
+    padded = TeacherEngine(pair, config, max_batch_tokens=80).score(reqs)
+    packed_engine = TeacherEngine(pair, config, max_batch_tokens=80, packing=True)
+    packed = packed_engine.score(reqs)
+    for a, b in zip(padded, packed):
+        assert a.example_index == b.example_index and (a.input_ids == b.input_ids).all()
+        np.testing.assert_allclose(a.alpha, b.alpha, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.dpo_logprobs, b.dpo_logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.reverse_logprobs, b.reverse_logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.topk_logprobs.astype(np.float32),
+                                   b.topk_logprobs.astype(np.float32), rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(a.tail_logmass, b.tail_logmass, rtol=1e-4, atol=1e-4)
+
+
+def test_packing_rows_hold_several_sequences_within_the_budget():
+    from storage.packing import pack_rows_by_token_budget
+
+    lengths = [30, 5, 12, 30, 7, 18, 3, 25, 9, 9]
+    batches = pack_rows_by_token_budget(lengths, 64)
+    seen = sorted(i for rows in batches for row in rows for i in row)
+    assert seen == list(range(len(lengths)))
+    for rows in batches:
+        capacity = max(lengths[i] for row in rows for i in row)
+        assert all(sum(lengths[i] for i in row) <= capacity for row in rows)
+        assert len(rows) * capacity <= 64 or len(rows) == 1
+    assert any(len(row) > 1 for rows in batches for row in rows)
+    # fewer computed places than the padded layout under the same budget
+    packed = sum(len(rows) * max(lengths[i] for r in rows for i in r) for rows in batches)
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in pack_batches(lengths, 64))
+    assert packed < padded
+    assert pack_rows_by_token_budget([100, 3], 10) == [[[0]], [[1]]]  # over budget: alone
+
+
+def test_packing_is_refused_or_skipped_for_a_model_that_attends_across_sequences(tmp_path):
+    """A real architecture whose attention ignores the packed positions (Bloom: ALiBi and its
+    own mask): auto falls back to padded batches and says why; on refuses."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from storage.errors import ConfigError
+    from teacher_service.engine import choose_packing
+
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(n_layer=2, hidden_size=64, n_head=2, vocab_size=100))
+    assert choose_packing("auto", bloom) is False
+    with pytest.raises(ConfigError, match="--packing on: bloom model: packed sequences do not"):
+        choose_packing("on", bloom)
+    assert choose_packing("off", bloom) is False

@@ -86,7 +86,8 @@ def test_precompute_writes_engine_targets(store, pair_dirs, data):
     assert store_meta.r == 20.0 and store_meta.top_k == 8 and store_meta.tvd_norm == "half-l1"
     pair = load_teacher_pair(*pair_dirs, device="cpu")
     assert store_meta.tokenizer_sha256 == pair.tokenizer_sha256
-    engine = TeacherEngine(pair, TargetConfig(top_k=8, r=20.0))
+    # The CLI's --packing auto packs these models (they pass the probe): so does this engine.
+    engine = TeacherEngine(pair, TargetConfig(top_k=8, r=20.0), packing=True)
     examples = list(read_examples(data))
     reqs = [ScoreRequest(*tokenize_example(pair.tokenizer, ex), example_index=ex.index)
             for ex in examples]

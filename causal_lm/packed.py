@@ -1,0 +1,112 @@
+"""Padding-free forwards: several sequences laid back to back in one row of the batch.
+
+Position ids restart at 0 for each sequence and no attention mask is passed, which is how
+Hugging Face models take packed sequences: with ``flash_attention_2`` the position ids become
+variable-length boundaries; with ``sdpa``/``eager`` the models that build their mask with
+``transformers.masking_utils`` derive a block-diagonal causal mask from them. A row's unused
+places at its end (only in each batch's last rows) hold the pad id with positions restarting
+too, so they form a sequence of their own that nothing reads.
+
+Not every model honours this (a model with its own mask code would attend across the packed
+sequences), so :func:`packing_check` runs the model once on a packed probe and compares it with
+separate forwards; callers pack only when it passes, and use the padded layout otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from causal_lm.positions import response_rows
+
+
+@dataclass
+class PackedRows:
+    """``[R, C]`` tensors of sequences packed into rows, and where each sequence starts."""
+
+    input_ids: Tensor     #: [R, C] long
+    position_ids: Tensor  #: [R, C] long, restarting at 0 for each sequence
+    token_mask: Tensor    #: [R, C] long, 1 on the sequences' tokens, 0 on unused places
+    seq_row: np.ndarray   #: [S] the row of sequence s (s indexes ``sequences``)
+    seq_start: np.ndarray  #: [S] its first column
+
+    def response_coordinates(self, prompt_lens: Sequence[int], lengths: Sequence[int]
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """``(row, column)`` of every response logit row (``P-1 .. L-2`` of each sequence), in
+        sequence order: the packed counterpart of :func:`positions.response_coordinates`."""
+        rows, cols = [], []
+        for s, (p, n) in enumerate(zip(prompt_lens, lengths)):
+            rows.append(np.full(n - p, self.seq_row[s], dtype=np.int64))
+            cols.append(response_rows(p, n) + self.seq_start[s])
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(rows), np.concatenate(cols)
+
+
+def pack_rows(sequences: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], pad_id: int
+              ) -> PackedRows:
+    """Lay ``sequences`` out as ``rows`` (lists of indices into ``sequences``, each sequence in
+    exactly one row) of width ``C`` = the fullest row."""
+    width = max(sum(len(sequences[i]) for i in row) for row in rows)
+    n_rows = len(rows)
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    pos = torch.empty((n_rows, width), dtype=torch.long)
+    mask = torch.zeros((n_rows, width), dtype=torch.long)
+    seq_row = np.full(len(sequences), -1, dtype=np.int64)
+    seq_start = np.zeros(len(sequences), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(sequences[i])
+            if seq_row[i] >= 0:
+                raise ValueError(f"sequence {i} is in more than one row")
+            ids[r, at:at + n] = torch.as_tensor(np.asarray(sequences[i], dtype=np.int64))
+            pos[r, at:at + n] = torch.arange(n)
+            mask[r, at:at + n] = 1
+            seq_row[i], seq_start[i] = r, at
+            at += n
+        pos[r, at:] = torch.arange(width - at)
+    if (seq_row < 0).any():
+        raise ValueError(f"sequences {np.flatnonzero(seq_row < 0).tolist()[:5]} are in no row")
+    return PackedRows(ids, pos, mask, seq_row, seq_start)
+
+
+@torch.no_grad()
+def packing_check(model) -> tuple[bool, str]:
+    """Whether ``model`` computes packed rows exactly as separate sequences: ``(ok, why)``.
+
+    Two short sequences packed in one row must give the hidden states each gives alone
+    (within the model's dtype's rounding); a model that attends across them, ignores the
+    restarted positions or refuses position ids without a mask fails."""
+    decoder = model.get_decoder()
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, vocab, (7,), generator=g).tolist()
+    b = torch.randint(0, vocab, (5,), generator=g).tolist()
+    packed = pack_rows([a, b], [[0, 1]], pad_id=0)
+    was_training = model.training
+    model.eval()
+    try:
+        together = decoder(input_ids=packed.input_ids.to(device),
+                           position_ids=packed.position_ids.to(device),
+                           use_cache=False).last_hidden_state[0].float()
+        alone = [decoder(input_ids=torch.tensor([s], device=device),
+                         use_cache=False).last_hidden_state[0].float() for s in (a, b)]
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not pack this model
+        return False, f"a packed forward fails ({type(exc).__name__}: {exc})"[:300]
+    finally:
+        model.train(was_training)
+    expected = torch.cat(alone)
+    scale = float(expected.abs().max()) or 1.0
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    err = float((together - expected).abs().max()) / scale
+    if err > tol:
+        return False, (f"packed sequences do not match separate forwards (relative error "
+                       f"{err:.2g} > {tol:g}): its attention does not keep them apart")
+    attn = getattr(model.config, "_attn_implementation", None) or "default"
+    return True, f"packed forwards match separate ones (attention: {attn})"
