@@ -532,7 +532,24 @@ def format_report(results: dict) -> str:
     lines = ["# aligndistil vs TRL (GKD towards the same pi*) vs the exact loop", "",
              "Written by `benchmarks/vs_trl.py` (its docstring gives the method). One process per "
              "system, run one after another on the same machine; step time = median wall seconds "
-             "per optimizer step after the first step.", ""]
+             "per optimizer step after the first step.", "",
+             "- **trl**: `trl.experimental.gkd.GKDTrainer` (beta = 1: KL(student || teacher); "
+             "lmbda = 0 off-policy, 1 on-policy; temperature 1), its teacher model a wrapper whose "
+             "logits are log pi* computed from the dpo and reverse models every step; float32, no "
+             "gradient checkpointing, AdamW: configured as the other two run.",
+             "- **trl-defaults**: the same with GKDConfig's own defaults for those (bf16 autocast, "
+             "gradient checkpointing, fused AdamW): what a user who changes nothing gets on a CPU.",
+             "- **aligndistil**: `precompute` once, then `train --mode off-policy` from the store "
+             "(top-k sparse targets, uniform tail); on-policy, `serve` + `train --mode on-policy`.",
+             "- **exact**: the released code's kind of loop in one process: student, dpo and "
+             "reverse logits of [B, T, V] every step, dense pi*, full-vocabulary reverse KL.",
+             "",
+             "What TRL cannot express: AlignDistil's per-token weight beta_t = beta0 / alpha_t and "
+             "its per-sequence mean. GKD's loss is the plain token mean of the KL, and a teacher "
+             "model can only shape the distribution, not weight a token. So TRL minimises a "
+             "differently weighted sum of the same per-token KLs towards the same pi* (the check "
+             "below shows the per-token KL is the same). The tables compare cost, not what is "
+             "learned; what is learned is the subject of [fidelity.md](fidelity.md).", ""]
     for name, r in results.items():
         m = r["machine"]
         lines += [f"## {name}", "",

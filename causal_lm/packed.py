@@ -17,11 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import logging
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from causal_lm.positions import response_rows
+from storage.errors import ConfigError
+
+log = logging.getLogger("aligndistil.packing")
 
 
 @dataclass
@@ -110,3 +115,26 @@ def packing_check(model) -> tuple[bool, str]:
                        f"{err:.2g} > {tol:g}): its attention does not keep them apart")
     attn = getattr(model.config, "_attn_implementation", None) or "default"
     return True, f"packed forwards match separate ones (attention: {attn})"
+
+
+def choose_packing(setting: str, *models) -> bool:
+    """``--packing auto|on|off`` for these models: ``auto`` packs when every model passes
+    :func:`packing_check` (else the padded layout, and the log says why); ``on`` refuses
+    models that fail it. The choice is logged."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"packing must be auto, on or off, got {setting!r}")
+    if setting == "off":
+        log.info("packing: off (--packing off): padded batches")
+        return False
+    why = ""
+    for model in models:
+        ok, why = packing_check(model)
+        if not ok:
+            if setting == "on":
+                raise ConfigError(f"--packing on: {model.config.model_type} model: {why}; use "
+                                  f"--packing auto or off")
+            log.warning("packing: off, padded batches instead: %s model: %s",
+                        model.config.model_type, why)
+            return False
+    log.info("packing: on (%s)", why)
+    return True

@@ -11,6 +11,13 @@ layout: ``flat_values`` fill ``x[response_mask]`` in the same (row-major) order.
 
 Batches are cut by a token budget: the records of one optimizer step are sorted by length and
 packed greedily so that ``sequences x longest`` (padded tokens) stays under the budget.
+
+Packed batches (``packing=True``, for models :func:`causal_lm.packed.packing_check` passed):
+``input_ids``/``attention_mask`` are ``[R, C]`` rows holding several sequences back to back,
+``position_ids`` restart at 0 for each, and ``row_idx``/``col_idx`` point into the rows; the
+per-sequence fields (``response_mask``, the flat targets) are as above, in the batch's sequence
+order. Rows hold at most the batch's longest sequence and ``rows x longest`` stays under the
+budget, so a packed micro-batch never computes more than a padded one.
 """
 
 from __future__ import annotations
@@ -22,15 +29,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from causal_lm.packed import pack_rows
 from causal_lm.positions import response_coordinates
-from storage.packing import pack_by_token_budget
+from storage.packing import pack_by_token_budget, pack_rows_by_token_budget
 from storage.record import TargetRecord
 
 
 @dataclass
 class Batch:
-    input_ids: Tensor        #: [B, L] long, right-padded
-    attention_mask: Tensor   #: [B, L] long
+    input_ids: Tensor        #: [B, L] long, right-padded (packed: [R, C] rows)
+    attention_mask: Tensor   #: [B, L] long, 1 on real tokens (packed: [R, C], not for the model)
     row_idx: Tensor          #: [N] long: sequence of each response position
     col_idx: Tensor          #: [N] long: its logit row (P-1 .. L-2)
     target_ids: Tensor       #: [N] long: the actual next token input_ids[P+t]
@@ -42,10 +50,11 @@ class Batch:
     alpha: Tensor | None = None             #: [N] float32
     dpo_logprobs: Tensor | None = None      #: [N] float32
     reverse_logprobs: Tensor | None = None  #: [N] float32
+    position_ids: Tensor | None = None      #: [R, C] long, packed rows only
 
     @property
     def num_sequences(self) -> int:
-        return int(self.input_ids.shape[0])
+        return int(self.response_mask.shape[0])
 
     @property
     def num_tokens(self) -> int:
@@ -67,10 +76,14 @@ class Batch:
         return out
 
 
-def collate_sequences(sequences: Sequence[tuple[Sequence[int], int]], pad_id: int) -> Batch:
-    """Right-padded tensors and response coordinates for ``(input_ids, prompt_len)`` pairs."""
+def collate_sequences(sequences: Sequence[tuple[Sequence[int], int]], pad_id: int,
+                      packed_rows: Sequence[Sequence[int]] | None = None) -> Batch:
+    """Right-padded tensors and response coordinates for ``(input_ids, prompt_len)`` pairs; with
+    ``packed_rows`` (lists of indices into ``sequences``), packed rows instead."""
     if not sequences:
         raise ValueError("cannot collate an empty batch")
+    if packed_rows is not None:
+        return _collate_packed(sequences, pad_id, packed_rows)
     lengths = [len(ids) for ids, _ in sequences]
     longest = max(lengths)
     responses = [n - p for (_, p), n in zip(sequences, lengths)]
@@ -90,9 +103,31 @@ def collate_sequences(sequences: Sequence[tuple[Sequence[int], int]], pad_id: in
                  target_ids=ids[row_idx, col_idx + 1], response_mask=rmask)
 
 
-def collate_records(records: Sequence[TargetRecord], pad_id: int) -> Batch:
+def _collate_packed(sequences: Sequence[tuple[Sequence[int], int]], pad_id: int,
+                    rows: Sequence[Sequence[int]]) -> Batch:
+    lengths = [len(ids) for ids, _ in sequences]
+    prompt_lens = [p for _, p in sequences]
+    for b, (p, n) in enumerate(zip(prompt_lens, lengths)):
+        if not 1 <= p < n:
+            raise ValueError(f"sequence {b}: prompt_len must satisfy 1 <= prompt_len < "
+                             f"len(input_ids) = {n}, got {p}")
+    packed = pack_rows([ids for ids, _ in sequences], rows, pad_id)
+    responses = [n - p for p, n in zip(prompt_lens, lengths)]
+    rmask = torch.zeros((len(sequences), max(responses)), dtype=torch.bool)
+    for b, t in enumerate(responses):
+        rmask[b, :t] = True
+    rows_np, cols_np = packed.response_coordinates(prompt_lens, lengths)
+    row_idx, col_idx = torch.from_numpy(rows_np), torch.from_numpy(cols_np)
+    return Batch(input_ids=packed.input_ids, attention_mask=packed.token_mask, row_idx=row_idx,
+                 col_idx=col_idx, target_ids=packed.input_ids[row_idx, col_idx + 1],
+                 response_mask=rmask, position_ids=packed.position_ids)
+
+
+def collate_records(records: Sequence[TargetRecord], pad_id: int,
+                    packed_rows: Sequence[Sequence[int]] | None = None) -> Batch:
     """:func:`collate_sequences` plus the records' teacher targets, flattened in the same order."""
-    batch = collate_sequences([(r.input_ids, r.prompt_len) for r in records], pad_id)
+    batch = collate_sequences([(r.input_ids, r.prompt_len) for r in records], pad_id,
+                              packed_rows)
     k = {r.top_k for r in records}
     if len(k) != 1:
         raise ValueError(f"records of one batch have different top-k sizes {sorted(k)}")
@@ -111,8 +146,17 @@ def collate_records(records: Sequence[TargetRecord], pad_id: int) -> Batch:
     )
 
 
-def micro_batches(records: Sequence[TargetRecord], *, max_tokens: int, pad_id: int
-                  ) -> list[Batch]:
-    """One optimizer step's records as token-budgeted, padded micro-batches."""
-    groups = pack_by_token_budget([r.seq_len for r in records], max_tokens)
+def micro_batches(records: Sequence[TargetRecord], *, max_tokens: int, pad_id: int,
+                  packing: bool = False) -> list[Batch]:
+    """One optimizer step's records as token-budgeted micro-batches: padded, or packed rows."""
+    lengths = [r.seq_len for r in records]
+    if packing:
+        batches = []
+        for rows in pack_rows_by_token_budget(lengths, max_tokens):
+            members = [i for row in rows for i in row]
+            local = {i: j for j, i in enumerate(members)}
+            batches.append(collate_records([records[i] for i in members], pad_id,
+                                           [[local[i] for i in row] for row in rows]))
+        return batches
+    groups = pack_by_token_budget(lengths, max_tokens)
     return [collate_records([records[i] for i in g], pad_id) for g in groups]

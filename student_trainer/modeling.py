@@ -53,8 +53,10 @@ class StudentForward(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, row_idx: Tensor,
                 col_idx: Tensor, *, mode: str = "kl", topk_ids: Tensor | None = None,
                 topk_logprobs: Tensor | None = None, tail_logmass: Tensor | None = None,
-                target_ids: Tensor | None = None) -> Tensor:
-        hidden = response_hidden(self.model, input_ids, attention_mask, row_idx, col_idx)
+                target_ids: Tensor | None = None, position_ids: Tensor | None = None
+                ) -> Tensor:
+        hidden = response_hidden(self.model, input_ids, attention_mask, row_idx, col_idx,
+                                 position_ids)
         if mode == "logprobs":
             logits = self.head(hidden)
             logp = torch.log_softmax(logits.float(), dim=-1)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from causal_lm.head import Float32Head, response_hidden
-from causal_lm.packed import pack_rows, packing_check
+from causal_lm.packed import choose_packing, pack_rows
 from causal_lm.positions import response_coordinates
 from storage.errors import ConfigError, UserError
 from storage.packing import pack_by_token_budget, pack_rows_by_token_budget
@@ -216,25 +216,3 @@ def build_engine(options) -> TeacherEngine:
                          max_seq_len=max_seq_len,
                          packing=choose_packing(options.packing, pair.dpo, pair.other))
 
-
-def choose_packing(setting: str, *models) -> bool:
-    """``--packing auto|on|off`` for these models: ``auto`` packs when every model passes
-    :func:`~causal_lm.packed.packing_check` (else the padded layout, and the log says why);
-    ``on`` refuses models that fail it. The choice is logged."""
-    import logging
-
-    log = logging.getLogger("aligndistil.packing")
-    if setting == "off":
-        log.info("packing: off (--packing off): padded batches")
-        return False
-    for model in models:
-        ok, why = packing_check(model)
-        if not ok:
-            if setting == "on":
-                raise ConfigError(f"--packing on: {model.config.model_type} model: {why}; use "
-                                  f"--packing auto or off")
-            log.warning("packing: off, padded batches instead: %s model: %s",
-                        model.config.model_type, why)
-            return False
-    log.info("packing: on (%s)", why)
-    return True

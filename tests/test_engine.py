@@ -295,7 +295,7 @@ def test_packing_is_refused_or_skipped_for_a_model_that_attends_across_sequences
     from transformers import BloomConfig, BloomForCausalLM
 
     from storage.errors import ConfigError
-    from teacher_service.engine import choose_packing
+    from causal_lm.packed import choose_packing
 
     torch.manual_seed(0)
     bloom = BloomForCausalLM(BloomConfig(n_layer=2, hidden_size=64, n_head=2, vocab_size=100))

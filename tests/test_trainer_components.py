@@ -174,6 +174,49 @@ def test_batches_align_targets_with_logit_rows_end_to_end(pair_dirs):
     assert torch.equal(one.topk_ids[:t0], torch.from_numpy(r0.topk_ids).long())
 
 
+def _step_loss_and_grads(model, forward, batches, n_sequences):
+    """The train step's loss (sum over micro-batches of loss x its share) and gradients."""
+    from student_trainer import losses
+
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in batches:
+        kl = forward(batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
+                     topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
+                     tail_logmass=batch.tail_logmass, position_ids=batch.position_ids)
+        loss = losses.aligndistil_loss(batch.unflatten(kl), batch.unflatten(batch.alpha, 1.0),
+                                       batch.response_mask)
+        (loss * (batch.num_sequences / n_sequences)).backward()
+        total += float(loss) * batch.num_sequences / n_sequences
+    return total, {n: p.grad.clone() for n, p in model.named_parameters()
+                   if p.grad is not None}
+
+
+def test_packed_micro_batches_give_the_padded_loss_and_gradients(pair_dirs):
+    """Packed rows (several sequences back to back, positions restarting) are the same step as
+    padded micro-batches: the same sequences, loss and gradients within float32 rounding, and
+    no more computed places under the same budget."""
+    tok = build_tokenizer()
+    seqs = random_sequences(len(tok), 12, seed=7, min_len=4, max_len=24)
+    records, _ = dense_records(*pair_dirs, seqs)
+    model, _ = load_student(pair_dirs[0], device=torch.device("cpu"))
+    forward = StudentForward(model, len(tok))
+    padded = micro_batches(records, max_tokens=72, pad_id=0)
+    packed = micro_batches(records, max_tokens=72, pad_id=0, packing=True)
+    assert sum(b.num_sequences for b in packed) == 12
+    assert sum(b.num_response_tokens for b in packed) == sum(r.response_len for r in records)
+    assert any(b.position_ids is not None and b.input_ids.shape[0] < b.num_sequences
+               for b in packed)  # at least one row holds two sequences
+    assert sum(b.input_ids.numel() for b in packed) <= sum(b.input_ids.numel() for b in padded)
+    loss_a, grads_a = _step_loss_and_grads(model, forward, padded, 12)
+    loss_b, grads_b = _step_loss_and_grads(model, forward, packed, 12)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
 # ---------------------------------------------------------------------------- rollouts
 def test_rollouts_keep_the_prompt_stop_at_eos_and_are_seeded():
     tok = build_tokenizer()

@@ -102,8 +102,11 @@ class TrainConfig(SamplingOptions):
     min_lr_ratio: Annotated[float, "the decay ends at this fraction of --lr (the released "
                             "scripts' 0.1)", "[0,1]"] = 0.1
     global_batch_size: Annotated[int, "sequences per optimizer step, over all ranks", ">=1"] = 128
-    max_tokens: Annotated[int, "padded tokens per micro-batch (gradient accumulation fills the "
-                          "global batch)", ">=2"] = 8192
+    max_tokens: Annotated[int, "tokens per micro-batch, padding included (gradient "
+                          "accumulation fills the global batch)", ">=2"] = 8192
+    packing: Annotated[Literal["auto", "on", "off"], "padding-free micro-batches, sequences "
+                       "packed back to back (auto: when a probe shows the model keeps packed "
+                       "sequences apart; on: refuse a model that does not)"] = "auto"
     epochs: Annotated[int, "passes over the data", ">=1"] = 1
     max_steps: Annotated[int | None, "stop after this many steps", ">=1"] = None
     max_grad_norm: Annotated[float, "gradient clipping (0 disables it)", ">=0"] = 1.0

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
+from causal_lm.packed import choose_packing
 from storage.fsio import atomic_write_text
 from storage.outputs import clear_folder
 from storage.tokenization import tokenizer_sha256
@@ -98,10 +99,12 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                     kl = module(batch.input_ids, batch.attention_mask, batch.row_idx,
                                 batch.col_idx, topk_ids=batch.topk_ids,
                                 topk_logprobs=batch.topk_logprobs,
-                                tail_logmass=batch.tail_logmass)
+                                tail_logmass=batch.tail_logmass,
+                                position_ids=batch.position_ids)
                 else:
                     logp = module(batch.input_ids, batch.attention_mask, batch.row_idx,
-                                  batch.col_idx, mode="logprobs", target_ids=batch.target_ids)
+                                  batch.col_idx, mode="logprobs", target_ids=batch.target_ids,
+                                  position_ids=batch.position_ids)
             if adv is None:
                 loss = losses.aligndistil_loss(
                     batch.unflatten(kl.float()), batch.unflatten(batch.alpha, 1.0),
@@ -141,7 +144,8 @@ def reinforce_advantages(module: torch.nn.Module, batches: list[Batch], config: 
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logp = module(batch.input_ids, batch.attention_mask, batch.row_idx,
-                              batch.col_idx, mode="logprobs", target_ids=batch.target_ids)
+                              batch.col_idx, mode="logprobs", target_ids=batch.target_ids,
+                              position_ids=batch.position_ids)
             rewards = reinforce.token_rewards(logp.float(), batch.dpo_logprobs,
                                               batch.reverse_logprobs, beta0=config.beta0,
                                               beta=config.kl_coef)
@@ -186,6 +190,7 @@ class Run:
     source: BatchSource
     metrics: MetricsLogger
     amp: bool
+    packing: bool                    #: packed micro-batches (the model passed the probe)
     per_rank: int                    #: sequences per step on this rank
     steps_per_epoch: int
     total_steps: int
@@ -241,6 +246,7 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
                     "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                     "data": str(Path(config.store or config.prompts).resolve())}
 
+        packing = choose_packing(config.packing, model)
         forward = StudentForward(model, len(tokenizer), tail=config.tail,
                                  loss_chunk_size=config.loss_chunk_size)
         module: torch.nn.Module = forward
@@ -275,7 +281,8 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     return Run(config=config, env=env, device=device, out=out, model=model,
                tokenizer=tokenizer, module=module,
                params=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-               scheduler=scheduler, source=source, metrics=metrics, amp=amp, per_rank=per_rank,
+               scheduler=scheduler, source=source, metrics=metrics, amp=amp, packing=packing,
+               per_rank=per_rank,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, start_step=start_step,
                resumed_from=resume_from, run_info=run_info)
 
@@ -300,7 +307,8 @@ def train(run: Run) -> dict[str, Any]:
             wait_s = time.perf_counter() - waited
             started = time.perf_counter()
             epoch = data.epoch
-            batches = micro_batches(data.records, max_tokens=config.max_tokens, pad_id=pad_id)
+            batches = micro_batches(data.records, max_tokens=config.max_tokens, pad_id=pad_id,
+                                    packing=run.packing)
             stats = train_step(run.module, batches, optimizer=run.optimizer,
                                scheduler=run.scheduler, params=run.params, config=config,
                                rank_sequences=len(data.records), env=env, device=run.device,
