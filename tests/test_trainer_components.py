@@ -187,7 +187,7 @@ def _step_loss_and_grads(model, forward, batches, n_sequences):
         loss = losses.aligndistil_loss(batch.unflatten(kl), batch.unflatten(batch.alpha, 1.0),
                                        batch.response_mask)
         (loss * (batch.num_sequences / n_sequences)).backward()
-        total += float(loss) * batch.num_sequences / n_sequences
+        total += float(loss.detach()) * batch.num_sequences / n_sequences
     return total, {n: p.grad.clone() for n, p in model.named_parameters()
                    if p.grad is not None}
 
