@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -217,6 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--step-seqs", type=int, default=8)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "packing"))
     args = p.parse_args(argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pool = load_pool(args)
     lengths = sorted(len(ids) for ids, _ in pool)
     res = {"args": vars(args), "pool": len(pool), "median_len": lengths[len(lengths) // 2],
@@ -228,6 +228,7 @@ def main(argv=None) -> int:
     print("student ...", flush=True)
     res["student"] = bench_student(args, pool)
     res["machine"] = machine(torch.get_num_threads())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     Path(args.out + ".md").write_text(markdown(res), encoding="utf-8")
     print(markdown(res))

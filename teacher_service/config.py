@@ -109,6 +109,11 @@ class ServeConfig(TeacherOptions):
     batch_wait_ms: Annotated[float, "how long a pass waits for concurrent requests to join", ">=0"] = 5.0
     max_queue: Annotated[int, "requests waiting for the engine before new ones get 429", ">=1"] = 256
     max_body_bytes: Annotated[int, "largest request body", ">=1"] = 8 << 20
+    max_bodies: Annotated[int, "request bodies read at once (more get 429 before their body is "
+                          "read): memory for bodies stays under max_bodies x max_body_bytes",
+                          ">=1"] = 16
+    max_connections: Annotated[int, "open connections (more get 503 from uvicorn at once)",
+                               ">=1"] = 512
     max_request_tokens: Annotated[int, "most tokens in one request", ">=2"] = 65536
     log_level: Annotated[str, "logging level"] = "info"
 

@@ -130,6 +130,7 @@ class ServerSettings:
     batch_wait_s: float = 0.005
     max_queue_requests: int = 256
     max_queue_tokens: int | None = None
+    max_bodies: int = 16
     api_key: str | None = None
 
 
@@ -172,6 +173,8 @@ class ServerState:
         self.on_load_failure: Callable[[], None] | None = None
         self.metrics = Metrics()
         self._loaded = threading.Event()
+        #: bodies being read at once (each up to max_body_bytes); created in the server's loop
+        self.body_slots: asyncio.Semaphore | None = None
 
     async def load(self) -> None:
         try:
@@ -283,7 +286,18 @@ async def read_score_body(request: Request,
                           state: Annotated[ServerState, Depends(get_state)]) -> ScoreBody:
     """The body, read by hand: bounded, strictly UTF-8 JSON, no NaN/Infinity, then validated."""
     _require_json_content_type(request)
-    raw = await _read_bounded(request, state.settings.max_body_bytes)
+    if state.body_slots is None:
+        state.body_slots = asyncio.Semaphore(state.settings.max_bodies)
+    if state.body_slots.locked():  # shed before reading: a flood of bodies cannot grow memory
+        state.metrics.rejected.inc()
+        raise ApiError(429, "overloaded", f"{state.settings.max_bodies} request bodies are "
+                       f"being read already; retry later", {"Retry-After": "1"})
+    async with state.body_slots:  # held while the body and its parsed form are in memory
+        raw = await _read_bounded(request, state.settings.max_body_bytes)
+        return _parse_score_body(raw)
+
+
+def _parse_score_body(raw: bytes) -> ScoreBody:
     try:
         # Strictly UTF-8 (RFC 8259 §8.1): json.loads(bytes) would also guess UTF-16/32.
         text = raw.decode("utf-8")
@@ -518,11 +532,12 @@ def run_serve(config) -> int:
     settings = ServerSettings(
         max_body_bytes=config.max_body_bytes, max_request_tokens=config.max_request_tokens,
         max_batch_tokens=config.max_batch_tokens, batch_wait_s=config.batch_wait_ms / 1000,
-        max_queue_requests=config.max_queue,
+        max_queue_requests=config.max_queue, max_bodies=config.max_bodies,
         api_key=config.api_key or os.environ.get(API_KEY_ENV) or None)
     app = create_app(partial(build_engine, config), settings)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                            log_level=config.log_level,
+                                           limit_concurrency=config.max_connections,
                                            timeout_graceful_shutdown=30))
     state: ServerState = app.state.server
     state.on_load_failure = lambda: setattr(server, "should_exit", True)

@@ -524,3 +524,108 @@ def test_sigterm_under_load_answers_every_accepted_request(
            unanswered_closed=len([o for o in unanswered if "ConnectError" not in o.error]),
            refused_before_exit=bool(
                refused_while_running), shutdown_s=t_exit - t_sig)
+
+
+def _slow_large_post(port: int, size: int, piece: int, pause: float) -> int | None:
+    """POST a ``size``-byte JSON body in ``piece``-byte pieces with pauses (a slow client
+    holding its body open); stops sending once the server answers. Returns the status."""
+    import select
+
+    n_ids = (size - 60) // 2
+    body = ('{"sequences": [{"prompt_len": 1, "input_ids": [' + ",".join(["1"] * n_ids)
+            + "]}]}").encode()
+    head = (f"POST /v1/score HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head)
+        sent = 0
+        try:
+            while sent < len(body) and not select.select([s], [], [], 0)[0]:
+                s.sendall(body[sent:sent + piece])
+                sent += piece
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = b""
+        try:
+            while b"\r\n" not in reply:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        except (ConnectionResetError, socket.timeout):
+            return None
+    m = re.match(rb"HTTP/1\.[01] (\d{3})", reply)
+    return int(m.group(1)) if m else None
+
+
+def test_bodies_read_at_once_are_capped_so_slow_large_bodies_cannot_grow_memory(
+        pair_dirs, tmp_path, capsys, record_property):
+    """24 slow clients at once, each sending a 6 MiB body (3 million token ids) in pieces: with
+    --max-bodies 2 at most two bodies (and their parsed forms) are in memory; the others get 429
+    before their body is read. Every client gets an answer; the server's resident memory grows
+    by far less than the 24 bodies would take (each parses to ~50 MiB of Python objects)."""
+    log = tmp_path / "server.log"
+    proc, url = start_server(*pair_dirs, *server_args("--max-bodies", "2"), env=SERVER_ENV,
+                             log_path=log)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        baseline = status_kib(proc.pid, "VmRSS") * 1024
+        reset_peak_rss(proc.pid)
+        statuses: list[int | None] = []
+        lock = threading.Lock()
+
+        def client() -> None:
+            status = _slow_large_post(port, 6 * MiB, 512 * 1024, 0.02)
+            with lock:
+                statuses.append(status)
+
+        threads = [threading.Thread(target=client) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        peak = status_kib(proc.pid, "VmHWM") * 1024
+        after = httpx.post(url + "/v1/score", json={"sequences": [{"input_ids": [5, 6, 7],
+                                                                    "prompt_len": 1}]})
+    finally:
+        code = stop_server(proc)
+    assert code == 0, log.read_text()[-3000:]
+    assert len(statuses) == 24 and None not in statuses, statuses
+    # read bodies are refused for their size (413: over --max-request-tokens), the rest shed
+    assert set(statuses) <= {413, 429}, sorted(set(statuses))
+    assert statuses.count(429) >= 12, statuses
+    assert after.status_code == 200
+    growth = (peak - baseline) / MiB
+    report(capsys, record_property, "slow large bodies 24 x 6 MiB", shed_429=statuses.count(429),
+           read_413=statuses.count(413), rss_baseline_mib=baseline / MiB,
+           rss_peak_growth_mib=growth)
+    # two bodies at a time: 2 x (6 MiB raw + ~50 MiB parsed) plus allocator slack
+    assert growth < 200, f"peak RSS grew {growth:.0f} MiB with --max-bodies 2"
+
+
+def test_connections_over_the_cap_get_503_at_once(pair_dirs, tmp_path):
+    """--max-connections 4: with 4 connections open, a request on a fifth is answered 503 at
+    once; once they close, requests are served again."""
+    log = tmp_path / "server.log"
+    proc, url = start_server(*pair_dirs, *server_args("--max-connections", "4"), env=SERVER_ENV,
+                             log_path=log)
+    port = int(url.rsplit(":", 1)[1])
+    idle = []
+    try:
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.3)
+        over = httpx.get(url + "/healthz", timeout=10)
+        for s in idle:
+            s.close()
+        idle.clear()
+        time.sleep(0.3)
+        again = httpx.get(url + "/healthz", timeout=10)
+    finally:
+        for s in idle:
+            s.close()
+        code = stop_server(proc)
+    assert code == 0, log.read_text()[-3000:]
+    assert over.status_code == 503
+    assert again.status_code == 200

@@ -8,6 +8,7 @@ run, naming the flag.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal
@@ -21,6 +22,18 @@ RESUME = {"nargs": "?", "const": "latest"}  # argparse: a bare --resume means "l
 
 Device = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["cosine", "linear", "constant"]
+
+
+class JoinRepeated(argparse.Action):
+    """A flag that may be repeated: ``--teacher-url A --teacher-url B`` is ``"A,B"``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, f"{before},{values}" if before else values)
+
+
+#: How ``--teacher-url`` takes several servers (argparse keywords for the field).
+SEVERAL_URLS = {"action": JoinRepeated}
 
 
 @dataclass(kw_only=True)
@@ -56,7 +69,8 @@ class TrainConfig(SamplingOptions):
     store: Annotated[str | None, "off-policy: the precomputed target store"] = None
     # data: on-policy
     teacher_url: Annotated[str | None, "on-policy: base URL of 'aligndistil serve', e.g. "
-                           "http://127.0.0.1:8000"] = None
+                           "http://127.0.0.1:8000; several servers: repeat the flag, or "
+                           "separate the URLs by commas", SEVERAL_URLS] = None
     prompts: Annotated[str | None, "on-policy: JSONL/Parquet of prompts ('prompt', 'messages' "
                        "or 'input_ids' rows)"] = None
     api_key: Annotated[str | None, "bearer token for the server (default: "
@@ -279,7 +293,8 @@ class EvalConfig(SamplingOptions):
     prompts: Annotated[str, "JSONL/Parquet rows with 'prompt' or 'messages'"]
     out: Annotated[str | None, "write the JSON here too"] = None
     teacher_url: Annotated[str | None, "a running 'aligndistil serve': contrastive reward and "
-                           "KL to the dpo teacher"] = None
+                           "KL to the dpo teacher (several: repeat the flag, or separate the "
+                           "URLs by commas)", SEVERAL_URLS] = None
     api_key: Annotated[str | None, "bearer token (default: $ALIGNDISTIL_API_KEY)", SECRET] = None
     task: Annotated[str | None, "score with this task's gold reward (a registered task, e.g. "
                     "sort)"] = None
