@@ -83,13 +83,18 @@ ROWS = ("trl", "aligndistil", "exact", "trl-defaults")
 # ------------------------------------------------------------------------- the TRL teacher
 class ZStarTeacher(torch.nn.Module):
     """AlignDistil's teacher pi* as one model for trainers that take a teacher model: its
-    forward runs the dpo and reverse models and returns ``log pi*`` (float32, normalised over
-    the vocabulary) as ``logits``, so any softmax of them is pi* itself."""
+    forward runs the dpo and reverse decoders, applies each LM head in float32 to their hidden
+    states (as the engine does: DESIGN.md's precision rule) and returns ``log pi*`` (float32,
+    normalised over the model's vocabulary rows) as ``logits``, so any softmax of them is pi*."""
 
     def __init__(self, dpo: torch.nn.Module, reverse: torch.nn.Module, target: TargetConfig):
+        from causal_lm.head import Float32Head
+
         super().__init__()
         self.dpo, self.reverse, self.target = dpo, reverse, target
         self.config = dpo.config  # what trainers read (vocab_size) from a teacher
+        rows = dpo.get_output_embeddings().weight.shape[0]  # as wide as the student's logits
+        self.heads = (Float32Head(dpo, rows), Float32Head(reverse, rows))
 
     @classmethod
     def from_folders(cls, dpo: str, reverse: str, target: TargetConfig) -> "ZStarTeacher":
@@ -102,12 +107,13 @@ class ZStarTeacher(torch.nn.Module):
                 **_: object):
         from transformers.modeling_outputs import CausalLMOutput
 
-        z_dpo = self.dpo(input_ids=input_ids, attention_mask=attention_mask).logits
-        z_rev = self.reverse(input_ids=input_ids, attention_mask=attention_mask).logits
-        b, t, v = z_dpo.shape
-        log_star, _ = teacher_logprobs(z_dpo.reshape(b * t, v).float(),
-                                       z_rev.reshape(b * t, v).float(), self.target)
-        return CausalLMOutput(logits=log_star.reshape(b, t, v))
+        hidden = [m.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+                  for m in (self.dpo, self.reverse)]
+        b, t, _ = hidden[0].shape
+        z_dpo, z_rev = (head(h.reshape(b * t, -1)) for head, h in zip(self.heads, hidden))
+        log_star, _ = teacher_logprobs(z_dpo, z_rev, self.target)
+        return CausalLMOutput(logits=log_star.reshape(b, t, -1))
 
 
 # ------------------------------------------------------------------------------- batches
