@@ -93,9 +93,10 @@ def machine() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- the naive way
-def naive_score(pair, config, requests, max_batch_tokens: int):
-    """The authors' way (see the module docstring); returns (records, seconds in forward,
-    seconds in the math)."""
+def naive_score(pair, config, requests, max_batch_tokens: int, keep_records: bool = True):
+    """The authors' way (see the module docstring), on the pair's device; returns (records,
+    seconds in forward, seconds in the math). ``keep_records=False`` skips building the
+    records (timing only; the records list is then all None)."""
     import torch
 
     from storage.record import TargetRecord
@@ -114,10 +115,13 @@ def naive_score(pair, config, requests, max_batch_tokens: int):
             for b, r in enumerate(reqs):
                 ids[b, :len(r.input_ids)] = torch.as_tensor(r.input_ids)
                 mask[b, :len(r.input_ids)] = 1
+            ids, mask = ids.to(pair.device), mask.to(pair.device)
             t0 = time.perf_counter()
             z_d = pair.dpo(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             z_r = pair.other(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             z_d, z_r = z_d[..., :vocab], z_r[..., :vocab]                  # [B, T, V]
+            if ids.device.type == "cuda":
+                torch.cuda.synchronize(ids.device)
             t1 = time.perf_counter()
             p_d, p_r = torch.softmax(z_d, -1), torch.softmax(z_r, -1)
             tvd = (p_d - p_r).abs().sum(-1)
@@ -131,9 +135,16 @@ def naive_score(pair, config, requests, max_batch_tokens: int):
             nxt = torch.roll(ids, -1, dims=1).unsqueeze(-1)                 # token t + 1
             lp_d = torch.log_softmax(z_d, -1).gather(-1, nxt).squeeze(-1)
             lp_r = torch.log_softmax(z_r, -1).gather(-1, nxt).squeeze(-1)
+            if ids.device.type == "cuda":
+                torch.cuda.synchronize(ids.device)
             t2 = time.perf_counter()
             t_forward += t1 - t0
             t_math += t2 - t1
+            if not keep_records:
+                del z_d, z_r, p_d, p_r, z_star, log_star
+                continue
+            alpha, top_i, top_v, tail, lp_d, lp_r = (
+                x.cpu() for x in (alpha, top_i, top_v, tail, lp_d, lp_r))
             for b, (i, r) in enumerate(zip(batch, reqs)):
                 rows = slice(r.prompt_len - 1, len(r.input_ids) - 1)
                 out[i] = TargetRecord.create(

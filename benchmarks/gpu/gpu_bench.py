@@ -14,8 +14,9 @@ measured):
    (model FLOPs ``2 x decoder params + 2 x layers x context x hidden`` per token, against
    ``--peak-tflops``, 989 = H100/H200 SXM dense bf16).
 2. ``precompute``: the engine (``TeacherEngine.score``, both teachers, top-k 64) over the
-   sequences, padded and packed, and the naive way (``[B, T, V]`` float32 logits of both
-   teachers and the target math on the whole tensors, as the released code does): tokens/s.
+   sequences, padded and packed, and the naive way (``benchmarks/bench_precompute.py``'s
+   ``naive_score``: ``[B, T, V]`` float32 logits of both teachers and the target math on the
+   whole tensors, as the released code does): tokens/s.
 3. ``target_math``: on the precompute's response positions, the time of the two float32 heads
    alone and of the heads plus the target math (``compute_targets``: two log-softmaxes, TVD,
    z*, top-k, tail), as a share of the packed precompute's time. Above 15%, fusing the math is
@@ -149,38 +150,6 @@ def section_forward(args, device, pair, results):
     results["forward"] = out
 
 
-def naive_precompute(pair, config, requests, max_batch_tokens: int, device) -> None:
-    """The released code's way: ``[B, T, V]`` float32 logits of both teachers, the target math
-    on the whole tensors."""
-    from storage.packing import pack_by_token_budget
-
-    vocab, k = pair.vocab_size, config.top_k
-    lengths = [len(r.input_ids) for r in requests]
-    with torch.inference_mode():
-        for batch in pack_by_token_budget(lengths, max_batch_tokens):
-            reqs = [requests[i] for i in batch]
-            longest = max(len(r.input_ids) for r in reqs)
-            ids = torch.zeros((len(reqs), longest), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, r in enumerate(reqs):
-                ids[b, :len(r.input_ids)] = torch.as_tensor(r.input_ids)
-                mask[b, :len(r.input_ids)] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            z_d = pair.dpo(input_ids=ids, attention_mask=mask).logits.float()[..., :vocab]
-            z_r = pair.other(input_ids=ids, attention_mask=mask).logits.float()[..., :vocab]
-            p_d, p_r = torch.softmax(z_d, -1), torch.softmax(z_r, -1)
-            alpha = config.r * 0.5 * (p_d - p_r).abs().sum(-1) + config.eps
-            del p_d, p_r
-            log_star = torch.log_softmax(z_d + alpha.unsqueeze(-1) * (z_d - z_r), -1)
-            top_v, top_i = torch.topk(log_star, k, dim=-1)
-            torch.logsumexp(log_star.scatter(-1, top_i, float("-inf")), -1)
-            nxt = torch.roll(ids, -1, dims=1).unsqueeze(-1)
-            torch.log_softmax(z_d, -1).gather(-1, nxt)
-            torch.log_softmax(z_r, -1).gather(-1, nxt)
-            del z_d, z_r, log_star
-    sync(device)
-
-
 def section_precompute(args, device, pair, sequences, results):
     from teacher_service.engine import ScoreRequest, TeacherEngine
     from teacher_service.targets import TargetConfig
@@ -196,10 +165,15 @@ def section_precompute(args, device, pair, sequences, results):
         t = statistics.median(timed(lambda: engine.score(requests), device, args.reps))
         out[layout] = {"seconds": t, "tokens_per_s": tokens / t}
         results["precompute"] = out
-    t = statistics.median(timed(lambda: naive_precompute(pair, config, requests,
-                                                         args.max_batch_tokens, device),
+    from benchmarks.bench_precompute import naive_score  # [B, T, V] logits, the released way
+
+    # Its [B, T, V] float32 tensors (~8 alive at once) need a smaller budget: 8192 tokens x
+    # V = 151,936 x 4 B = 5 GB each.
+    naive_budget = min(args.max_batch_tokens, 8192)
+    t = statistics.median(timed(lambda: naive_score(pair, config, requests, naive_budget,
+                                                    keep_records=False),
                                 device, max(1, args.reps - 1)))
-    out["naive"] = {"seconds": t, "tokens_per_s": tokens / t}
+    out["naive"] = {"seconds": t, "tokens_per_s": tokens / t, "max_batch_tokens": naive_budget}
     if device.type == "cuda":
         out["naive"]["peak_memory_bytes"] = peak_memory(device)
     results["precompute"] = out
