@@ -111,7 +111,7 @@ class ServeConfig(TeacherOptions):
     max_body_bytes: Annotated[int, "largest request body", ">=1"] = 8 << 20
     max_bodies: Annotated[int, "request bodies read at once (more get 429 before their body is "
                           "read): memory for bodies stays under max_bodies x max_body_bytes",
-                          ">=1"] = 16
+                          ">=1"] = 64
     max_connections: Annotated[int, "open connections (more get 503 from uvicorn at once)",
                                ">=1"] = 512
     max_request_tokens: Annotated[int, "most tokens in one request", ">=2"] = 65536

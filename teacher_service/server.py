@@ -130,7 +130,7 @@ class ServerSettings:
     batch_wait_s: float = 0.005
     max_queue_requests: int = 256
     max_queue_tokens: int | None = None
-    max_bodies: int = 16
+    max_bodies: int = 64
     api_key: str | None = None
 
 

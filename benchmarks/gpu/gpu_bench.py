@@ -304,7 +304,7 @@ def section_server(args, device, folders, sequences, results):
     proc = subprocess.Popen(
         [sys.executable, "-m", "aligndistil.cli", "serve", "--dpo-model", str(folders["dpo"]),
          "--reverse-model", str(folders["reverse"]), "--port", str(port), "--device",
-         device.type, "--log-level", "warning", "--max-queue", "4096"],
+         device.type, "--log-level", "warning", "--max-queue", "4096", "--max-bodies", "64"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -339,6 +339,7 @@ def load(url, sequences, clients: int, seconds: float, accept: str) -> dict:
     latencies: list[float] = []
     tokens = [0]
     errors = [0]
+    shed = [0]
     counter = iter(range(10 ** 9))
     deadline = time.perf_counter() + seconds
     started = time.perf_counter()
@@ -358,6 +359,8 @@ def load(url, sequences, clients: int, seconds: float, accept: str) -> dict:
                     if resp.status_code == 200 and body:
                         latencies.append(t1 - t0)
                         tokens[0] += len(ids)
+                    elif resp.status_code == 429:
+                        shed[0] += 1
                     else:
                         errors[0] += 1
 
@@ -372,7 +375,8 @@ def load(url, sequences, clients: int, seconds: float, accept: str) -> dict:
     def pct(q):
         return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
 
-    return {"requests": len(lat), "errors": errors[0], "tokens_per_s": tokens[0] / wall,
+    return {"requests": len(lat), "errors": errors[0], "shed_429": shed[0],
+            "tokens_per_s": tokens[0] / wall,
             "p50_s": pct(0.5), "p99_s": pct(0.99)}
 
 
@@ -432,11 +436,12 @@ def markdown(results: dict) -> str:
     v = results.get("server")
     if v:
         lines += ["## Server (Arrow responses, one sequence per request)", "",
-                  "| clients | tokens/s | p50 s | p99 s | requests | errors |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| clients | tokens/s | p50 s | p99 s | requests | 429s | errors |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for c, r in v.items():
             lines.append(f"| {c} | {num(r['tokens_per_s'])} | {num(r['p50_s'], '{:.3f}')} | "
-                         f"{num(r['p99_s'], '{:.3f}')} | {r['requests']} | {r['errors']} |")
+                         f"{num(r['p99_s'], '{:.3f}')} | {r['requests']} | "
+                         f"{r.get('shed_429', 0)} | {r['errors']} |")
         lines.append("")
     if results.get("failed"):
         lines += ["## Failed sections", ""] + [f"- {k}: {v}" for k, v in
