@@ -555,7 +555,14 @@ def format_report(results: dict) -> str:
              "model can only shape the distribution, not weight a token. So TRL minimises a "
              "differently weighted sum of the same per-token KLs towards the same pi* (the check "
              "below shows the per-token KL is the same). The tables compare cost, not what is "
-             "learned; what is learned is the subject of [fidelity.md](fidelity.md).", ""]
+             "learned; what is learned is the subject of [fidelity.md](fidelity.md).", "",
+             "Noticed in TRL 1.16 along the way (not changed here): GKDConfig turns on bf16 "
+             "autocast and gradient checkpointing by default, also on a CPU (the trl-defaults "
+             "row); and on-policy, the Trainer counts the loss's divisor (num_items_in_batch) "
+             "from the dataset's labels before GKD replaces them by the student's samples, so "
+             "the loss is divided by the dataset responses' token count, not the sampled ones' "
+             "(prompt-only rows make it 0/0: NaN gradients). The benchmark gives TRL the "
+             "dataset's responses, as TRL's own collator does.", ""]
     for name, r in results.items():
         m = r["machine"]
         lines += [f"## {name}", "",
