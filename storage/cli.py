@@ -20,6 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="print the record whose example_index (source row) is J")
     p.add_argument("--verify", action="store_true",
                    help="recompute all checksums; exit 1 naming every bad shard")
+    p.add_argument("--stats", action="store_true",
+                   help="the distributions of the targets: alpha (and its share at either "
+                        "end), TVD between the teachers, pi*'s top-1 probability, kept and "
+                        "tail mass, contrastive reward per token, response lengths")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw those distributions' histograms into FILE.png (implies --stats)")
     p.set_defaults(func=_inspect)
 
 
@@ -53,6 +59,32 @@ def _inspect(args: argparse.Namespace) -> int:
         record = store[position]
         print(json.dumps(record.to_dict(), indent=None if args.json else 1))
         return 0
+    if args.stats or args.plot:
+        return _stats(store, args)
     summary = summarize(store)
     print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def _stats(store, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from storage.errors import UserError
+    from storage.store.stats import format_stats, plot_stats, target_arrays, target_stats
+
+    if args.plot:
+        plot = Path(args.plot)
+        if plot.suffix.lower() != ".png":
+            raise UserError(f"--plot {plot}: expected a .png file name")
+        if not plot.parent.is_dir():
+            raise UserError(f"--plot {plot}: folder {plot.parent} does not exist")
+        if plot.resolve().is_relative_to(Path(args.store).resolve()):
+            raise UserError(f"--plot {plot}: inside the store; write it elsewhere")
+    arrays = target_arrays(store)
+    stats = target_stats(store, arrays)
+    print(json.dumps(stats) if args.json else format_stats(stats))
+    if args.plot:
+        path = plot_stats(arrays, stats, args.plot)
+        if not args.json:
+            print(f"plot: {path}")
     return 0

@@ -129,6 +129,44 @@ def test_inspect_reads_the_precomputed_store(store):
     assert json.loads(one.stdout)["example_index"] == 3
 
 
+def test_inspect_stats_and_plot_describe_the_targets(store, tmp_path):
+    """--stats: every distribution recomputed here from the records; --plot: a PNG."""
+    res = _cli("inspect", store, "--stats", "--json")
+    assert res.returncode == 0, res.stderr
+    stats = json.loads(res.stdout)
+    records = list(_records(store).values())
+    alpha = np.concatenate([r.alpha for r in records]).astype(np.float64)
+    assert stats["positions"] == alpha.size and stats["examples"] == 30
+    assert stats["alpha"]["mean"] == pytest.approx(alpha.mean(), rel=1e-6)
+    assert stats["alpha"]["p90"] == pytest.approx(np.quantile(alpha, 0.9), rel=1e-6)
+    tvd = (alpha - 1e-3) / 20.0
+    assert stats["tvd"]["mean"] == pytest.approx(tvd.mean(), rel=1e-6)
+    assert 0 <= stats["tvd"]["min"] and stats["tvd"]["max"] <= 1
+    top1 = np.concatenate([np.exp(r.topk_logprobs[:, 0].astype(np.float64)) for r in records])
+    assert stats["top1"]["p50"] == pytest.approx(np.median(top1), rel=1e-6)
+    tail = np.concatenate([np.exp(r.tail_logmass.astype(np.float64)) for r in records])
+    kept = np.concatenate([np.exp(r.topk_logprobs.astype(np.float64)).sum(1) for r in records])
+    assert stats["tail_mass"]["mean"] == pytest.approx(tail.mean(), rel=1e-6)
+    np.testing.assert_allclose(stats["kept_mass"]["mean"] + stats["tail_mass"]["mean"], 1.0,
+                               atol=2e-3)  # float16 log-probs
+    reward = np.concatenate([0.1 * (r.dpo_logprobs.astype(np.float64)
+                                    - r.reverse_logprobs.astype(np.float64)) for r in records])
+    assert stats["reward"]["mean"] == pytest.approx(reward.mean(), rel=1e-5, abs=1e-9)
+    lengths = [r.response_len for r in records]
+    assert stats["response_len"]["max"] == max(lengths)
+    assert 0 <= stats["alpha_at_bottom"] <= 1 and 0 <= stats["alpha_at_top"] <= 1
+
+    png = tmp_path / "targets.png"
+    res = _cli("inspect", store, "--plot", png)
+    assert res.returncode == 0, res.stderr
+    assert "pi* top-1 probability" in res.stdout and f"plot: {png}" in res.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = _cli("inspect", store, "--plot", tmp_path / "no" / "x.png")
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    inside = _cli("inspect", store, "--plot", store / "x.png")
+    assert inside.returncode == 2 and "inside the store" in inside.stderr
+
+
 def test_sigkill_then_resume_equals_uninterrupted(pair_dirs, tmp_path):
     data = _write_data(tmp_path / "big.jsonl", 400, seed=1)
     common = ["--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1], "--data", data,
