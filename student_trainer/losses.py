@@ -398,6 +398,25 @@ def chunked_sparse_reverse_kl(
     return kl.reshape(batch_shape)
 
 
+@torch.no_grad()
+def sparse_kl_parts(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    """Diagnostics per position: ``(KL's part on the teacher's kept ids, the student's mass
+    outside them)``. The kept-ids part is ``sum_{v in K} p_v (log p_v - log q_v)``; the rest of
+    :func:`sparse_reverse_kl` (its value minus this) is the tail's part. A student drifting
+    onto ids the teacher's top-k does not hold shows as a growing outside mass."""
+    dtype = _compute_dtype(student_logits.dtype)
+    with _autocast_off(student_logits):
+        logp = _student_logprobs(student_logits, dtype)
+        ids = topk_ids.long()
+        logp_k = logp.gather(-1, ids)
+        logq_k = topk_logprobs.to(dtype).clamp(min=LOGPROB_FLOOR)
+        p_k = logp_k.exp()
+        top = (p_k * (logp_k - logq_k)).sum(-1)
+        outside = (1.0 - p_k.sum(-1)).clamp_min(0.0)
+    return top, outside
+
+
 def exact_reverse_kl(student_logits: Tensor, teacher_logprobs: Tensor) -> Tensor:
     """Per-position ``KL(pi_theta || pi*) = sum_v p_v (log p_v - log pi*_v)`` over the full
     vocabulary, for an in-process teacher (``[..., V]`` both, teacher log-probs assumed

@@ -53,8 +53,11 @@ class StudentForward(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, row_idx: Tensor,
                 col_idx: Tensor, *, mode: str = "kl", topk_ids: Tensor | None = None,
                 topk_logprobs: Tensor | None = None, tail_logmass: Tensor | None = None,
-                target_ids: Tensor | None = None, position_ids: Tensor | None = None
-                ) -> Tensor:
+                target_ids: Tensor | None = None, position_ids: Tensor | None = None,
+                parts: bool = False) -> Tensor | tuple[Tensor, Tensor | None, Tensor | None]:
+        """``mode="kl"`` with ``parts``: ``(kl, kl on the teacher's kept ids, the student's
+        mass outside them)`` (:func:`losses.sparse_kl_parts`; both None with
+        ``loss_chunk_size``, where the logits are never whole)."""
         hidden = response_hidden(self.model, input_ids, attention_mask, row_idx, col_idx,
                                  position_ids)
         if mode == "logprobs":
@@ -68,11 +71,16 @@ class StudentForward(nn.Module):
             if weight.dtype != hidden.dtype:  # autocast: bf16 hidden states, fp32 master weight
                 weight = weight.to(hidden.dtype)
                 bias = bias.to(hidden.dtype) if bias is not None else None
-            return losses.chunked_sparse_reverse_kl(
+            kl = losses.chunked_sparse_reverse_kl(
                 hidden, weight, topk_ids, topk_logprobs, tail_logmass, self.tail,
                 lm_head_bias=bias, chunk_size=self.loss_chunk_size)
-        return losses.sparse_reverse_kl(self.head(hidden), topk_ids, topk_logprobs,
-                                        tail_logmass, tail=self.tail)
+            return (kl, None, None) if parts else kl
+        logits = self.head(hidden)
+        kl = losses.sparse_reverse_kl(logits, topk_ids, topk_logprobs, tail_logmass,
+                                      tail=self.tail)
+        if not parts:
+            return kl
+        return (kl, *losses.sparse_kl_parts(logits.detach(), topk_ids, topk_logprobs))
 
 
 def load_student(path, *, device: torch.device, dtype: torch.dtype = torch.float32,

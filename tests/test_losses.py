@@ -701,3 +701,30 @@ def test_autocast_does_not_split_forward_from_backward():
         torch.testing.assert_close(ga, gp, rtol=1e-6, atol=1e-6)
     assert z.dtype == torch.bfloat16 and sparse.dtype == torch.float32
     torch.testing.assert_close(sparse, sparse_reverse_kl(z.detach(), ids, logq_k, tail_lm))
+
+
+def test_kl_parts_split_the_kl_at_the_teachers_kept_ids():
+    """sparse_kl_parts against brute force on a dense student: the kept-ids part of
+    KL(p || q) and the student's mass outside the kept ids."""
+    g = torch.Generator().manual_seed(3)
+    n, vocab, k = 5, 40, 6
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    teacher = torch.log_softmax(torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2, -1)
+    logq_k, ids = torch.topk(teacher, k, dim=-1)
+    top, outside = losses.sparse_kl_parts(logits, ids, logq_k)
+    logp = torch.log_softmax(logits, -1)
+    p = logp.exp()
+    for i in range(n):
+        kept = ids[i].tolist()
+        want_top = sum(float(p[i, v] * (logp[i, v] - teacher[i, v])) for v in kept)
+        want_out = float(p[i].sum() - p[i, kept].sum())
+        assert float(top[i]) == pytest.approx(want_top, rel=1e-9, abs=1e-12)
+        assert float(outside[i]) == pytest.approx(want_out, rel=1e-9, abs=1e-12)
+    # with the uniform tail, KL = the kept part + the tail's part, brute force
+    tail = torch.logsumexp(teacher.scatter(-1, ids, float("-inf")), -1)
+    kl = losses.sparse_reverse_kl(logits, ids, logq_k, tail, tail="uniform")
+    for i in range(n):
+        rest = [v for v in range(vocab) if v not in ids[i].tolist()]
+        logq_rest = float(tail[i]) - math.log(vocab - k)
+        tail_part = sum(float(p[i, v] * (logp[i, v] - logq_rest)) for v in rest)
+        assert float(kl[i]) == pytest.approx(float(top[i]) + tail_part, rel=1e-9, abs=1e-12)

@@ -76,6 +76,11 @@ def test_loss_goes_down_and_the_students_kl_to_pi_star_drops(world, full_run):
         sum(r["response_tokens"] for r in first)
     assert 0 < want < 1 and got == pytest.approx(want, rel=1e-5)
     assert max(r["micro_batches"] for r in rows) > 1  # --max-tokens 64 forces accumulation
+    # the KL split: its kept-ids and tail parts add up to it; the student's mass outside the
+    # teacher's kept ids is a probability
+    for r in rows:
+        assert r["kl_topk"] + r["kl_tail"] == pytest.approx(r["kl"], rel=1e-9, abs=1e-12)
+        assert 0.0 <= r["student_mass_outside_topk"] <= 1.0
     # Epoch e repeats the same 32 records in another order: compare whole epochs.
     epoch_loss = [np.mean([r["loss"] for r in rows if r["epoch"] == e]) for e in range(6)]
     assert epoch_loss[-1] < 0.75 * epoch_loss[0], epoch_loss

@@ -56,9 +56,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepStats:
     """Sums over a step's response positions / sequences, reduced over ranks."""
-    values: torch.Tensor = field(default_factory=lambda: torch.zeros(9, dtype=torch.float64))
+    values: torch.Tensor = field(default_factory=lambda: torch.zeros(12, dtype=torch.float64))
     KEYS = ("loss_x_seqs", "kl", "beta", "alpha", "reward", "tail", "positions", "tokens",
-            "sequences")
+            "sequences", "kl_topk", "student_outside", "parts_positions")
 
     def add(self, **kw: float) -> None:
         for key, v in kw.items():
@@ -72,7 +72,17 @@ class StepStats:
                 "reward_token_mean": v["reward"] / positions,
                 "tail_mass_mean": v["tail"] / positions,
                 "response_tokens": v["positions"], "tokens": v["tokens"],
-                "sequences": v["sequences"]}
+                "sequences": v["sequences"]} | self._parts(v)
+
+    @staticmethod
+    def _parts(v: dict[str, float]) -> dict[str, float]:
+        """The KL split into the teacher's kept ids and its tail, and the student's mass
+        outside the kept ids (per position), when the step measured them."""
+        n = v["parts_positions"]
+        if not n:
+            return {}
+        return {"kl_topk": v["kl_topk"] / n, "kl_tail": (v["kl"] - v["kl_topk"]) / n,
+                "student_mass_outside_topk": v["student_outside"] / n}
 
 
 def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, scheduler,
@@ -96,11 +106,11 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if adv is None:
-                    kl = module(batch.input_ids, batch.attention_mask, batch.row_idx,
-                                batch.col_idx, topk_ids=batch.topk_ids,
-                                topk_logprobs=batch.topk_logprobs,
-                                tail_logmass=batch.tail_logmass,
-                                position_ids=batch.position_ids)
+                    kl, kl_top, outside = module(
+                        batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
+                        topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
+                        tail_logmass=batch.tail_logmass, position_ids=batch.position_ids,
+                        parts=True)
                 else:
                     logp = module(batch.input_ids, batch.attention_mask, batch.row_idx,
                                   batch.col_idx, mode="logprobs", target_ids=batch.target_ids,
@@ -113,6 +123,7 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                 loss = reinforce.policy_gradient_loss(batch.unflatten(logp.float()), adv[i],
                                                       batch.response_mask)
                 kl = logp.detach().float() - batch.dpo_logprobs  # sampled KL to pi_dpo
+                kl_top = outside = None
             (loss * (batch.num_sequences / rank_sequences)).backward()
         with torch.no_grad():
             beta = losses.sequence_weights(batch.alpha, config.beta0, config.weighting)
@@ -123,6 +134,9 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                       tail=batch.tail_logmass.float().exp().sum(),
                       positions=batch.num_response_tokens, tokens=batch.num_tokens,
                       sequences=batch.num_sequences)
+            if kl_top is not None:
+                stats.add(kl_topk=kl_top.float().sum(), student_outside=outside.float().sum(),
+                          parts_positions=batch.num_response_tokens)
     lr = optimizer.param_groups[0]["lr"]
     grad_norm = clip_grad_norm(params, config.max_grad_norm or None)
     optimizer.step()
