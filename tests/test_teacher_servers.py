@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from live_server import REPO, start_server, stop_server
 from tiny_models import save_model_dir
 
-STEPS = 10
+STEPS = 6
 PROMPTS = ["sort 3 1 2", "copy 5 6", "reverse the list 7 8 9", "hello how are you ?",
            "what is 4 and 5 ?", "sort 9 8", "copy the numbers 1 2 3", "answer yes or no"]
 
@@ -75,7 +75,7 @@ def test_a_server_killed_mid_run_is_routed_around(world, tmp_path):
                                  stdout=log, stderr=subprocess.STDOUT,
                                  env={**os.environ, **env})
         deadline = time.monotonic() + 300
-        while len(_steps(both)) < 3 and train.poll() is None and time.monotonic() < deadline:
+        while len(_steps(both)) < 2 and train.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         served_by_b = _scored(url_b)
         steps_at_kill = len(_steps(both))
@@ -89,7 +89,7 @@ def test_a_server_killed_mid_run_is_routed_around(world, tmp_path):
             stop_server(b)
     train_log = (tmp_path / "train.log").read_text()
     assert rc == 0, train_log[-3000:]
-    assert 3 <= steps_at_kill < STEPS, f"B was killed after step {steps_at_kill} of {STEPS}"
+    assert 2 <= steps_at_kill < STEPS, f"B was killed after step {steps_at_kill} of {STEPS}"
     assert served_by_b > 0, "the second server never got a request before it was killed"
     assert "out of rotation" in train_log, train_log[-2000:]
     rows = _steps(both)

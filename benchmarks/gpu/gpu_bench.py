@@ -484,7 +484,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         args.sequences, args.median_len, args.max_batch_tokens = 8, 80, 1024
         args.student_tokens, args.fwd_batch, args.fwd_len, args.reps = 1024, 2, 64, 1
-        args.server_seconds = 2
+        args.server_seconds = 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     work = tempfile.TemporaryDirectory(prefix="gpu_bench_") if args.work is None else None
