@@ -14,7 +14,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from live_server import REPO, start_server, stop_server
@@ -56,13 +55,20 @@ def _steps(out) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _start_two(dpo, rev, tmp_path, env):
+    """Two servers started together (their loading overlaps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda name: start_server(
+            dpo, rev, "--top-k", "8", "--max-seq-len", "64", env=env,
+            log_path=tmp_path / f"{name}.log"), ("a", "b")))
+
+
 def test_a_server_killed_mid_run_is_routed_around(world, tmp_path):
     dpo, rev = world["pair"]
     env = {"OMP_NUM_THREADS": "1"}
-    a, url_a = start_server(dpo, rev, "--top-k", "8", "--max-seq-len", "64", env=env,
-                            log_path=tmp_path / "a.log")
-    b, url_b = start_server(dpo, rev, "--top-k", "8", "--max-seq-len", "64", env=env,
-                            log_path=tmp_path / "b.log")
+    (a, url_a), (b, url_b) = _start_two(dpo, rev, tmp_path, env)
     try:
         single = tmp_path / "single"
         r = subprocess.run(_train_argv(world, url_a, single), cwd=REPO, capture_output=True,
@@ -107,20 +113,22 @@ def test_a_server_killed_mid_run_is_routed_around(world, tmp_path):
     assert worst < 1e-4, f"weights differ by up to {worst:.2g} from the one-server run"
 
 
-def test_a_set_of_servers_with_different_settings_is_refused(world, tmp_path):
+def test_a_set_of_servers_with_different_settings_is_refused(world, tmp_path, capsys):
+    """Two real uvicorn servers on loopback (in threads), the second with another r: the run is
+    refused before its first step, naming both URLs and the difference."""
+    from aligndistil.cli import main
+    from trainer_support import ThreadedServer, teacher_app
+
     dpo, rev = world["pair"]
-    a, url_a = start_server(dpo, rev, "--top-k", "8", log_path=tmp_path / "a.log")
-    b, url_b = start_server(dpo, rev, "--top-k", "8", "--r", "7", log_path=tmp_path / "b.log")
-    try:
-        argv = _train_argv(world, url_a, tmp_path / "out")
+    with ThreadedServer(teacher_app(dpo, rev, r=30.0)) as a, \
+            ThreadedServer(teacher_app(dpo, rev, r=7.0)) as b:
+        argv = _train_argv(world, a.url, tmp_path / "out")[3:]  # without "python -m ..."
         i = argv.index("--teacher-url")
-        argv[i + 2:i + 2] = ["--teacher-url", url_b]  # the flag repeated
-        r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
-    finally:
-        stop_server(a)
-        stop_server(b)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "disagree" in r.stderr and url_a in r.stderr and url_b in r.stderr
-    assert "r: 30.0 vs 7.0" in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+        argv[i + 2:i + 2] = ["--teacher-url", b.url]  # the flag repeated
+        rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert "disagree" in err and a.url in err and b.url in err
+    assert "r: 30.0 vs 7.0" in err, err[-2000:]
+    assert "Traceback" not in err
     assert not (tmp_path / "out" / "final").exists()

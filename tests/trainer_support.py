@@ -15,8 +15,9 @@ import uvicorn
 from live_server import free_port
 
 
-def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None):
-    """The real FastAPI teacher app (``teacher_service.server.create_app``) over tiny models."""
+def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None, **target):
+    """The real FastAPI teacher app (``teacher_service.server.create_app``) over tiny models;
+    ``target``: more :class:`TargetConfig` settings (e.g. ``r``)."""
     from teacher_service.engine import TeacherEngine
     from teacher_service.models import load_teacher_pair
     from teacher_service.server import create_app
@@ -24,7 +25,7 @@ def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None):
 
     def factory():
         pair = load_teacher_pair(dpo_dir, reverse_dir, device="cpu")
-        return TeacherEngine(pair, TargetConfig(top_k=top_k))
+        return TeacherEngine(pair, TargetConfig(top_k=top_k, **target))
 
     app = create_app(factory)
     if middleware is not None:
