@@ -28,13 +28,10 @@ def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, row_idx: T
 
     With ``position_ids`` the rows are packed (:mod:`causal_lm.packed`): the positions keep
     the sequences apart and ``attention_mask`` is not passed to the model."""
-    decoder = model.get_decoder()
-    if position_ids is not None:
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
-    else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         use_cache=False).last_hidden_state
+    layout = ({"position_ids": position_ids} if position_ids is not None
+              else {"attention_mask": attention_mask})
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False,
+                                 **layout).last_hidden_state
     return hidden[row_idx, col_idx]
 
 

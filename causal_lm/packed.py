@@ -14,10 +14,9 @@ separate forwards; callers pack only when it passes, and use the padded layout o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
-
-import logging
 
 import numpy as np
 import torch

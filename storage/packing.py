@@ -63,3 +63,17 @@ def pack_rows_by_token_budget(lengths: Sequence[int], max_tokens: int) -> list[l
     if rows:
         batches.append(rows)
     return batches
+
+
+def batch_plan(lengths: Sequence[int], max_tokens: int, *, packing: bool
+               ) -> list[tuple[list[int], list[list[int]] | None]]:
+    """Each batch as ``(members, rows)``: ``members`` index ``lengths``; ``rows`` (packed only,
+    else None) lay the batch out by positions within ``members``, which are in row order."""
+    if not packing:
+        return [(group, None) for group in pack_by_token_budget(lengths, max_tokens)]
+    plan = []
+    for rows in pack_rows_by_token_budget(lengths, max_tokens):
+        members = [i for row in rows for i in row]
+        at = iter(range(len(members)))
+        plan.append((members, [[next(at) for _ in row] for row in rows]))
+    return plan

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from causal_lm.packed import pack_rows
 from causal_lm.positions import response_coordinates
-from storage.packing import pack_by_token_budget, pack_rows_by_token_budget
+from storage.packing import batch_plan
 from storage.record import TargetRecord
 
 
@@ -82,45 +82,31 @@ def collate_sequences(sequences: Sequence[tuple[Sequence[int], int]], pad_id: in
     ``packed_rows`` (lists of indices into ``sequences``), packed rows instead."""
     if not sequences:
         raise ValueError("cannot collate an empty batch")
-    if packed_rows is not None:
-        return _collate_packed(sequences, pad_id, packed_rows)
-    lengths = [len(ids) for ids, _ in sequences]
-    longest = max(lengths)
-    responses = [n - p for (_, p), n in zip(sequences, lengths)]
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    rmask = torch.zeros((len(sequences), max(responses)), dtype=torch.bool)
-    for b, ((seq, p), n, t) in enumerate(zip(sequences, lengths, responses)):
-        if not 1 <= p < n:
-            raise ValueError(f"sequence {b}: prompt_len must satisfy 1 <= prompt_len < "
-                             f"len(input_ids) = {n}, got {p}")
-        ids[b, :n] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-        mask[b, :n] = 1
-        rmask[b, :t] = True
-    rows, cols = response_coordinates(lengths, [p for _, p in sequences])
-    row_idx, col_idx = torch.from_numpy(rows), torch.from_numpy(cols)
-    return Batch(input_ids=ids, attention_mask=mask, row_idx=row_idx, col_idx=col_idx,
-                 target_ids=ids[row_idx, col_idx + 1], response_mask=rmask)
-
-
-def _collate_packed(sequences: Sequence[tuple[Sequence[int], int]], pad_id: int,
-                    rows: Sequence[Sequence[int]]) -> Batch:
     lengths = [len(ids) for ids, _ in sequences]
     prompt_lens = [p for _, p in sequences]
-    for b, (p, n) in enumerate(zip(prompt_lens, lengths)):
+    responses = [n - p for p, n in zip(prompt_lens, lengths)]
+    rmask = torch.zeros((len(sequences), max(responses)), dtype=torch.bool)
+    for b, (p, n, t) in enumerate(zip(prompt_lens, lengths, responses)):
         if not 1 <= p < n:
             raise ValueError(f"sequence {b}: prompt_len must satisfy 1 <= prompt_len < "
                              f"len(input_ids) = {n}, got {p}")
-    packed = pack_rows([ids for ids, _ in sequences], rows, pad_id)
-    responses = [n - p for p, n in zip(prompt_lens, lengths)]
-    rmask = torch.zeros((len(sequences), max(responses)), dtype=torch.bool)
-    for b, t in enumerate(responses):
         rmask[b, :t] = True
-    rows_np, cols_np = packed.response_coordinates(prompt_lens, lengths)
-    row_idx, col_idx = torch.from_numpy(rows_np), torch.from_numpy(cols_np)
-    return Batch(input_ids=packed.input_ids, attention_mask=packed.token_mask, row_idx=row_idx,
-                 col_idx=col_idx, target_ids=packed.input_ids[row_idx, col_idx + 1],
-                 response_mask=rmask, position_ids=packed.position_ids)
+    positions = None
+    if packed_rows is not None:
+        packed = pack_rows([ids for ids, _ in sequences], packed_rows, pad_id)
+        ids, mask, positions = packed.input_ids, packed.token_mask, packed.position_ids
+        rows, cols = packed.response_coordinates(prompt_lens, lengths)
+    else:
+        ids = torch.full((len(sequences), max(lengths)), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), max(lengths)), dtype=torch.long)
+        for b, ((seq, _), n) in enumerate(zip(sequences, lengths)):
+            ids[b, :n] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+            mask[b, :n] = 1
+        rows, cols = response_coordinates(lengths, prompt_lens)
+    row_idx, col_idx = torch.from_numpy(rows), torch.from_numpy(cols)
+    return Batch(input_ids=ids, attention_mask=mask, row_idx=row_idx, col_idx=col_idx,
+                 target_ids=ids[row_idx, col_idx + 1], response_mask=rmask,
+                 position_ids=positions)
 
 
 def collate_records(records: Sequence[TargetRecord], pad_id: int,
@@ -149,14 +135,6 @@ def collate_records(records: Sequence[TargetRecord], pad_id: int,
 def micro_batches(records: Sequence[TargetRecord], *, max_tokens: int, pad_id: int,
                   packing: bool = False) -> list[Batch]:
     """One optimizer step's records as token-budgeted micro-batches: padded, or packed rows."""
-    lengths = [r.seq_len for r in records]
-    if packing:
-        batches = []
-        for rows in pack_rows_by_token_budget(lengths, max_tokens):
-            members = [i for row in rows for i in row]
-            local = {i: j for j, i in enumerate(members)}
-            batches.append(collate_records([records[i] for i in members], pad_id,
-                                           [[local[i] for i in row] for row in rows]))
-        return batches
-    groups = pack_by_token_budget(lengths, max_tokens)
-    return [collate_records([records[i] for i in g], pad_id) for g in groups]
+    plan = batch_plan([r.seq_len for r in records], max_tokens, packing=packing)
+    return [collate_records([records[i] for i in members], pad_id, rows)
+            for members, rows in plan]

@@ -22,7 +22,7 @@ from causal_lm.head import Float32Head, response_hidden
 from causal_lm.packed import choose_packing, pack_rows
 from causal_lm.positions import response_coordinates
 from storage.errors import ConfigError, UserError
-from storage.packing import pack_by_token_budget, pack_rows_by_token_budget
+from storage.packing import batch_plan
 from storage.record import TargetRecord
 from teacher_service.models import TeacherPair, describe
 from teacher_service.targets import SparseTargets, TargetConfig, compute_targets
@@ -109,17 +109,9 @@ class TeacherEngine:
             self.validate(i, req.input_ids, req.prompt_len)
         results: list[TargetRecord | None] = [None] * len(requests)
         lengths = [len(r.input_ids) for r in requests]
-        if self.packing:  # batches of rows; each batch's members in row order
-            plans = [([i for row in rows for i in row], rows)
-                     for rows in pack_rows_by_token_budget(lengths, self.max_batch_tokens)]
-        else:
-            plans = [(group, None) for group in pack_by_token_budget(lengths,
-                                                                     self.max_batch_tokens)]
-        for members, rows in plans:
-            local = {i: j for j, i in enumerate(members)}
-            layout = [[local[i] for i in row] for row in rows] if rows else None
+        for members, rows in batch_plan(lengths, self.max_batch_tokens, packing=self.packing):
             for i, record in zip(members, self._score_batch([requests[i] for i in members], k,
-                                                            layout)):
+                                                            rows)):
                 results[i] = record
         return results  # type: ignore[return-value]
 
