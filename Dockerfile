@@ -1,14 +1,20 @@
 # aligndistil in a container: `docker build -t aligndistil .`, then `docker run aligndistil --help`.
 # docker-compose.yml builds it for you (README, "Docker").
 #
+# BASE_IMAGE: any image with Python >= 3.11 as python3 and its venv module (default the official
+# python:3.11-slim; tests/test_docker.py builds on a Debian image made without a registry).
+#
 # torch is pinned to 2.13.0 (pyproject.toml). Which build you get:
+#   a torch-2.13.0*.whl in docker/wheels/ (an ignored folder)  that wheel, installed first: no
+#       download at all (e.g. the CPU wheel a CPU machine already has);
 #   --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index>   the CPU build (2.13.0+cpu), installed
 #       first, so the aligndistil install finds the pin satisfied: a CPU image a few GB smaller;
 #   TORCH_INDEX_URL unset                                     torch 2.13.0 from pip's default index,
 #       which on Linux x86_64 is the CUDA build: the GPU image (it runs on a CPU too);
 #   --build-arg TORCH_INDEX_URL=<a CUDA wheel index>          a particular CUDA build.
 # The same approach as scripts/setup_env.sh.
-FROM python:3.11-slim
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX_URL=
 ARG UID=1000
@@ -19,12 +25,16 @@ ENV PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/aligndistil \
     PATH=/opt/aligndistil/bin:$PATH
 
-RUN python -m venv /opt/aligndistil
+RUN python3 -m venv /opt/aligndistil
 
-# torch first, in its own layer: the largest download, and it changes least.
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+# torch first, in its own layers: the largest download, and it changes least.
+COPY docker/wheels/ /tmp/wheels/
+RUN if ls /tmp/wheels/torch-2.13.0*.whl > /dev/null 2>&1; then \
+        pip install /tmp/wheels/torch-2.13.0*.whl; \
+    elif [ -n "$TORCH_INDEX_URL" ]; then \
         pip install "torch==2.13.0" --index-url "$TORCH_INDEX_URL"; \
-    fi
+    fi \
+    && rm -rf /tmp/wheels
 
 WORKDIR /opt/aligndistil-src
 COPY pyproject.toml README.md ./

@@ -150,7 +150,7 @@ def student_flags(w: Path, size: DemoSize, *, seed: int, device: str,
     it) shares: the SFT model as the start, the size's learning rate and batch, quiet output."""
     return ["--model", w / "sft", "--lr", size.student_lr, "--global-batch-size",
             size.global_batch_size, "--min-lr-ratio", 0, "--seed", seed, "--save-every",
-            save_every, "--no-progress", "--no-tensorboard", "--overwrite", "--device", device]
+            save_every, "--no-progress", "--report-to", "none", "--overwrite", "--device", device]
 
 
 def run_demo(workdir: Path, size: DemoSize, *, seed: int = 0, fresh: bool = False,

@@ -431,7 +431,7 @@ def run_world(args) -> dict:
             "seed": args.seed, "beta0": args.beta0, "max_new_tokens": args.max_new_tokens}
     common = ["--model", args.student, "--lr", args.lr, "--global-batch-size", args.batch,
               "--weight-decay", 0, "--lr-schedule", "constant", "--warmup-ratio", 0,
-              "--seed", args.seed, "--save-every", 0, "--no-progress", "--no-tensorboard",
+              "--seed", args.seed, "--save-every", 0, "--no-progress", "--report-to", "none",
               "--overwrite", "--device", "cpu"]
     commands: list[str] = []
     off: dict[str, dict] = {}

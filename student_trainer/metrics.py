@@ -1,11 +1,12 @@
-"""Training metrics: one JSON line per step, TensorBoard scalars, and a PNG of the curves.
+"""Training metrics: one JSON line per step, the trackers of ``--report-to``, and a PNG.
 
 ``OUT/metrics.jsonl`` is the record of truth (plain text, one object per step, easy to load
-with pandas); TensorBoard (``OUT/tensorboard/``) is for watching a run live; the PNG
+with pandas); the trackers (:mod:`student_trainer.trackers`: TensorBoard in
+``OUT/tensorboard/`` by default, W&B, MLflow) are for watching a run live; the PNG
 (``OUT/training_curves.png``) is drawn from the JSONL at the end. Only rank 0 writes.
 
 On resume the JSONL is cut back to the checkpoint's step and TensorBoard purges the steps
-after it, so the curves of a resumed run have no duplicated stretch.
+after it, so those curves of a resumed run have no duplicated stretch.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from student_trainer.trackers import close_trackers, open_trackers
+
 log = logging.getLogger(__name__)
 
 JSONL_NAME = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 PNG_NAME = "training_curves.png"
 
 #: What the PNG shows, in order, when present in the log.
@@ -28,14 +30,18 @@ PLOTTED = ("loss", "kl", "beta_mean", "alpha_mean", "reward_token_mean", "lr", "
 
 
 class MetricsLogger:
-    """Append-only metrics sink. ``enabled=False`` (ranks other than 0) makes every call a no-op."""
+    """Append-only metrics sink. ``enabled=False`` (ranks other than 0) makes every call a no-op.
+
+    ``report_to`` names the trackers (:func:`student_trainer.trackers.parse_report_to`);
+    ``config`` (plain values) is logged to them once, on a fresh run."""
 
     def __init__(self, out_dir: str | Path, *, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+                 report_to: tuple[str, ...] = ("tensorboard",),
+                 config: Mapping[str, Any] | None = None):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.jsonl_path = self.out_dir / JSONL_NAME
-        self._writer = None
+        self._trackers: list = []
         self._fh = None
         if not enabled:
             return
@@ -45,10 +51,12 @@ class MetricsLogger:
         elif self.jsonl_path.exists():
             self.jsonl_path.unlink()  # a fresh run in a reused folder starts a fresh log
         self._fh = open(self.jsonl_path, "a", encoding="utf-8")
-        if tensorboard:
-            self._writer = _summary_writer(self.out_dir / TENSORBOARD_DIR,
-                                           purge_step=None if resume_step is None
-                                           else resume_step + 1)
+        try:
+            self._trackers = open_trackers(report_to, self.out_dir, resume_step=resume_step,
+                                           config=config)
+        except BaseException:
+            self.close()
+            raise
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -56,18 +64,18 @@ class MetricsLogger:
         row = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
         self._fh.write(json.dumps(row, allow_nan=False, default=str) + "\n")
         self._fh.flush()
-        if self._writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self._writer.add_scalar(f"train/{key}", value, step)
+        if self._trackers:
+            scalars = {f"train/{key}": float(value) for key, value in row.items()
+                       if key != "step" and isinstance(value, (int, float))}
+            for tracker in self._trackers:
+                tracker.log(int(step), scalars)
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        close_trackers(self._trackers)
+        self._trackers = []
 
 
 def _plain(value: Any) -> Any:
@@ -77,15 +85,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def _summary_writer(log_dir: Path, purge_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("tensorboard is not installed: metrics go to %s only", JSONL_NAME)
-        return None
-    return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -71,7 +71,7 @@ def inputs(tmp_path_factory, teacher_pair):
 def _case_argv(i: dict, out: Path) -> dict[str, tuple[list[str], str]]:
     r = i["root"]
     train = ["train", "--mode", "off-policy", "--store", str(i["store"]), "--model",
-             str(i["student"]), "--device", "cpu", "--no-progress", "--no-tensorboard"]
+             str(i["student"]), "--device", "cpu", "--no-progress", "--report-to", "none"]
     on = ["train", "--mode", "on-policy", "--teacher-url", "http://127.0.0.1:9", "--prompts",
           str(i["prompts"]), "--model", str(i["student"]), "--device", "cpu"]
     pre = ["precompute", "--dpo-model", str(i["dpo"]), "--reverse-model", str(i["rev"]),

@@ -240,7 +240,7 @@ def test_train_stops_naming_the_shard_before_any_step_on_damaged_data(world, tmp
                "--model", str(world["pair"][0]), "--out", str(out), "--epochs", "1",
                "--global-batch-size", str(BATCH), "--max-tokens", "256", "--lr", "1e-3",
                "--seed", str(SEED), "--save-every", "1", "--save-total-limit", "100",
-               "--no-progress", "--no-tensorboard", "--device", "cpu",
+               "--no-progress", "--report-to", "none", "--device", "cpu",
                "--log-level", "warning"])
     err = capsys.readouterr().err
     # Shards hold 4 examples and a step takes 4: step s reads the shard in epoch slot s.

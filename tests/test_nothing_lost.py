@@ -37,7 +37,7 @@ def world(tmp_path_factory, teacher_pair):
 def _train(world, out, *extra):
     return ["train", "--mode", "off-policy", "--store", str(world["store"]), "--model",
             str(world["student"]), "--out", str(out), "--global-batch-size", "4", "--epochs",
-            "2", "--save-every", "1", "--device", "cpu", "--no-progress", "--no-tensorboard",
+            "2", "--save-every", "1", "--device", "cpu", "--no-progress", "--report-to", "none",
             "--log-level", "warning", *extra]
 
 
@@ -86,7 +86,7 @@ def test_an_incomplete_store_is_refused_unless_asked_and_skips_are_recorded(worl
     assert "skipped rows: 1 malformed" in out or "skipped rows: 2 malformed" in out
     train = ["train", "--mode", "off-policy", "--store", str(store), "--model",
              str(world["student"]), "--global-batch-size", "2", "--max-steps", "1",
-             "--device", "cpu", "--no-progress", "--no-tensorboard", "--log-level", "warning"]
+             "--device", "cpu", "--no-progress", "--report-to", "none", "--log-level", "warning"]
     assert main([*train, "--out", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err
     assert "is incomplete: worker 1 of 2 never committed" in err and "--allow-incomplete" in err

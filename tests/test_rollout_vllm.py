@@ -257,7 +257,7 @@ def _train(world, server, out, *extra) -> subprocess.CompletedProcess:
            "--prompts", str(server["prompts"]), "--model", str(world["student"]),
            "--out", str(out), "--global-batch-size", "4", "--epochs", "2",
            "--max-steps", str(STEPS), "--max-new-tokens", "6", "--lr", "3e-3",
-           "--save-every", "0", "--no-progress", "--no-tensorboard", "--device", "cpu",
+           "--save-every", "0", "--no-progress", "--report-to", "none", "--device", "cpu",
            "--log-level", "warning", *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=540,
                           env={**os.environ, **({} if torch.cuda.is_available() else CPU_ENV)})

@@ -38,7 +38,7 @@ def _train_argv(world, urls: str, out) -> list[str]:
             "--teacher-url", urls, "--prompts", str(world["prompts"]), "--model",
             str(world["student"]), "--out", str(out), "--global-batch-size", "4",
             "--epochs", "5", "--max-steps", str(STEPS), "--max-new-tokens", "6", "--lr", "1e-3",
-            "--save-every", "0", "--no-progress", "--no-tensorboard", "--device", "cpu",
+            "--save-every", "0", "--no-progress", "--report-to", "none", "--device", "cpu",
             "--log-level", "warning", "--max-retries", "3"]
 
 

@@ -52,7 +52,7 @@ def _train_argv(world, out: Path, *extra: str) -> list[str]:
             str(world["student"]), "--out", str(out), "--global-batch-size", str(BATCH),
             "--max-tokens", "64", "--lr", "3e-3", "--epochs", str(EPOCHS), "--seed", "3",
             "--save-every", str(SAVE_EVERY), "--device", "cpu", "--no-progress",
-            "--no-tensorboard", "--log-level", "info", *extra]
+            "--report-to", "none", "--log-level", "info", *extra]
 
 
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
@@ -259,7 +259,7 @@ def _on_policy_argv(world, url: str, out: Path, *extra: str) -> list[str]:
             str(world["prompts"]), "--model", str(world["student"]), "--out", str(out),
             "--global-batch-size", str(BATCH), "--epochs", str(ON_EPOCHS), "--seed", "3",
             "--max-new-tokens", "6", "--lr", "3e-3", "--save-every", str(ON_SAVE_EVERY),
-            "--device", "cpu", "--no-progress", "--no-tensorboard", "--log-level", "info",
+            "--device", "cpu", "--no-progress", "--report-to", "none", "--log-level", "info",
             *extra]
 
 

@@ -24,7 +24,7 @@ from student_trainer.metrics import read_jsonl
 def _train_args(store, student, out):
     return ["train", "--mode", "off-policy", "--store", str(store), "--model", str(student),
             "--out", str(out), "--global-batch-size", "16", "--max-tokens", "96", "--epochs", "3",
-            "--lr", "3e-3", "--save-every", "2", "--no-progress", "--no-tensorboard",
+            "--lr", "3e-3", "--save-every", "2", "--no-progress", "--report-to", "none",
             "--device", "cpu", "--log-level", "warning"]
 
 

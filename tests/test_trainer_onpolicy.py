@@ -45,7 +45,7 @@ def _args(world, out, *extra):
     return ["train", "--mode", "on-policy", "--teacher-url", world["url"], "--prompts",
             str(world["prompts"]), "--model", str(world["student"]), "--out", str(out),
             "--global-batch-size", "4", "--epochs", "2", "--max-steps", str(STEPS), "--max-new-tokens", "6",
-            "--lr", "3e-3", "--save-every", "0", "--no-progress", "--no-tensorboard",
+            "--lr", "3e-3", "--save-every", "0", "--no-progress", "--report-to", "none",
             "--device", "cpu", "--log-level", "warning", *extra]
 
 

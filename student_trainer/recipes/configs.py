@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from storage.errors import ConfigError
 from storage.outputs import (refuse_folder_as_file, refuse_output_on_inputs, refuse_used_folder,
                              require_file)
+from student_trainer.trackers import parse_report_to
 
 SECRET = "secret"  # the marker aligndistil.config looks for: never saved
 RESUME = {"nargs": "?", "const": "latest"}  # argparse: a bare --resume means "latest"
@@ -64,7 +65,7 @@ class TrainConfig(SamplingOptions):
     model: Annotated[str, "the initial student: a local Hugging Face folder (safetensors) whose "
                      "tokenizer matches the teachers'"]
     out: Annotated[str, "output folder: checkpoint-N/, final/, metrics.jsonl, tensorboard/, "
-                   "training_curves.png"]
+                   "training_curves.png, trackers.json"]
     # data: off-policy
     store: Annotated[str | None, "off-policy: the precomputed target store"] = None
     # data: on-policy
@@ -141,7 +142,10 @@ class TrainConfig(SamplingOptions):
     allow_incomplete: Annotated[bool, "train on a store some precompute workers have not "
                                 "finished (default: refuse)"] = False
     progress: Annotated[bool, "show a progress bar"] = True
-    tensorboard: Annotated[bool, "write TensorBoard events"] = True
+    report_to: Annotated[str, "where metrics go besides metrics.jsonl: a comma-separated "
+                         "list of tensorboard, wandb, mlflow, or none (W&B and MLflow read "
+                         "their own environment variables: WANDB_PROJECT, WANDB_MODE, "
+                         "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...)"] = "tensorboard"
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
     log_level: Annotated[str, "logging level"] = "info"
 
@@ -184,6 +188,7 @@ class TrainConfig(SamplingOptions):
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be >= 1")
         check_sampling(self)
+        parse_report_to(self.report_to)
 
     def _check_resume(self) -> None:
         """--resume continues the saved run: a setting that changes its math or data is
@@ -209,6 +214,16 @@ class TrainConfig(SamplingOptions):
             raise ConfigError(f"--resume: {self.out} was started with other settings "
                               f"({'; '.join(diffs)}); resume the same run with `aligndistil train "
                               f"--config {path} --resume`, or start a new --out")
+
+
+def public_values(config) -> dict:
+    """The config's fields as a dict, secrets (``SECRET`` in the field's annotation) left out:
+    what the trackers log."""
+    import typing
+
+    hints = typing.get_type_hints(type(config), include_extras=True)
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v
+            for f in fields(config) if SECRET not in getattr(hints[f.name], "__metadata__", ())}
 
 
 #: The file each command saves its resolved config to (inside its --out folder).
@@ -250,10 +265,15 @@ class DPOConfig:
     device: Annotated[Device, "where the model trains"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
+    report_to: Annotated[str, "where metrics go besides metrics.jsonl: a comma-separated "
+                         "list of tensorboard, wandb, mlflow, or none (W&B and MLflow read "
+                         "their own environment variables: WANDB_PROJECT, WANDB_MODE, "
+                         "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...)"] = "tensorboard"
     log_level: Annotated[str, "logging level"] = "info"
     overwrite: Annotated[bool, "replace what another run left in --out"] = False
 
     def validate(self) -> None:
+        parse_report_to(self.report_to)
         require_file(self.data, "--data")
         refuse_output_on_inputs(self.out, {"--model": self.model, "--data": self.data})
         refuse_used_folder(self.out, own=(SAVED_CONFIG["dpo"],), overwrite=self.overwrite)
@@ -277,10 +297,15 @@ class SFTConfig:
     seed: Annotated[int, "seed of the data order and initialisation"] = 42
     device: Annotated[Device, "where the model trains"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
+    report_to: Annotated[str, "where metrics go besides metrics.jsonl: a comma-separated "
+                         "list of tensorboard, wandb, mlflow, or none (W&B and MLflow read "
+                         "their own environment variables: WANDB_PROJECT, WANDB_MODE, "
+                         "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...)"] = "tensorboard"
     log_level: Annotated[str, "logging level"] = "info"
     overwrite: Annotated[bool, "replace what another run left in --out"] = False
 
     def validate(self) -> None:
+        parse_report_to(self.report_to)
         require_file(self.data, "--data")
         refuse_output_on_inputs(self.out, {"--model": self.model, "--data": self.data})
         refuse_used_folder(self.out, own=(SAVED_CONFIG["sft"],), overwrite=self.overwrite)

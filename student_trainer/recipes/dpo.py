@@ -30,6 +30,7 @@ from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_de
 from storage.fsio import atomic_write_text
 from storage.outputs import clear_folder
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
+from student_trainer.trackers import parse_report_to
 from student_trainer.modeling import StudentForward
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
 from student_trainer.preferences import (collate_pairs, load_pairs, pair_logprobs,
@@ -89,7 +90,8 @@ def run_dpo(config: DPOConfig) -> dict:
                                                                          config.warmup_ratio),
                                 total_steps=total_steps, schedule=config.lr_schedule,
                                 min_lr_ratio=config.min_lr_ratio)
-    metrics = MetricsLogger(out)
+    metrics = MetricsLogger(out, report_to=parse_report_to(config.report_to),
+                            config=public_values(config))
     rng = random.Random(config.seed)
     order: list[int] = []
     bar = tqdm(range(total_steps), desc="dpo" + (" (reverse)" if config.reverse else ""),

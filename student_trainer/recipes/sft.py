@@ -74,7 +74,7 @@ def run_sft(config: SFTConfig) -> dict:
     scheduler = build_scheduler(optimizer, warmup_steps=warmup_steps_for(total,
                                 config.warmup_ratio), total_steps=total,
                                 schedule=config.lr_schedule)
-    metrics = MetricsLogger(out, tensorboard=False)
+    metrics = MetricsLogger(out, report_to=())
     log.info("SFT on %d examples: %d steps of %d", len(seqs), total, config.batch_size)
     started, step, last = time.perf_counter(), 0, {}
     bar = tqdm(total=total, disable=not config.progress, unit="step", desc="sft")

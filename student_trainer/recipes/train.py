@@ -44,9 +44,10 @@ from student_trainer.distributed import (
     DistEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown)
 from student_trainer.errors import ConfigError
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
+from student_trainer.trackers import parse_report_to
 from student_trainer.modeling import StudentForward
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
-from student_trainer.recipes.configs import SAVED_CONFIG, TrainConfig
+from student_trainer.recipes.configs import SAVED_CONFIG, TrainConfig, public_values
 from student_trainer.sources.plan import BatchSource
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,8 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
         amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
         metrics = MetricsLogger(out, enabled=env.is_main,
                                 resume_step=start_step if state is not None else None,
-                                tensorboard=config.tensorboard)
+                                report_to=parse_report_to(config.report_to),
+                                config=public_values(config))
     except BaseException:
         source.close()
         raise
