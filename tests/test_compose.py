@@ -514,7 +514,8 @@ def test_dockerfile_installs_the_pinned_torch_and_runs_aligndistil_as_a_user():
     (torch_pin,) = [p for p in pins if p.startswith("torch")]
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert torch_pin.replace(" ", "") in text.replace(" ", "")
-    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
     assert 'ENTRYPOINT ["aligndistil"]' in text
     assert re.search(r"^USER (?!root\b)\w+", text, re.M)
     assert re.search(r"^VOLUME /data$", text, re.M)
