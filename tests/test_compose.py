@@ -519,7 +519,9 @@ def test_dockerfile_installs_the_pinned_torch_and_runs_aligndistil_as_a_user():
     assert 'ENTRYPOINT ["aligndistil"]' in text
     assert re.search(r"^USER (?!root\b)\w+", text, re.M)
     assert re.search(r"^VOLUME /data$", text, re.M)
-    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
+    ignored = [line.strip() for line in
+               (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+               if line.strip() and not line.startswith("#")]
     assert ".venv" in ignored and ".git" in ignored
     for copied in re.findall(r"^COPY (\S+)", text, re.M):
         assert copied not in ignored, f"{copied} is copied but .dockerignore drops it"
