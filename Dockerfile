@@ -36,14 +36,19 @@ RUN if ls /tmp/wheels/torch-2.13.0*.whl > /dev/null 2>&1; then \
     fi \
     && rm -rf /tmp/wheels
 
+# The dependencies next, in their own layer: rebuilt only when pyproject.toml changes, not on
+# every change to the sources.
 WORKDIR /opt/aligndistil-src
 COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))\
+['project']['dependencies'], sep=chr(10))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt && rm /tmp/requirements.txt
 COPY aligndistil ./aligndistil
 COPY storage ./storage
 COPY causal_lm ./causal_lm
 COPY teacher_service ./teacher_service
 COPY student_trainer ./student_trainer
-RUN pip install . \
+RUN pip install --no-deps . \
     && python -c "import torch; print('torch', torch.__version__)" \
     && aligndistil --help > /dev/null
 

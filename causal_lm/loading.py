@@ -1,8 +1,9 @@
-"""Safe loading of local Hugging Face folders, and where a model runs.
+"""Safe loading of Hugging Face model folders, and where a model runs.
 
-Safetensors only (pickle-based ``.bin`` weights can run code when loaded), local files only (no
-hub access at run time), ``trust_remote_code`` off unless asked. Every failure is a
-:class:`ModelLoadError` naming the flag and the folder.
+A model flag takes a local folder or a Hub id (``owner/name[@revision]``, resolved into the
+Hugging Face cache by :mod:`storage.hub`); the loaders then read local files only.
+Safetensors only (pickle-based ``.bin`` weights can run code when loaded), ``trust_remote_code``
+off unless asked. Every failure is a :class:`ModelLoadError` naming the flag and the folder.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from storage.errors import UserError
+from storage.hub import MODEL_FILES, is_hub_id, resolve_snapshot
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -22,8 +24,14 @@ class ModelLoadError(UserError, ValueError):
     """A model or tokenizer folder that cannot be used; the message names it and what is wrong."""
 
 
-def check_model_dir(path: str | Path, flag: str = "--model") -> Path:
-    """Refuse anything but a folder with ``config.json`` and ``*.safetensors``."""
+def check_model_dir(path: str | Path, flag: str = "--model", *,
+                    trust_remote_code: bool = False) -> Path:
+    """The model's local folder (a Hub id resolved to its cached snapshot); refuse anything but
+    a folder with ``config.json`` and ``*.safetensors``."""
+    if is_hub_id(path):
+        patterns = MODEL_FILES + (["*.py"] if trust_remote_code else [])
+        path = resolve_snapshot(str(path), repo_type="model", flag=flag,
+                                allow_patterns=patterns).path
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"{flag} {path}: not a directory (expected a Hugging Face model "
@@ -45,6 +53,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, flag: str = "--model"):
     from transformers import AutoTokenizer
 
+    path = check_model_dir(path, flag, trust_remote_code=trust_remote_code)
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{flag} {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save "
                              f"the tokenizer beside the model (tokenizer.save_pretrained)")
@@ -58,7 +67,7 @@ def load_causal_lm(path: str | Path, *, device: torch.device, dtype: torch.dtype
     """One local causal LM on ``device``: in train mode, or frozen in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    path = check_model_dir(path, flag)
+    path = check_model_dir(path, flag, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
         local_files_only=True)
@@ -83,7 +92,7 @@ def load_model_and_tokenizer(path: str | Path, *, device: torch.device,
                              dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                              flag: str = "--model", train: bool = False):
     """``(model, tokenizer)`` from one folder, checked to agree on the vocabulary."""
-    path = check_model_dir(path, flag)
+    path = check_model_dir(path, flag, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, flag=flag)
     model = load_causal_lm(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                            flag=flag, train=train)

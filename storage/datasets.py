@@ -29,6 +29,12 @@ Workers split by ``index % num_workers == worker_index`` (:func:`belongs_to_work
 parses only its own rows, so it reports only its own bad rows.
 
 Files are streamed: JSONL line by line, Parquet by row batches.
+
+Besides files, a data flag takes a Hub dataset id (``owner/name[@revision]``, resolved into
+the Hugging Face cache by :mod:`storage.hub`) or a local dataset folder, read through the
+``datasets`` library in streaming mode (bounded memory at any size), with ``--split`` and
+``--data-config`` (:func:`data_source`). Their rows take the same shapes; ``where`` reads
+``owner/name@commit[config/split]:row N``.
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Annotated, Any, Iterator, Literal, Mapping
 
-from storage.errors import UserError
+from storage.errors import ConfigError, UserError
+from storage.hub import HubRef, is_hub_id, resolve_snapshot, snapshot_ref
 
 #: File suffixes read as JSON Lines and as Parquet.
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -89,6 +96,63 @@ class ReadStats:
         return text
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset read through the ``datasets`` library: a Hub snapshot or a local folder."""
+    path: Path                   #: the local folder (a Hub id's cached snapshot)
+    split: str
+    config_name: str | None = None
+    hub: HubRef | None = None    #: the Hub id and commit, when it came from the Hub
+
+    def __str__(self) -> str:
+        name = str(self.hub) if self.hub is not None else str(self.path)
+        return f"{name}[{self.config_name + '/' if self.config_name else ''}{self.split}]"
+
+
+@dataclass(kw_only=True)
+class DatasetOptions:
+    """The split and config of a dataset named by a data flag (a Hub id or a dataset folder);
+    a command's config inherits these fields."""
+    split: Annotated[str | None, "the split of a Hub dataset or dataset folder, e.g. "
+                     "train_prefs (none: train)"] = None
+    data_config: Annotated[str | None, "the config (subset) of a Hub dataset or dataset folder "
+                           "(none: its default)"] = None
+
+
+def data_source(spec: str | Path, *, split: str | None = None, config_name: str | None = None,
+                flag: str = "--data") -> Path | DatasetSource:
+    """A data flag's value as something the readers take: a file stays a path; a folder or a Hub
+    id (``owner/name[@revision]``) becomes a :class:`DatasetSource` of ``split`` (default
+    ``train``) and ``config_name``."""
+    if isinstance(spec, DatasetSource):
+        return spec
+    path = Path(spec)
+    if path.is_file():
+        if split is not None or config_name is not None:
+            raise ConfigError(f"{flag} {spec} is a file: --split and --data-config only apply to "
+                              f"a dataset (a Hub id or a dataset folder)")
+        return path
+    if path.is_dir():
+        hub = snapshot_ref(path)
+    elif is_hub_id(spec):
+        hub = resolve_snapshot(str(spec), repo_type="dataset", flag=flag)
+        path = hub.path
+    else:
+        raise DataError(f"{flag} {spec}: no such file or folder, and not a Hub dataset id "
+                        f"(owner/name or owner/name@revision)")
+    source = DatasetSource(path=path, split=split or "train", config_name=config_name, hub=hub)
+    _open_dataset(source)  # an unknown split or config, or no data files: refused now
+    return source
+
+
+def require_data(spec: str | None, flag: str) -> None:
+    """Config-time check of a data flag: an existing file or folder, or a Hub id's shape (the
+    id itself is resolved when the data is read)."""
+    if spec and not Path(spec).exists() and not is_hub_id(spec):
+        raise ConfigError(f"{flag} {spec}: no such file or folder, and not a Hub dataset id "
+                          f"(owner/name or owner/name@revision)")
+
+
 def belongs_to_worker(index: int, worker_index: int = 0, num_workers: int = 1) -> bool:
     """Whether example ``index`` is this worker's (deterministic round-robin by index)."""
     return index % num_workers == worker_index
@@ -107,7 +171,6 @@ def read_examples(path: str | Path, *, response_field: str | None = None,
     if num_workers < 1 or not 0 <= worker_index < num_workers:
         raise ValueError(f"need 0 <= worker_index < num_workers, got worker_index={worker_index}"
                          f", num_workers={num_workers}")
-    path = Path(path)
     stats = stats if stats is not None else ReadStats()
     for index, where, row in _rows(path, worker_index, num_workers):
         stats.rows += 1
@@ -126,11 +189,22 @@ def read_examples(path: str | Path, *, response_field: str | None = None,
         yield example
 
 
-def source_fingerprint(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+def source_fingerprint(path: str | Path | DatasetSource, *, chunk_bytes: int = 1 << 20) -> str:
     """``"sha256:<hex>;bytes=<size>"`` of the file's bytes (streamed), for a store's metadata.
 
-    It identifies the content, not the name: a renamed copy has the same fingerprint.
+    It identifies the content, not the name: a renamed copy has the same fingerprint. A Hub
+    dataset is ``"hub:owner/name@commit;config=...;split=..."``; a dataset folder, the digest of
+    its files' names and bytes with its config and split.
     """
+    if isinstance(path, DatasetSource):
+        where = f"config={path.config_name or ''};split={path.split}"
+        if path.hub is not None:
+            return f"hub:{path.hub};{where}"
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.path.rglob("*") if p.is_file()):
+            digest.update(str(file.relative_to(path.path)).encode() + b"\0")
+            digest.update(source_fingerprint(file, chunk_bytes=chunk_bytes).encode())
+        return f"folder:sha256:{digest.hexdigest()};{where}"
     digest, size = hashlib.sha256(), 0
     with open(path, "rb") as fh:
         while chunk := fh.read(chunk_bytes):
@@ -258,7 +332,7 @@ def read_rows(path: str | Path, *, worker_index: int = 0, num_workers: int = 1
     """``(index, where, row)`` for every data row of a JSONL or Parquet file (by suffix), before
     any parsing into examples (prompt files use this too). ``where`` is ``FILE:LINE`` or
     ``FILE:row N``; a line that is not UTF-8 JSON raises :class:`DataError` naming it."""
-    for index, where, row in _rows(Path(path), worker_index, num_workers):
+    for index, where, row in _rows(path, worker_index, num_workers):
         if isinstance(row, _BadRow):
             raise DataError(f"{where}: {row.message}")
         yield index, where, row
@@ -268,7 +342,9 @@ def count_rows(path: str | Path, *, worker: int = 0, workers: int = 1,
                limit: int | None = None) -> int | None:
     """How many rows of the file a worker will read (for a progress bar's total), without
     parsing them: non-empty lines of a JSONL file, the row count of a Parquet file's footer.
-    ``None`` when the format is unknown."""
+    ``None`` when the format is unknown, and for a dataset (counting would stream it all)."""
+    if isinstance(path, DatasetSource):
+        return None
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
@@ -293,7 +369,11 @@ class _BadRow:
     message: str
 
 
-def _rows(path: Path, worker_index: int, num_workers: int) -> Iterator[tuple[int, str, Any]]:
+def _rows(path: str | Path | DatasetSource, worker_index: int, num_workers: int
+          ) -> Iterator[tuple[int, str, Any]]:
+    if isinstance(path, DatasetSource):
+        return _dataset_rows(path, worker_index, num_workers)
+    path = Path(path)
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         return _jsonl_rows(path, worker_index, num_workers)
@@ -342,3 +422,26 @@ def _parquet_rows(path: Path, worker_index: int, num_workers: int
             batch = batch.take(pa.array([i - first for i in mine]))
         for i, row in zip(mine, batch.to_pylist()):
             yield i, f"{path}:row {i}", row
+
+
+def _dataset_rows(source: DatasetSource, worker_index: int, num_workers: int
+                  ) -> Iterator[tuple[int, str, Any]]:
+    """Stream one split of a dataset folder with the ``datasets`` library."""
+    for index, row in enumerate(_open_dataset(source)):
+        if belongs_to_worker(index, worker_index, num_workers):
+            yield index, f"{source}:row {index}", row
+
+
+def _open_dataset(source: DatasetSource):
+    """The split as a streaming ``datasets.IterableDataset`` (nothing is read yet)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{source}: reading a dataset folder or Hub dataset needs the datasets "
+                        f"package (pip install datasets)") from None
+    try:
+        return datasets.load_dataset(str(source.path), name=source.config_name,
+                                     split=source.split, streaming=True)
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+        # an unknown split or config (the library's message lists what there is), no data files
+        raise DataError(f"{source}: {str(exc).splitlines()[0]}") from None

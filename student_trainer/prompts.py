@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from storage.datasets import read_rows
+from storage.datasets import DatasetSource, read_rows
 from storage.errors import UserError
 from storage.tokenization import TokenizationError, tokenize_prompt
 
@@ -27,8 +27,13 @@ class PromptError(UserError, ValueError):
     """A prompt row that cannot be used; the message names the file and line/row."""
 
 
-def read_prompt_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, row)`` for every data row of a JSONL or Parquet file."""
+def read_prompt_rows(path: str | Path | DatasetSource) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for every data row of a JSONL or Parquet file, or of a dataset
+    (:func:`storage.datasets.data_source`)."""
+    if isinstance(path, DatasetSource):
+        for _, where, row in read_rows(path):
+            yield where, row
+        return
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"--prompts {path}: no such file"

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
+from storage.datasets import DatasetOptions, require_data
 from storage.errors import ConfigError
-from storage.outputs import refuse_output_on_inputs, require_file
+from storage.outputs import refuse_output_on_inputs
 
 SECRET = "secret"  # the marker aligndistil.config looks for (never saved)
 #: The resolved configs precompute saves in its store (one per worker).
@@ -29,11 +30,12 @@ def saved_config_name(worker: int) -> str:
 
 @dataclass(kw_only=True)
 class TeacherOptions:
-    dpo_model: Annotated[str, "local Hugging Face folder of the DPO-trained teacher"]
-    reverse_model: Annotated[str | None, "local Hugging Face folder of the reverse-DPO teacher "
-                             "(modes adaptive, constant)"] = None
-    reference_model: Annotated[str | None, "local Hugging Face folder of the reference (SFT) "
-                               "model (modes vanilla, vanilla-adaptive)"] = None
+    dpo_model: Annotated[str, "the DPO-trained teacher: a Hugging Face folder or a Hub id "
+                         "(owner/name[@revision])"]
+    reverse_model: Annotated[str | None, "the reverse-DPO teacher (modes adaptive, constant): "
+                             "a folder or a Hub id"] = None
+    reference_model: Annotated[str | None, "the reference (SFT) model (modes vanilla, "
+                               "vanilla-adaptive): a folder or a Hub id"] = None
     mode: Annotated[Literal["adaptive", "constant", "vanilla", "vanilla-adaptive"],
                     "how the teacher is built (vanilla, vanilla-adaptive: from the reference "
                     "model)"] = "adaptive"
@@ -121,8 +123,9 @@ class ServeConfig(TeacherOptions):
 
 
 @dataclass(kw_only=True)
-class PrecomputeConfig(TeacherOptions):
-    data: Annotated[str, "JSONL or Parquet file of examples"]
+class PrecomputeConfig(TeacherOptions, DatasetOptions):
+    data: Annotated[str, "JSONL or Parquet file of examples, a dataset folder, or a Hub "
+                    "dataset id (owner/name[@revision]; with --split, --data-config)"]
     out: Annotated[str, "the store to write (created, or resumed by the same command)"]
     response_field: Annotated[str | None, "for preference rows {prompt, chosen, rejected}: "
                               "which list is the response (none: chosen)"] = None
@@ -152,7 +155,7 @@ class PrecomputeConfig(TeacherOptions):
 
     def validate(self) -> None:
         super().validate()
-        require_file(self.data, "--data")
+        require_data(self.data, "--data")
         refuse_output_on_inputs(self.out, {
             "--data": self.data, "--dpo-model": self.dpo_model,
             "--reverse-model": self.reverse_model, "--reference-model": self.reference_model})

@@ -75,9 +75,9 @@ def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str
     other_flag = "--reference-model" if mode in REFERENCE_MODES else "--reverse-model"
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    dpo_path, other_path = Path(dpo_path), Path(other_path)
-    check_model_dir(dpo_path, "--dpo-model")
-    check_model_dir(other_path, other_flag)
+    # local folders: a Hub id becomes its cached snapshot (its folder name is the commit)
+    dpo_path = check_model_dir(dpo_path, "--dpo-model", trust_remote_code=trust_remote_code)
+    other_path = check_model_dir(other_path, other_flag, trust_remote_code=trust_remote_code)
 
     tok_dpo = load_tokenizer(dpo_path, trust_remote_code=trust_remote_code, flag="--dpo-model")
     tok_other = load_tokenizer(other_path, trust_remote_code=trust_remote_code, flag=other_flag)

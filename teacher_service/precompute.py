@@ -22,7 +22,9 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from storage.datasets import DataError, ReadStats, count_rows, read_examples, source_fingerprint
+from storage.datasets import (DataError, DatasetSource, ReadStats, count_rows, data_source,
+                              read_examples, source_fingerprint)
+from storage.hub import snapshot_ref
 from storage.outputs import clear_folder
 from storage.store import StoreMetadata, TargetStore, TargetStoreWriter, summarize
 from storage.store.errors import StoreMetadataMismatchError
@@ -34,21 +36,26 @@ log = logging.getLogger(__name__)
 
 
 def teacher_identities(engine: TeacherEngine) -> dict[str, str]:
-    """Role -> 'folder-name@sha256:fingerprint' (no absolute path: workers on different machines
-    mount the same teachers at different places)."""
-    return {role: f"{Path(ident['path']).name}@sha256:{ident['fingerprint']}"
-            for role, ident in engine.pair.identities.items()}
+    """Role -> 'folder-name@sha256:fingerprint', or 'owner/name@commit@sha256:fingerprint' for a
+    model from the Hub cache (no absolute path: workers on different machines mount the same
+    teachers at different places)."""
+    out = {}
+    for role, ident in engine.pair.identities.items():
+        ref = snapshot_ref(ident["path"])
+        name = str(ref) if ref is not None else Path(ident["path"]).name
+        out[role] = f"{name}@sha256:{ident['fingerprint']}"
+    return out
 
 
-def store_metadata(engine: TeacherEngine, config: PrecomputeConfig, num_workers: int
-                   ) -> StoreMetadata:
+def store_metadata(engine: TeacherEngine, config: PrecomputeConfig, num_workers: int,
+                   source: Path | DatasetSource) -> StoreMetadata:
     """Everything that shapes the targets, recorded once in the store."""
     target = engine.config
     return StoreMetadata(
         teachers=teacher_identities(engine), tokenizer_sha256=engine.pair.tokenizer_sha256,
         vocab_size=engine.pair.vocab_size, top_k=target.top_k, r=float(target.r),
         eps=float(target.eps), tvd_norm=target.tvd_norm, mode=target.mode,
-        source_fingerprint=source_fingerprint(Path(config.data)), num_workers=num_workers,
+        source_fingerprint=source_fingerprint(source), num_workers=num_workers,
         layout=config.layout, dpo_top=target.dpo_top,
         extra={"beta0": target.beta0, "beta": target.beta, "max_seq_len": engine.max_seq_len,
                "response_field": config.response_field},
@@ -66,7 +73,8 @@ class SkipCounts:
         self.truncated += 1
 
 
-def example_groups(config: PrecomputeConfig, tokenizer, max_seq_len: int, *, worker: int,
+def example_groups(config: PrecomputeConfig, source: Path | DatasetSource, tokenizer,
+                   max_seq_len: int, *, worker: int,
                    workers: int, done: set[int], skips: SkipCounts
                    ) -> Iterator[tuple[int, list[ScoreRequest]]]:
     """``(rows consumed, requests)`` for this worker's examples in fixed groups of
@@ -77,7 +85,7 @@ def example_groups(config: PrecomputeConfig, tokenizer, max_seq_len: int, *, wor
     """
     group: list[ScoreRequest] = []
     consumed = 0
-    for example in read_examples(Path(config.data), response_field=config.response_field,
+    for example in read_examples(source, response_field=config.response_field,
                                  on_error="skip" if config.skip_bad_rows else "raise",
                                  worker_index=worker, num_workers=workers, stats=skips.read):
         if config.limit is not None and example.index >= config.limit:
@@ -109,7 +117,8 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     config.validate()
     worker, workers = config.placement(os.environ)
     started = time.perf_counter()
-    total_rows = count_rows(Path(config.data), worker=worker, workers=workers,
+    source = data_source(config.data, split=config.split, config_name=config.data_config)
+    total_rows = count_rows(source, worker=worker, workers=workers,
                             limit=config.limit)
     engine = build_engine(config)
     if config.overwrite and Path(config.out).is_dir():  # nothing to clear in a new --out
@@ -117,12 +126,13 @@ def run_precompute(config: PrecomputeConfig) -> dict:
                                        if SAVED_CONFIG.match(e.name)])
     # Shard boundaries are placed here (at group ends), not by the writer's token count.
     try:
-        writer = TargetStoreWriter(config.out, store_metadata(engine, config, workers),
+        writer = TargetStoreWriter(config.out, store_metadata(engine, config, workers, source),
                                    worker_index=worker, shard_tokens=sys.maxsize)
     except StoreMetadataMismatchError as exc:
         raise StoreMetadataMismatchError(
-            exc.key, f"{exc} To start this store over with the new data or settings, pass "
-                     f"--overwrite (one worker) or delete {config.out}; or choose another --out."
+            exc.key, f"{str(exc).rstrip('.')}. To start this store over with the new data or "
+                     f"settings, pass --overwrite (one worker) or delete {config.out}; or "
+                     f"choose another --out."
         ) from None
     done = set(writer.committed_example_indices().tolist())
     skips = SkipCounts()
@@ -130,9 +140,9 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     bar = tqdm(desc=f"precompute w{worker}/{workers}", unit="ex", dynamic_ncols=True,
                file=sys.stderr, disable=not config.progress, total=total_rows)
     try:
-        for consumed, group in example_groups(config, engine.pair.tokenizer, engine.max_seq_len,
-                                              worker=worker, workers=workers, done=done,
-                                              skips=skips):
+        for consumed, group in example_groups(config, source, engine.pair.tokenizer,
+                                              engine.max_seq_len, worker=worker,
+                                              workers=workers, done=done, skips=skips):
             for record in engine.score(group) if group else []:
                 writer.write(record)
                 examples += 1

@@ -53,6 +53,7 @@ def inputs(tmp_path_factory, teacher_pair):
         "rejected": [user, {"role": "assistant", "content": "3 1"}]}) + "\n")
     (root / "a_file").write_text("not a folder\n")
     (root / "not_a_store").mkdir()
+    (root / "empty_folder").mkdir()
     (root / "not_a_store" / "notes.txt").write_text("mine\n")
     teacher = ["--dpo-model", str(dpo), "--reverse-model", str(rev), "--device", "cpu",
                "--no-progress"]
@@ -123,10 +124,14 @@ def _case_argv(i: dict, out: Path) -> dict[str, tuple[list[str], str]]:
         "sft --data missing": ([*sft, "--out", o, "--data", str(r / "nope.jsonl")],
                                "--data " + str(r / "nope.jsonl") + ": no such file"),
         "dpo --out is --model": ([*dpo, "--out", str(i["student"])], "is also --model"),
-        "dpo --data a folder": ([*dpo, "--out", o, "--data", str(r)], "is a folder"),
+        "dpo --data a folder without data": (
+            [*dpo, "--out", o, "--data", str(r / "empty_folder")],
+            "empty_folder[train]: The directory at"),
         "dpo --out a used folder": ([*dpo, "--out", str(r / "old_run")],
                                     "already holds another run's files"),
-        "precompute --data a folder": ([*pre, "--out", o, "--data", str(r)], "is a folder"),
+        "precompute --data a folder without data": (
+            [*pre, "--out", o, "--data", str(r / "empty_folder")],
+            "empty_folder[train]: The directory at"),
         "precompute --out a file": ([*pre, "--data", str(i["data"]), "--out", str(r / "a_file")],
                                     "is a file"),
         "precompute --out not a store": ([*pre, "--data", str(i["data"]), "--out",
@@ -156,7 +161,8 @@ def _case_argv(i: dict, out: Path) -> dict[str, tuple[list[str], str]]:
                                                 "--task sort: not a sort prompt"),
         "eval --out is --prompts": ([*ev, "--prompts", str(i["prompts"]), "--out",
                                      str(i["prompts"])], "is also --prompts"),
-        "eval --prompts a folder": ([*ev, "--prompts", str(r)], "is a folder"),
+        "eval --prompts a folder without data": (
+            [*ev, "--prompts", str(r / "empty_folder")], "empty_folder[train]: The directory at"),
         "pairs --samples-per-prompt 1": (["pairs", "--model", str(i["student"]), "--prompts",
                                           str(i["prompts"]), "--out", o, "--samples-per-prompt",
                                           "1"], "--samples-per-prompt must be at least 2"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal
 
+from storage.datasets import DatasetOptions, require_data
 from storage.errors import ConfigError
 from storage.outputs import (refuse_folder_as_file, refuse_output_on_inputs, refuse_used_folder,
                              require_file)
@@ -22,6 +23,10 @@ SECRET = "secret"  # the marker aligndistil.config looks for: never saved
 RESUME = {"nargs": "?", "const": "latest"}  # argparse: a bare --resume means "latest"
 
 Device = Literal["auto", "cpu", "cuda"]
+ReportTo = Annotated[str, "where metrics go besides metrics.jsonl: a comma-separated list of "
+                     "tensorboard, wandb, mlflow, or none (W&B and MLflow read their own "
+                     "environment variables: WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI, "
+                     "MLFLOW_EXPERIMENT_NAME, ...)"]
 Schedule = Literal["cosine", "linear", "constant"]
 
 
@@ -59,11 +64,11 @@ def check_sampling(config: SamplingOptions) -> None:
 
 
 @dataclass(kw_only=True)
-class TrainConfig(SamplingOptions):
+class TrainConfig(SamplingOptions, DatasetOptions):
     """``aligndistil train``: AlignDistil, off-policy from a store or on-policy via a server."""
     mode: Annotated[Literal["off-policy", "on-policy"], "where the targets come from"]
-    model: Annotated[str, "the initial student: a local Hugging Face folder (safetensors) whose "
-                     "tokenizer matches the teachers'"]
+    model: Annotated[str, "the initial student: a Hugging Face folder (safetensors) or Hub id "
+                     "(owner/name[@revision]) whose tokenizer matches the teachers'"]
     out: Annotated[str, "output folder: checkpoint-N/, final/, metrics.jsonl, tensorboard/, "
                    "training_curves.png, trackers.json"]
     # data: off-policy
@@ -72,8 +77,8 @@ class TrainConfig(SamplingOptions):
     teacher_url: Annotated[str | None, "on-policy: base URL of 'aligndistil serve', e.g. "
                            "http://127.0.0.1:8000; several servers: repeat the flag, or "
                            "separate the URLs by commas", SEVERAL_URLS] = None
-    prompts: Annotated[str | None, "on-policy: JSONL/Parquet of prompts ('prompt', 'messages' "
-                       "or 'input_ids' rows)"] = None
+    prompts: Annotated[str | None, "on-policy: prompts ('prompt', 'messages' or 'input_ids' "
+                       "rows): JSONL/Parquet, a dataset folder or a Hub dataset id"] = None
     api_key: Annotated[str | None, "bearer token for the server (default: "
                        "$ALIGNDISTIL_API_KEY)", SECRET] = None
     top_k: Annotated[int | None, "on-policy: ask the server for this many top-k entries "
@@ -142,10 +147,7 @@ class TrainConfig(SamplingOptions):
     allow_incomplete: Annotated[bool, "train on a store some precompute workers have not "
                                 "finished (default: refuse)"] = False
     progress: Annotated[bool, "show a progress bar"] = True
-    report_to: Annotated[str, "where metrics go besides metrics.jsonl: a comma-separated "
-                         "list of tensorboard, wandb, mlflow, or none (W&B and MLflow read "
-                         "their own environment variables: WANDB_PROJECT, WANDB_MODE, "
-                         "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...)"] = "tensorboard"
+    report_to: ReportTo = "tensorboard"
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
     log_level: Annotated[str, "logging level"] = "info"
 
@@ -173,7 +175,7 @@ class TrainConfig(SamplingOptions):
         refuse_output_on_inputs(self.out, {"--model": None if self.resume else self.model,
                                            "--store": self.store, "--prompts": self.prompts})
         if self.mode == "on-policy":
-            require_file(self.prompts, "--prompts")
+            require_data(self.prompts, "--prompts")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite deletes it: "
                               "give one of them")
@@ -236,15 +238,15 @@ RESUME_FIXED = (
     "async_rollouts", "max_seq_len", "objective", "kl_coef", "tail", "beta0", "weighting",
     "loss_chunk_size", "lr", "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule",
     "min_lr_ratio", "global_batch_size", "max_tokens", "epochs", "max_steps", "max_grad_norm",
-    "seed", "bf16", "allow_incomplete")
+    "seed", "bf16", "allow_incomplete", "split", "data_config")
 
 
 @dataclass(kw_only=True)
-class DPOConfig:
+class DPOConfig(DatasetOptions):
     """``aligndistil dpo``: a teacher by sigmoid DPO (``--reverse``: the reverse teacher)."""
     model: Annotated[str, "the initial model (and the reference)"]
-    data: Annotated[str, "preference pairs, JSONL/Parquet rows {'prompt', 'chosen': [messages], "
-                    "'rejected': [messages]}"]
+    data: Annotated[str, "preference pairs, rows {'prompt', 'chosen': [messages], 'rejected': "
+                    "[messages]}: JSONL/Parquet, a dataset folder or a Hub dataset id"]
     out: Annotated[str, "where the trained model is saved"]
     reverse: Annotated[bool, "swap chosen and rejected (the reverse-DPO teacher)"] = False
     beta: Annotated[float, "the DPO beta (the paper's beta0)", ">0"] = 0.1
@@ -265,22 +267,19 @@ class DPOConfig:
     device: Annotated[Device, "where the model trains"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
-    report_to: Annotated[str, "where metrics go besides metrics.jsonl: a comma-separated "
-                         "list of tensorboard, wandb, mlflow, or none (W&B and MLflow read "
-                         "their own environment variables: WANDB_PROJECT, WANDB_MODE, "
-                         "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...)"] = "tensorboard"
+    report_to: ReportTo = "tensorboard"
     log_level: Annotated[str, "logging level"] = "info"
     overwrite: Annotated[bool, "replace what another run left in --out"] = False
 
     def validate(self) -> None:
         parse_report_to(self.report_to)
-        require_file(self.data, "--data")
+        require_data(self.data, "--data")
         refuse_output_on_inputs(self.out, {"--model": self.model, "--data": self.data})
         refuse_used_folder(self.out, own=(SAVED_CONFIG["dpo"],), overwrite=self.overwrite)
 
 
 @dataclass(kw_only=True)
-class SFTConfig:
+class SFTConfig(DatasetOptions):
     """``aligndistil sft``: cross-entropy on the assistant's response tokens."""
     model: Annotated[str, "the initial model"]
     data: Annotated[str, "chat demonstrations: {'messages': [...]} or prompt/response rows"]
@@ -297,25 +296,23 @@ class SFTConfig:
     seed: Annotated[int, "seed of the data order and initialisation"] = 42
     device: Annotated[Device, "where the model trains"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
-    report_to: Annotated[str, "where metrics go besides metrics.jsonl: a comma-separated "
-                         "list of tensorboard, wandb, mlflow, or none (W&B and MLflow read "
-                         "their own environment variables: WANDB_PROJECT, WANDB_MODE, "
-                         "MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...)"] = "tensorboard"
+    report_to: ReportTo = "tensorboard"
     log_level: Annotated[str, "logging level"] = "info"
     overwrite: Annotated[bool, "replace what another run left in --out"] = False
 
     def validate(self) -> None:
         parse_report_to(self.report_to)
-        require_file(self.data, "--data")
+        require_data(self.data, "--data")
         refuse_output_on_inputs(self.out, {"--model": self.model, "--data": self.data})
         refuse_used_folder(self.out, own=(SAVED_CONFIG["sft"],), overwrite=self.overwrite)
 
 
 @dataclass(kw_only=True)
-class EvalConfig(SamplingOptions):
+class EvalConfig(SamplingOptions, DatasetOptions):
     """``aligndistil eval``: sample a model on prompts and measure the samples."""
     model: Annotated[str, "the model to evaluate"]
-    prompts: Annotated[str, "JSONL/Parquet rows with 'prompt' or 'messages'"]
+    prompts: Annotated[str, "rows with 'prompt' or 'messages': JSONL/Parquet, a dataset folder "
+                       "or a Hub dataset id"]
     out: Annotated[str | None, "write the JSON here too"] = None
     teacher_url: Annotated[str | None, "a running 'aligndistil serve': contrastive reward and "
                            "KL to the dpo teacher (several: repeat the flag, or separate the "
@@ -338,7 +335,7 @@ class EvalConfig(SamplingOptions):
         if self.samples_per_prompt < 1:
             raise ConfigError("--samples-per-prompt must be at least 1")
         check_sampling(self)
-        require_file(self.prompts, "--prompts")
+        require_data(self.prompts, "--prompts")
         inputs = {"--model": self.model, "--prompts": self.prompts}
         for flag, path in (("--out", self.out), ("--samples-out", self.samples_out)):
             refuse_folder_as_file(path, flag)

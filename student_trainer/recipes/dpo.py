@@ -27,15 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
+from storage.datasets import data_source
 from storage.fsio import atomic_write_text
 from storage.outputs import clear_folder
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
-from student_trainer.trackers import parse_report_to
 from student_trainer.modeling import StudentForward
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
 from student_trainer.preferences import (collate_pairs, load_pairs, pair_logprobs,
                                          pair_micro_batches, sequence_logprobs)
-from student_trainer.recipes.configs import SAVED_CONFIG, DPOConfig
+from student_trainer.recipes.configs import SAVED_CONFIG, DPOConfig, public_values
+from student_trainer.trackers import parse_report_to
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,10 @@ def run_dpo(config: DPOConfig) -> dict:
     pad_id = pad_token_id(tokenizer)
     forward = StudentForward(model, len(tokenizer))
     truncated: list[int] = []
-    pairs = load_pairs(config.data, tokenizer, max_seq_len=config.max_seq_len,
+    data = data_source(config.data, split=config.split, config_name=config.data_config)
+    pairs = load_pairs(data, tokenizer, max_seq_len=config.max_seq_len,
                        reverse=config.reverse, truncated=truncated)
-    log.info("%d preference pairs from %s%s", len(pairs), config.data,
+    log.info("%d preference pairs from %s%s", len(pairs), data,
              " (reversed: chosen and rejected swapped)" if config.reverse else "")
     if truncated:
         log.warning("%d of %d sequences were longer than --max-seq-len %d and were cut in the "

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from causal_lm.head import head_logits, response_hidden
+from storage.datasets import data_source
 from storage.fsio import atomic_write_text
 from student_trainer.collate import collate_sequences
 from student_trainer.recipes.configs import EvalConfig
@@ -90,9 +91,11 @@ def run_eval(config: EvalConfig) -> dict:
     sampling = RolloutConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                              temperature=config.temperature, top_p=config.top_p,
                              top_k=config.sampling_top_k)
-    samples = sample_answers(config.model, config.prompts, n=config.samples_per_prompt,
+    prompts = data_source(config.prompts, split=config.split, config_name=config.data_config,
+                          flag="--prompts")
+    samples = sample_answers(config.model, prompts, n=config.samples_per_prompt,
                              sampling=sampling, seed=config.seed, loaded=(model, tokenizer))
-    result: dict = {"model": str(config.model), "prompts": str(config.prompts),
+    result: dict = {"model": str(config.model), "prompts": str(prompts),
                     "num_prompts": len({s.prompt_index for s in samples}),
                     "samples": len(samples), "seed": config.seed,
                     "mean_response_length": _mean([len(s.response_ids) for s in samples])}

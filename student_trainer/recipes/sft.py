@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
+from storage.datasets import data_source
 from storage.fsio import atomic_write_text
 from storage.outputs import clear_folder
-from student_trainer.recipes.configs import SAVED_CONFIG, SFTConfig
+from student_trainer.recipes.configs import SAVED_CONFIG, SFTConfig, public_values
+from student_trainer.trackers import parse_report_to
 
 log = logging.getLogger(__name__)
 
 
-def load_sequences(path: str, tokenizer, max_seq_len: int) -> list[tuple[list[int], int]]:
+def load_sequences(path, tokenizer, max_seq_len: int) -> list[tuple[list[int], int]]:
     from storage.datasets import DataError, read_examples
     from storage.tokenization import tokenize_example
 
@@ -65,7 +67,9 @@ def run_sft(config: SFTConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model_and_tokenizer(config.model, device=device, train=True)
     pad_id = pad_token_id(tokenizer)
-    seqs = load_sequences(config.data, tokenizer, config.max_seq_len)
+    seqs = load_sequences(data_source(config.data, split=config.split,
+                                      config_name=config.data_config),
+                          tokenizer, config.max_seq_len)
     per_epoch = max(1, len(seqs) // config.batch_size)
     total = per_epoch * config.epochs
     if config.max_steps is not None:
@@ -74,7 +78,8 @@ def run_sft(config: SFTConfig) -> dict:
     scheduler = build_scheduler(optimizer, warmup_steps=warmup_steps_for(total,
                                 config.warmup_ratio), total_steps=total,
                                 schedule=config.lr_schedule)
-    metrics = MetricsLogger(out, report_to=())
+    metrics = MetricsLogger(out, report_to=parse_report_to(config.report_to),
+                            config=public_values(config))
     log.info("SFT on %d examples: %d steps of %d", len(seqs), total, config.batch_size)
     started, step, last = time.perf_counter(), 0, {}
     bar = tqdm(total=total, disable=not config.progress, unit="step", desc="sft")

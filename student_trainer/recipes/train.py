@@ -31,7 +31,9 @@ import torch
 
 from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
 from causal_lm.packed import choose_packing
+from storage.datasets import data_source
 from storage.fsio import atomic_write_text
+from storage.hub import is_hub_id
 from storage.outputs import clear_folder
 from storage.tokenization import tokenizer_sha256
 from student_trainer import losses, reinforce
@@ -44,11 +46,11 @@ from student_trainer.distributed import (
     DistEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown)
 from student_trainer.errors import ConfigError
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
-from student_trainer.trackers import parse_report_to
 from student_trainer.modeling import StudentForward
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
 from student_trainer.recipes.configs import SAVED_CONFIG, TrainConfig, public_values
 from student_trainer.sources.plan import BatchSource
+from student_trainer.trackers import parse_report_to
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +232,15 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
         shutdown(env)
 
 
+def _data_identity(config: TrainConfig) -> str:
+    """What the run trains on, as its checkpoints record it (a resume must match): the store's
+    or prompt file's absolute path, or a Hub dataset's id, commit, config and split."""
+    if config.store or not is_hub_id(config.prompts):
+        return str(Path(config.store or config.prompts).resolve())
+    return str(data_source(config.prompts, split=config.split, config_name=config.data_config,
+                           flag="--prompts"))
+
+
 def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     """Model, data source, optimizer and schedule, restored from a checkpoint on --resume."""
     out = Path(config.out)
@@ -259,7 +270,7 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
         run_info = {"mode": config.mode, "global_batch_size": config.global_batch_size,
                     "world_size": env.world_size, "seed": config.seed,
                     "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                    "data": str(Path(config.store or config.prompts).resolve())}
+                    "data": _data_identity(config)}
 
         packing = choose_packing(config.packing, model)
         forward = StudentForward(model, len(tokenizer), tail=config.tail,

@@ -17,6 +17,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from storage.datasets import data_source
 from storage.record import TargetRecord
 from student_trainer.sources.plan import StepData, epoch_permutation, position
 
@@ -170,7 +171,9 @@ class OnPolicySource:
             if max_seq_len:  # leave room for at least one response token
                 max_prompt_len = min(max_prompt_len, max_seq_len - 1)
             cut: list[int] = []
-            prompts = load_prompts(config.prompts, tokenizer, max_prompt_len=max_prompt_len,
+            source = data_source(config.prompts, split=config.split,
+                                 config_name=config.data_config, flag="--prompts")
+            prompts = load_prompts(source, tokenizer, max_prompt_len=max_prompt_len,
                                    on_truncate=cut.append)
             if cut:
                 log.warning("%d of %d prompts were longer than %d tokens and keep their last %d "
