@@ -100,10 +100,13 @@ def _beside_file(config) -> Path | None:
         if config.out else None
 
 
-def _precompute_config_path(config) -> Path:
+def _precompute_config_path(config) -> Path | str:
     worker, _ = config.placement(os.environ)
+    from storage.store.location import is_object_url
     from teacher_service.config import saved_config_name
 
+    if is_object_url(config.out):  # saved into the store's prefix
+        return f"{config.out.rstrip('/')}/{saved_config_name(worker)}"
     return Path(config.out) / saved_config_name(worker)
 
 
@@ -248,9 +251,14 @@ def run_command(command: Command, args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
-def _save_config(path: Path, config, command: str) -> None:
+def _save_config(path: Path | str, config, command: str) -> None:
     from storage.fsio import atomic_write_text
+    from storage.store.location import is_object_url, open_location
 
+    if is_object_url(path):
+        root, _, name = str(path).rpartition("/")
+        open_location(root).write(name, cfg.dump_config(config, command).encode())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, cfg.dump_config(config, command))
 

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from storage.datasets import DatasetOptions, require_data
 from storage.errors import ConfigError
 from storage.outputs import refuse_output_on_inputs
+from storage.store.location import is_object_url
 
 SECRET = "secret"  # the marker aligndistil.config looks for (never saved)
 #: The resolved configs precompute saves in its store (one per worker).
@@ -126,7 +127,8 @@ class ServeConfig(TeacherOptions):
 class PrecomputeConfig(TeacherOptions, DatasetOptions):
     data: Annotated[str, "JSONL or Parquet file of examples, a dataset folder, or a Hub "
                     "dataset id (owner/name[@revision]; with --split, --data-config)"]
-    out: Annotated[str, "the store to write (created, or resumed by the same command)"]
+    out: Annotated[str, "the store to write (created, or resumed by the same command): a "
+                   "folder, or s3://bucket/prefix (gs://, az:// untested)"]
     response_field: Annotated[str | None, "for preference rows {prompt, chosen, rejected}: "
                               "which list is the response (none: chosen)"] = None
     worker_index: Annotated[int | None, "this worker's index (none: $RANK under torchrun, "
@@ -156,6 +158,11 @@ class PrecomputeConfig(TeacherOptions, DatasetOptions):
     def validate(self) -> None:
         super().validate()
         require_data(self.data, "--data")
+        if self.overwrite and self.placement(os.environ)[1] > 1:
+            raise ConfigError("--overwrite deletes the whole store: run it with one worker "
+                              "(the other workers' shards would vanish under them)")
+        if is_object_url(self.out):  # object storage: the store's own checks, when opened
+            return
         refuse_output_on_inputs(self.out, {
             "--data": self.data, "--dpo-model": self.dpo_model,
             "--reverse-model": self.reverse_model, "--reference-model": self.reference_model})
@@ -168,9 +175,6 @@ class PrecomputeConfig(TeacherOptions, DatasetOptions):
             if others:
                 raise ConfigError(f"--out {self.out} holds other files ({', '.join(others[:4])}) "
                                   f"and is not a store; give a new or empty folder")
-        if self.overwrite and self.placement(os.environ)[1] > 1:
-            raise ConfigError("--overwrite deletes the whole store: run it with one worker "
-                              "(the other workers' shards would vanish under them)")
 
     def placement(self, environ: dict[str, str]) -> tuple[int, int]:
         """``(worker_index, num_workers)``: the flags, else torchrun's RANK/WORLD_SIZE, else

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from storage.datasets import (DataError, DatasetSource, ReadStats, count_rows, data_source,
                               read_examples, source_fingerprint)
 from storage.hub import snapshot_ref
-from storage.outputs import clear_folder
 from storage.store import StoreMetadata, TargetStore, TargetStoreWriter, summarize
 from storage.store.errors import StoreMetadataMismatchError
+from storage.store.location import open_location
 from storage.tokenization import TokenizationError, tokenize_example
 from teacher_service.config import SAVED_CONFIG, PrecomputeConfig
 from teacher_service.engine import ScoreRequest, TeacherEngine, build_engine
@@ -121,9 +121,11 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     total_rows = count_rows(source, worker=worker, workers=workers,
                             limit=config.limit)
     engine = build_engine(config)
-    if config.overwrite and Path(config.out).is_dir():  # nothing to clear in a new --out
-        clear_folder(config.out, keep=[e.name for e in Path(config.out).iterdir()
-                                       if SAVED_CONFIG.match(e.name)])
+    if config.overwrite:  # delete the store, keeping the saved configs
+        location = open_location(config.out)
+        for name in location.list_names(""):
+            if not SAVED_CONFIG.match(name):
+                location.remove_tree(name)
     # Shard boundaries are placed here (at group ends), not by the writer's token count.
     try:
         writer = TargetStoreWriter(config.out, store_metadata(engine, config, workers, source),

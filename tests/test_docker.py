@@ -40,7 +40,7 @@ import yaml
 
 from live_server import REPO
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(7200)]
 
 BASE = os.environ.get("ALIGNDISTIL_DOCKER_BASE", "python:3.11-slim")
 IMAGE = "aligndistil:cpu"

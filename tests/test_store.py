@@ -283,7 +283,8 @@ def test_unknown_array_encoding_is_refused(tmp_path):
     doc["attributes"]["encoding"] = "fancy-v9"
     meta_path.write_text(json.dumps(doc))
     manifest = read_manifest(tmp_path / "s", 0)
-    manifest.shards[0] = replace(manifest.shards[0], checksums_sha256=write_checksums(shard))
+    checksum = write_checksums(tmp_path / "s", "shards/w0000-s000000")
+    manifest.shards[0] = replace(manifest.shards[0], checksums_sha256=checksum)
     write_manifest(tmp_path / "s", manifest)
     with pytest.raises(StoreFormatError, match="shards/w0000-s000000.*fancy-v9"):
         TargetStore.open(tmp_path / "s")[0]

@@ -30,9 +30,11 @@ On-disk layout, format_version 1 and 2
                                 "shards": [{"name", "num_examples", "num_tokens",
                                             "num_input_tokens", "checksums_sha256"}, ...]}
       manifest-w0001.json      ... one per worker that has committed anything
-      locks/w0000.lock         flock held by worker 0's live writer (holds its pid)
+      locks/w0000.lock         flock held by worker 0's live writer (holds its pid); local
+                               stores only
       shards/zarr.json         zarr v3 group
-      shards/w0000-s000000/    one shard: a zarr v3 group written by exactly one process
+      shards/w0000-s000000/    one shard: a zarr v3 group written by exactly one process (on
+                               object storage w0000-s000000-<8 hex>: its writer's token)
         zarr.json              attributes["aligndistil_shard"] = layout, counts, top_k
         checksums.json         {"files": {relative path: {"size", "sha256"}}} of every other
                                file of the shard; its own sha256 is in the manifest
@@ -59,6 +61,10 @@ arrays; decoding the encodings gives back the record contract's dtypes exactly.
 A shard is visible to readers only once its worker's manifest lists it; the directory of a
 shard that no manifest lists is a crash leftover. Readers refuse a format_version they don't
 know, and refuse (naming the shard) any shard whose bytes don't match its checksums.
+
+The same layout lives in a local folder or under an object-storage prefix (``s3://bucket/p``;
+:mod:`.location`): there a manifest also holds its writer's owner token, and every manifest
+write is conditional on the ETag of the writer's previous one instead of a rename under a lock.
 """
 
 from .batch import TargetBatch

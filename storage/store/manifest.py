@@ -1,6 +1,7 @@
 """Commit records: per-shard checksum files and per-worker manifests.
 
-A shard becomes visible in two steps, both atomic renames:
+A shard becomes visible in two steps, each one atomic write (a rename on a local disk, one PUT
+on object storage; :mod:`.location`):
 
 1. ``shards/<name>/checksums.json`` lists every file of the shard (relative path, size,
    sha256). It is written after all of the shard's data files.
@@ -16,23 +17,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fsio import atomic_write, fsync_dir
 from .errors import StoreCorruptionError, StoreFormatError
+from .location import StoreLocation, open_location
 
 MANIFEST_VERSION = 1
 CHECKSUMS_FILE = "checksums.json"
 _MANIFEST_RE = re.compile(r"^manifest-w(\d{4,})\.json$")
-_SHARD_RE = re.compile(r"^w(\d{4,})-s(\d{6,})$")
+#: ``w<worker>-s<seq>``; on object storage ``-<writer token>`` follows, so two writers of one
+#: worker (see :class:`.location.ObjectLease`) never write into the same shard's objects.
+_SHARD_RE = re.compile(r"^w(\d{4,})-s(\d{6,})(?:-[0-9a-f]{8})?$")
 
 
-def shard_name(worker: int, seq: int) -> str:
-    return f"w{worker:04d}-s{seq:06d}"
+def shard_name(worker: int, seq: int, writer: str | None = None) -> str:
+    return f"w{worker:04d}-s{seq:06d}" + (f"-{writer}" if writer else "")
 
 
 def parse_shard_name(name: str) -> tuple[int, int] | None:
@@ -44,8 +46,12 @@ def shard_relpath(name: str) -> str:
     return f"shards/{name}"
 
 
+def manifest_name(worker: int) -> str:
+    return f"manifest-w{worker:04d}.json"
+
+
 def manifest_path(store: Path, worker: int) -> Path:
-    return Path(store) / f"manifest-w{worker:04d}.json"
+    return Path(store) / manifest_name(worker)
 
 
 @dataclass(frozen=True)
@@ -94,36 +100,46 @@ class WorkerManifest:
             raise StoreCorruptionError(where, f"malformed manifest ({exc})") from None
 
 
-def read_manifest(store: Path, worker: int) -> WorkerManifest | None:
+def read_manifest(store: Path | StoreLocation, worker: int) -> WorkerManifest | None:
     """The worker's manifest, or None if it has committed nothing yet."""
-    path = manifest_path(store, worker)
+    name = manifest_name(worker)
     try:
-        text = path.read_text()
+        text = open_location(store).read(name)
     except FileNotFoundError:
         return None
+    return parse_manifest(text, worker)
+
+
+def parse_manifest(text: bytes | str, worker: int) -> WorkerManifest:
+    name = manifest_name(worker)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StoreCorruptionError(path.name, f"manifest is not valid JSON ({exc})") from None
-    manifest = WorkerManifest.from_json(data, where=path.name)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreCorruptionError(name, f"manifest is not valid JSON ({exc})") from None
+    manifest = WorkerManifest.from_json(data, where=name)
     if manifest.worker_index != worker:
-        raise StoreCorruptionError(path.name, f"manifest names worker {manifest.worker_index}")
+        raise StoreCorruptionError(name, f"manifest names worker {manifest.worker_index}")
     return manifest
 
 
-def list_manifest_workers(store: Path) -> list[int]:
+def list_manifest_workers(store: Path | StoreLocation) -> list[int]:
     out = []
-    for entry in os.listdir(store):
+    for entry in open_location(store).list_names(""):
         m = _MANIFEST_RE.match(entry)
         if m:
             out.append(int(m.group(1)))
     return sorted(out)
 
 
-def write_manifest(store: Path, manifest: WorkerManifest, *, durable: bool = True) -> None:
-    """Replace the worker's manifest atomically (temp file, fsync, rename, fsync dir)."""
-    path = manifest_path(store, manifest.worker_index)
-    atomic_write(path, json.dumps(manifest.to_json(), indent=1).encode(), durable=durable)
+def manifest_bytes(manifest: WorkerManifest) -> bytes:
+    return json.dumps(manifest.to_json(), indent=1).encode()
+
+
+def write_manifest(store: Path | StoreLocation, manifest: WorkerManifest, *,
+                   durable: bool = True) -> None:
+    """Replace the worker's manifest atomically (outside a writer: tests and repairs)."""
+    open_location(store).write(manifest_name(manifest.worker_index), manifest_bytes(manifest),
+                               durable=durable)
 
 
 # ---------------------------------------------------------------------- checksums
@@ -131,37 +147,45 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def list_shard_files(shard_dir: Path) -> list[str]:
+def list_shard_files(store: Path | StoreLocation, relpath: str) -> list[str]:
     """Relative posix paths of the shard's files, excluding the checksum file itself."""
-    out = []
-    for root, _dirs, files in os.walk(shard_dir):
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), shard_dir).replace(os.sep, "/")
-            if rel != CHECKSUMS_FILE:
-                out.append(rel)
-    return sorted(out)
+    return [rel for rel in open_location(store).list_files(relpath) if rel != CHECKSUMS_FILE]
 
 
-def write_checksums(shard_dir: Path, *, durable: bool = True) -> str:
-    """Hash every file of the shard into ``checksums.json``; return that file's sha256."""
-    files = {}
-    for rel in list_shard_files(shard_dir):
-        path = shard_dir / rel
-        data = path.read_bytes()
-        if durable:
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        files[rel] = {"size": len(data), "sha256": sha256_bytes(data)}
-    if durable:
-        for root, dirs, _files in os.walk(shard_dir):
-            for d in dirs:
-                fsync_dir(Path(root) / d)
-    blob = json.dumps({"files": files}, indent=1, sort_keys=True).encode()
-    atomic_write(shard_dir / CHECKSUMS_FILE, blob, durable=durable)
+def checksums_blob(files: dict[str, bytes]) -> bytes:
+    """The ``checksums.json`` of a shard's files (name -> size and sha256)."""
+    listing = {rel: {"size": len(data), "sha256": sha256_bytes(data)}
+               for rel, data in sorted(files.items())}
+    return json.dumps({"files": listing}, indent=1, sort_keys=True).encode()
+
+
+def write_checksums(store: Path | StoreLocation, relpath: str, *, durable: bool = True) -> str:
+    """Hash every file of a written shard into its ``checksums.json``; return that file's
+    sha256 (the writer hashes the bytes it wrote instead; this is for repairs and tests)."""
+    location = open_location(store)
+    files = {rel: location.read(f"{relpath}/{rel}")
+             for rel in list_shard_files(location, relpath)}
+    blob = checksums_blob(files)
+    location.write(f"{relpath}/{CHECKSUMS_FILE}", blob, durable=durable)
     return sha256_bytes(blob)
 
 
-def read_shard_files(store: Path, entry: ShardEntry, *, verify: bool = True,
+def _read_all(location: StoreLocation, relpath: str, rels: list[str]) -> dict[str, bytes | None]:
+    """The shard's files ``rels`` (None for a missing one): in parallel on object storage."""
+    paths = [f"{relpath}/{rel}" for rel in rels]
+    if hasattr(location, "read_many"):
+        got = location.read_many(paths)
+        return {rel: got[path] for rel, path in zip(rels, paths)}
+    out: dict[str, bytes | None] = {}
+    for rel, path in zip(rels, paths):
+        try:
+            out[rel] = location.read(path)
+        except FileNotFoundError:
+            out[rel] = None
+    return out
+
+
+def read_shard_files(store: Path | StoreLocation, entry: ShardEntry, *, verify: bool = True,
                      names: set[str] | None = None) -> dict[str, bytes]:
     """The shard's files as ``{relative path: bytes}``, checked against its checksums.
 
@@ -169,54 +193,51 @@ def read_shard_files(store: Path, entry: ShardEntry, *, verify: bool = True,
     group's ``zarr.json``. Raises :class:`StoreCorruptionError` naming the shard on a missing,
     truncated, extended or altered file, or a missing/altered checksum file.
     """
-    shard_dir = Path(store) / entry.relpath
-    listing = _read_checksums(shard_dir, entry, verify=verify)
+    location = open_location(store)
+    listing = _read_checksums(location, entry, verify=verify)
+    wanted = [rel for rel in listing if names is None or rel == "zarr.json"
+              or rel.split("/", 1)[0] in names]
     out: dict[str, bytes] = {}
-    for rel, info in listing.items():
-        if names is not None and rel != "zarr.json" and rel.split("/", 1)[0] not in names:
-            continue
-        try:
-            data = (shard_dir / rel).read_bytes()
-        except FileNotFoundError:
-            raise StoreCorruptionError(entry.relpath, f"file {rel} is missing") from None
+    for rel, data in _read_all(location, entry.relpath, wanted).items():
+        if data is None:
+            raise StoreCorruptionError(entry.relpath, f"file {rel} is missing")
         if verify:
-            _check_file(entry, rel, data, info)
+            _check_file(entry, rel, data, listing[rel])
         out[rel] = data
     return out
 
 
-def verify_shard(store: Path, entry: ShardEntry) -> list[str]:
+def verify_shard(store: Path | StoreLocation, entry: ShardEntry) -> list[str]:
     """Every problem found in one committed shard (empty when it is intact)."""
-    shard_dir = Path(store) / entry.relpath
-    if not shard_dir.is_dir():
+    location = open_location(store)
+    present = location.list_files(entry.relpath)
+    if not present:
         return ["shard directory is missing"]
     try:
-        listing = _read_checksums(shard_dir, entry, verify=True)
+        listing = _read_checksums(location, entry, verify=True)
     except StoreCorruptionError as exc:
         return [str(exc).split(": ", 1)[1]]
     problems = []
-    for rel, info in listing.items():
-        try:
-            data = (shard_dir / rel).read_bytes()
-        except FileNotFoundError:
+    for rel, data in _read_all(location, entry.relpath, list(listing)).items():
+        if data is None:
             problems.append(f"file {rel} is missing")
             continue
         try:
-            _check_file(entry, rel, data, info)
+            _check_file(entry, rel, data, listing[rel])
         except StoreCorruptionError as exc:
             problems.append(str(exc).split(": ", 1)[1])
-    for rel in list_shard_files(shard_dir):
-        if rel not in listing:
+    for rel in present:
+        if rel != CHECKSUMS_FILE and rel not in listing:
             problems.append(f"file {rel} is not in the shard's checksums")
     return problems
 
 
-def _read_checksums(shard_dir: Path, entry: ShardEntry, *, verify: bool) -> dict[str, Any]:
-    path = shard_dir / CHECKSUMS_FILE
+def _read_checksums(location: StoreLocation, entry: ShardEntry, *,
+                    verify: bool) -> dict[str, Any]:
     try:
-        blob = path.read_bytes()
+        blob = location.read(f"{entry.relpath}/{CHECKSUMS_FILE}")
     except FileNotFoundError:
-        if not shard_dir.is_dir():
+        if not location.list_files(entry.relpath):
             raise StoreCorruptionError(entry.relpath, "shard directory is missing") from None
         raise StoreCorruptionError(entry.relpath, f"{CHECKSUMS_FILE} is missing") from None
     if verify and sha256_bytes(blob) != entry.checksums_sha256:

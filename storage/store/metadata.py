@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..fsio import write_new_file
 from .errors import StoreFormatError, StoreMetadataMismatchError, StoreNotFoundError
 from .layout import DEFAULT_LAYOUT
+from .location import StoreLocation, open_location
 
 #: The on-disk format this code writes and reads (see the package docstring for the layout).
 #: Version 1: each position keeps pi*'s top-k ids. Version 2 adds ``dpo_top`` > 0: the kept ids
@@ -139,14 +139,18 @@ def root_metadata_path(store: Path) -> Path:
     return Path(store) / "zarr.json"
 
 
-def read_metadata(store: str | os.PathLike) -> StoreMetadata:
+def read_metadata(store: "str | os.PathLike | StoreLocation") -> StoreMetadata:
     """Read a store's metadata; raise :class:`StoreNotFoundError` / :class:`StoreFormatError`."""
-    path = root_metadata_path(Path(store))
-    if not Path(store).is_dir():
+    location = open_location(store)
+    path = f"{location}/zarr.json"
+    if location.is_local and not location.root.is_dir():
         raise StoreNotFoundError(f"{store}: no such store (not a directory)")
     try:
-        text = path.read_text()
+        text = location.read("zarr.json")
     except FileNotFoundError:
+        if not location.is_local and not location.exists(""):
+            raise StoreNotFoundError(f"{store}: no such store (nothing under that "
+                                     f"prefix)") from None
         raise StoreNotFoundError(f"{store}: not a target store (no zarr.json)") from None
     try:
         doc = json.loads(text)
@@ -164,18 +168,19 @@ def group_document(attributes: dict[str, Any]) -> dict[str, Any]:
     return {"zarr_format": 3, "node_type": "group", "attributes": attributes}
 
 
-def create_or_check(store: str | os.PathLike, metadata: StoreMetadata) -> StoreMetadata:
+def create_or_check(store: "str | os.PathLike | StoreLocation",
+                    metadata: StoreMetadata) -> StoreMetadata:
     """Create the store with ``metadata``, or check an existing store records the same.
 
     Raises :class:`StoreMetadataMismatchError` naming the first differing key.
     """
-    root = Path(store)
-    root.mkdir(parents=True, exist_ok=True)
+    root = open_location(store)
+    if root.is_local:
+        root.root.mkdir(parents=True, exist_ok=True)
+        (root.root / "shards").mkdir(exist_ok=True)
     doc = group_document({ATTRIBUTE_KEY: metadata.to_json()})
-    created = write_new_file(root_metadata_path(root),
-                             json.dumps(doc, indent=2, sort_keys=True).encode())
-    (root / "shards").mkdir(exist_ok=True)
-    write_new_file(root / "shards" / "zarr.json", json.dumps(group_document({})).encode())
+    created = root.write_new("zarr.json", json.dumps(doc, indent=2, sort_keys=True).encode())
+    root.write_new("shards/zarr.json", json.dumps(group_document({})).encode())
     if created:
         return metadata
     existing = read_metadata(root)

@@ -23,7 +23,6 @@ import os
 import queue
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -33,6 +32,7 @@ from .batch import TargetBatch
 from .manifest import ShardEntry, WorkerManifest, list_manifest_workers, parse_shard_name, \
     read_manifest
 from .metadata import StoreMetadata, read_metadata
+from .location import open_location
 from .shardio import load_shard, load_shard_arrays
 
 
@@ -46,13 +46,15 @@ class TargetStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, cache_shards: int = 2):
-        self.path = Path(path)
+        location = open_location(path)
+        #: a local folder as a Path, object storage as its URL
+        self.path = location.root if location.is_local else location.url
         self.verify = verify
         self.cache_shards = cache_shards
-        self.metadata: StoreMetadata = read_metadata(self.path)
+        self.metadata: StoreMetadata = read_metadata(location)
         self.manifests: dict[int, WorkerManifest] = {}
-        for worker in list_manifest_workers(self.path):
-            manifest = read_manifest(self.path, worker)
+        for worker in list_manifest_workers(location):
+            manifest = read_manifest(location, worker)
             if manifest is not None:
                 self.manifests[worker] = manifest
         self.shards: list[ShardEntry] = [s for w in sorted(self.manifests)
@@ -64,6 +66,7 @@ class TargetStore:
         return cls(path, **kwargs)
 
     def _init_runtime(self) -> None:
+        self.location = open_location(self.path)  # per process: not pickled
         sizes = np.array([s.num_examples for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._cache: OrderedDict[int, TargetBatch] = OrderedDict()
@@ -132,7 +135,7 @@ class TargetStore:
             if batch is not None:
                 self._cache.move_to_end(shard)
                 return batch
-        batch = load_shard(self.path, self.shards[shard], verify=self.verify)
+        batch = load_shard(self.location, self.shards[shard], verify=self.verify)
         if self.cache_shards > 0:
             with self._cache_lock:
                 self._cache[shard] = batch
@@ -143,7 +146,7 @@ class TargetStore:
     def example_indices(self) -> np.ndarray:
         """``example_index`` of every position (int64), reading only that array of each shard."""
         if self._example_indices is None:
-            parts = [load_shard_arrays(self.path, e, verify=self.verify,
+            parts = [load_shard_arrays(self.location, e, verify=self.verify,
                                        names={"example_index"})["example_index"][0]
                      for e in self.shards]
             self._example_indices = (np.concatenate(parts) if parts
@@ -239,7 +242,7 @@ class TargetStore:
         with self._cache_lock:
             cached = self._cache.get(shard)
         if cached is None:
-            cached = load_shard(self.path, self.shards[shard], verify=self.verify)
+            cached = load_shard(self.location, self.shards[shard], verify=self.verify)
         return cached.take(local)
 
 

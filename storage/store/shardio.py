@@ -1,14 +1,15 @@
 """Zarr I/O of one shard: write a batch as a zarr v3 group, load one back from checked bytes.
 
-Each shard is its own zarr group written through a ``LocalStore`` rooted at the shard's
-directory, so writing it can never touch another shard or the store root. Loading reads each
-file once: the bytes are checked against the shard's checksums and then handed to zarr through
-an in-memory store, so what is decoded is exactly what was verified.
+Each shard is its own zarr group, encoded by zarr into an in-memory store and then written file
+by file under the shard's own prefix (:meth:`.location.StoreLocation.write_files`), so writing
+it can never touch another shard or the store root, and its checksums are taken from the very
+bytes written. Loading reads each file once: the bytes are checked against the shard's checksums
+and then handed to zarr through an in-memory store, so what is decoded is exactly what was
+verified. Both work the same on a local folder and on object storage.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ import numpy as np
 from .batch import TargetBatch
 from .errors import StoreCorruptionError, StoreFormatError
 from .layout import Layout, decode_shard, encode_shard
+from .location import StoreLocation, open_location
 from .manifest import ShardEntry, read_shard_files
 
 #: Attribute key of a shard group's own description.
@@ -27,21 +29,39 @@ SHARD_ATTRIBUTE_KEY = "aligndistil_shard"
 WriteHook = Callable[[str, str], None]
 
 
-def write_shard(shard_dir: Path, batch: TargetBatch, layout: Layout, vocab_size: int,
-                *, hook: WriteHook | None = None) -> None:
-    """Write ``batch`` into a fresh ``shard_dir`` (anything already there is removed first).
+def write_shard(location: Path | StoreLocation, relpath: str, batch: TargetBatch,
+                layout: Layout, vocab_size: int, *, durable: bool = True,
+                hook: WriteHook | None = None) -> dict[str, bytes]:
+    """Write ``batch`` as a fresh shard at ``relpath`` (anything already there is removed
+    first); returns the files written, ``{path within the shard: bytes}``.
 
     Every chunk is written, even one equal to the fill value, so each chunk of a committed
     shard is in its checksum list and a deleted chunk is noticed (zarr would otherwise read a
     missing chunk as fill values).
     """
+    location = open_location(location)
+    files = encode_shard_files(batch, layout, vocab_size)
+    location.remove_tree(relpath)
+
+    def after_group(name: str) -> None:
+        if hook is not None and name != "zarr.json":
+            hook("array", name)
+
+    location.write_files(relpath, files, durable=durable, after_group=after_group)
+    if hook is not None:
+        hook("files", relpath.rsplit("/", 1)[-1])
+    return files
+
+
+def encode_shard_files(batch: TargetBatch, layout: Layout, vocab_size: int) -> dict[str, bytes]:
+    """The shard's zarr v3 group as files, ``{path within the shard: bytes}``, in the order
+    zarr wrote them (the group's ``zarr.json``, then each array's metadata and chunks)."""
     import zarr
     from zarr.codecs import BloscCodec
 
-    if shard_dir.exists():
-        shutil.rmtree(shard_dir)
     arrays = encode_shard(batch, layout, vocab_size)
-    store = zarr.storage.LocalStore(shard_dir)
+    written: dict = {}
+    store = zarr.storage.MemoryStore(written)
     group = zarr.create_group(store, attributes={SHARD_ATTRIBUTE_KEY: {
         "layout": layout.describe(), "num_examples": len(batch),
         "num_tokens": batch.num_tokens, "top_k": batch.top_k}})
@@ -52,13 +72,10 @@ def write_shard(shard_dir: Path, batch: TargetBatch, layout: Layout, vocab_size:
                                  attributes=enc.attributes,
                                  config={"write_empty_chunks": True})
         arr[...] = enc.data
-        if hook is not None:
-            hook("array", name)
-    if hook is not None:
-        hook("files", shard_dir.name)
+    return {key: value.to_bytes() for key, value in written.items()}
 
 
-def load_shard_arrays(store_root: Path, entry: ShardEntry, *, verify: bool = True,
+def load_shard_arrays(store_root: Path | StoreLocation, entry: ShardEntry, *, verify: bool = True,
                       names: set[str] | None = None) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
     """``{array name: (stored array, attributes)}`` of a committed shard, from checked bytes.
 
@@ -95,7 +112,7 @@ async def _read_arrays(memory: Any, names: list[str]) -> dict[str, tuple[np.ndar
     return {name: (np.asarray(d), dict(arr.attrs)) for name, arr, d in zip(names, arrays, data)}
 
 
-def load_shard(store_root: Path, entry: ShardEntry, *, verify: bool = True) -> TargetBatch:
+def load_shard(store_root: Path | StoreLocation, entry: ShardEntry, *, verify: bool = True) -> TargetBatch:
     """A committed shard, verified and decoded. Arrays are read-only views of the cache."""
     arrays = load_shard_arrays(store_root, entry, verify=verify)
     try:

@@ -32,7 +32,7 @@ def target_arrays(store: TargetStore) -> dict[str, np.ndarray]:
                                           ("alpha", "top1", "kept_mass", "tail_mass",
                                            "reward", "response_len")}
     for entry in store.shards:
-        batch = load_shard(store.path, entry)
+        batch = load_shard(store.location, entry)
         logq = batch.topk_logprobs.astype(np.float64)
         parts["alpha"].append(batch.alpha.astype(np.float64))
         parts["top1"].append(np.exp(logq.max(axis=1)))

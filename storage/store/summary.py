@@ -4,39 +4,27 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import StoreError
+from .location import open_location
 from .manifest import (ShardEntry, list_manifest_workers, parse_shard_name, read_manifest,
                        verify_shard)
 from .metadata import read_metadata
 from .reader import TargetStore
 
 
-def directory_bytes(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def summarize(store: TargetStore) -> dict[str, Any]:
     """A JSON-ready summary: sizes, metadata and completeness per worker."""
     meta = store.metadata
     committed = {s.name for s in store.shards}
-    shard_bytes = sum(directory_bytes(store.path / s.relpath) for s in store.shards)
+    location = store.location
+    shard_bytes = sum(location.total_bytes(s.relpath) for s in store.shards)
     leftovers: dict[int, int] = {}
-    shards_dir = store.path / "shards"
-    if shards_dir.is_dir():
-        for name in os.listdir(shards_dir):
-            parsed = parse_shard_name(name)
-            if parsed and name not in committed:
-                leftovers[parsed[0]] = leftovers.get(parsed[0], 0) + 1
+    for name in location.list_names("shards"):
+        parsed = parse_shard_name(name)
+        if parsed and name not in committed:
+            leftovers[parsed[0]] = leftovers.get(parsed[0], 0) + 1
     workers = []
     for w in sorted(set(range(meta.num_workers)) | set(store.manifests)):
         m = store.manifests.get(w)
@@ -55,7 +43,7 @@ def summarize(store: TargetStore) -> dict[str, Any]:
         "response_tokens": tokens,
         "input_tokens": store.num_input_tokens,
         "shards": len(store.shards),
-        "bytes_on_disk": directory_bytes(store.path),
+        "bytes_on_disk": location.total_bytes(""),
         "shard_bytes": shard_bytes,
         "bytes_per_token": (shard_bytes / tokens) if tokens else None,
         "top_k": meta.top_k,
@@ -93,7 +81,7 @@ def alpha_summary(store: TargetStore) -> dict[str, Any] | None:
     meta = store.metadata
     parts = []
     for entry in store.shards:
-        arrays = load_shard_arrays(store.path, entry, names={"alpha"})
+        arrays = load_shard_arrays(store.location, entry, names={"alpha"})
         data, attrs = arrays["alpha"]
         parts.append(np.asarray(_decode_array("alpha", data, attrs, arrays), dtype=np.float64))
     if not parts or not sum(p.size for p in parts):
@@ -163,7 +151,7 @@ class VerifyReport:
 def verify_store(path: str | os.PathLike) -> VerifyReport:
     """Recompute every committed shard's checksums. Manifests that can't be read are reported
     under their file name; metadata problems raise (the store can't be read at all)."""
-    root = Path(path)
+    root = open_location(path)
     read_metadata(root)
     report = VerifyReport()
     entries: list[ShardEntry] = []

@@ -5,9 +5,13 @@ response tokens; a shard is committed (checksums, then the worker's manifest, se
 :mod:`.manifest`) before the next one starts. Several workers write disjoint shards of one
 store (``shards/w<worker>-s<seq>``), each committing to its own manifest.
 
-One writer per worker, ever: an exclusive ``flock`` on ``locks/w<worker>.lock`` is held for the
-writer's lifetime (the kernel drops it when the process dies, even by SIGKILL), so a second
-live process for the same worker is refused instead of deleting its in-progress shard.
+One writer per worker, ever. On a local disk an exclusive ``flock`` on ``locks/w<worker>.lock``
+is held for the writer's lifetime (the kernel drops it when the process dies, even by SIGKILL),
+so a second live process for the same worker is refused instead of deleting its in-progress
+shard. On object storage (``s3://...``) the writer stamps its owner token into its manifest and
+every manifest write is conditional on the ETag of its own last one, so of two writers the
+older is refused at its next commit (:class:`.location.ObjectLease`); its shards carry its
+token in their names, so the two never write into one shard's objects.
 
 Resume: opening a worker that already committed shards continues after its last committed
 shard. Shard directories of this worker that no manifest lists are leftovers of a crash and
@@ -18,21 +22,19 @@ start of a shard, a resumed run produces the same store as an uninterrupted one.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 from dataclasses import replace
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from ..record import RecordError, TargetRecord
 from .batch import TargetBatch
-from .errors import StoreLockedError
 from .layout import get_layout
-from .manifest import (ShardEntry, WorkerManifest, fsync_dir, parse_shard_name, read_manifest,
-                       shard_name, write_checksums, write_manifest)
+from .location import open_location
+from .manifest import (CHECKSUMS_FILE, ShardEntry, WorkerManifest, checksums_blob,
+                       manifest_bytes, manifest_name, parse_manifest, parse_shard_name,
+                       read_manifest, sha256_bytes, shard_name, shard_relpath)
 from .metadata import StoreMetadata, create_or_check
 from .shardio import WriteHook, load_shard_arrays, write_shard
 
@@ -55,20 +57,29 @@ class TargetStoreWriter:
                              f"{metadata.num_workers})")
         if shard_tokens < 1:
             raise ValueError("shard_tokens must be >= 1")
-        self.path = Path(path)
+        self.location = open_location(path)
+        self.path = self.location.root if self.location.is_local else self.location.url
         self.layout = get_layout(metadata.layout)
         if not metadata.created_with:
             metadata = replace(metadata, created_with=_version())
-        self.metadata = create_or_check(self.path, metadata)
+        self.metadata = create_or_check(self.location, metadata)
         self.worker_index = worker_index
         self.shard_tokens = shard_tokens
         self.durable = durable
         self._hook = _hook
-        self._lock_fd = _acquire_lock(self.path, worker_index)
+        self._lease = self.location.acquire(worker_index, manifest_name(worker_index))
         self._closed = False
+        #: on object storage, this writer's shards carry its token (see the module docstring)
+        self._writer_tag = None if self.location.is_local else self._lease.token[:8]
         try:
-            self._manifest = (read_manifest(self.path, worker_index)
-                              or WorkerManifest(worker_index))
+            if self.location.is_local:
+                self._manifest = (read_manifest(self.location, worker_index)
+                                  or WorkerManifest(worker_index))
+            else:  # the lease read the manifest; stamping it now takes the worker over
+                initial = self._lease.initial
+                self._manifest = (parse_manifest(initial, worker_index)
+                                  if initial is not None else WorkerManifest(worker_index))
+                self._lease.commit(manifest_bytes(self._manifest))
             self._discard_uncommitted()
         except BaseException:
             self._release()
@@ -93,7 +104,8 @@ class TargetStoreWriter:
         """
         if self._committed_indices is None:
             self._committed_indices = [
-                load_shard_arrays(self.path, entry, names={"example_index"})["example_index"][0]
+                load_shard_arrays(self.location, entry,
+                                  names={"example_index"})["example_index"][0]
                 for entry in self._manifest.shards]
         if not self._committed_indices:
             return np.zeros(0, dtype=np.int64)
@@ -122,19 +134,20 @@ class TargetStoreWriter:
         if not self._buffer:
             return None
         batch = TargetBatch.from_records(self._buffer)
-        name = shard_name(self.worker_index, self._next_seq)
-        shard_dir = self.path / "shards" / name
-        write_shard(shard_dir, batch, self.layout, self.metadata.vocab_size, hook=self._hook)
-        checksum = write_checksums(shard_dir, durable=self.durable)
-        if self.durable:
-            fsync_dir(shard_dir.parent)
+        name = shard_name(self.worker_index, self._next_seq, self._writer_tag)
+        relpath = shard_relpath(name)
+        files = write_shard(self.location, relpath, batch, self.layout, self.metadata.vocab_size,
+                            durable=self.durable, hook=self._hook)
+        blob = checksums_blob(files)
+        self.location.write(f"{relpath}/{CHECKSUMS_FILE}", blob, durable=self.durable)
+        checksum = sha256_bytes(blob)
         entry = ShardEntry(name=name, num_examples=len(batch), num_tokens=batch.num_tokens,
                            num_input_tokens=int(batch.seq_offsets[-1]),
                            checksums_sha256=checksum)
         self._manifest.shards.append(entry)
         self._manifest.finished = False
         try:
-            write_manifest(self.path, self._manifest, durable=self.durable)
+            self._lease.commit(manifest_bytes(self._manifest), durable=self.durable)
         except BaseException:
             self._manifest.shards.pop()
             raise
@@ -158,7 +171,7 @@ class TargetStoreWriter:
             self.flush()
             if finished and not self._manifest.finished:
                 self._manifest.finished = True
-                write_manifest(self.path, self._manifest, durable=self.durable)
+                self._lease.commit(manifest_bytes(self._manifest), durable=self.durable)
         finally:
             self._release()
 
@@ -182,36 +195,20 @@ class TargetStoreWriter:
     def _release(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self._lock_fd)
+            self._lease.release()
 
     def _discard_uncommitted(self) -> None:
+        """Delete this worker's shards that no manifest lists (a crash's leftovers)."""
         committed = {s.name for s in self._manifest.shards}
-        shards_dir = self.path / "shards"
-        for entry in os.listdir(shards_dir):
+        for entry in self.location.list_names("shards"):
             parsed = parse_shard_name(entry)
             if parsed and parsed[0] == self.worker_index and entry not in committed:
-                shutil.rmtree(shards_dir / entry)
-        prefix = f".manifest-w{self.worker_index:04d}.json."
-        for entry in os.listdir(self.path):
-            if entry.startswith(prefix) and entry.endswith(".tmp"):
-                os.unlink(self.path / entry)
-
-
-def _acquire_lock(store: Path, worker: int) -> int:
-    locks = store / "locks"
-    locks.mkdir(exist_ok=True)
-    path = locks / f"w{worker:04d}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreLockedError(f"{store}: worker {worker} is being written by another live "
-                               f"process (pid {holder}); one writer per worker") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+                self.location.remove_tree(shard_relpath(entry))
+        if self.location.is_local:  # temp files of an interrupted atomic manifest write
+            prefix = f".manifest-w{self.worker_index:04d}.json."
+            for entry in os.listdir(self.location.root):
+                if entry.startswith(prefix) and entry.endswith(".tmp"):
+                    os.unlink(self.location.root / entry)
 
 
 def _version() -> str:

@@ -34,6 +34,7 @@ from causal_lm.packed import choose_packing
 from storage.datasets import data_source
 from storage.fsio import atomic_write_text
 from storage.hub import is_hub_id
+from storage.store.location import is_object_url
 from storage.outputs import clear_folder
 from storage.tokenization import tokenizer_sha256
 from student_trainer import losses, reinforce
@@ -234,7 +235,9 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
 
 def _data_identity(config: TrainConfig) -> str:
     """What the run trains on, as its checkpoints record it (a resume must match): the store's
-    or prompt file's absolute path, or a Hub dataset's id, commit, config and split."""
+    or prompt file's absolute path or URL, or a Hub dataset's id, commit, config and split."""
+    if config.store and is_object_url(config.store):
+        return config.store.rstrip("/")
     if config.store or not is_hub_id(config.prompts):
         return str(Path(config.store or config.prompts).resolve())
     return str(data_source(config.prompts, split=config.split, config_name=config.data_config,
