@@ -78,17 +78,31 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(dest: str | Path, *, model, tokenizer, state: dict[str, Any]) -> Path:
     """Write ``model`` (HF ``save_pretrained``, safetensors), ``tokenizer`` and ``state`` into
     ``dest`` atomically. ``state`` must hold tensors and plain types only."""
+    tmp = begin_checkpoint(dest, tag=str(os.getpid()))
+    model.save_pretrained(tmp, safe_serialization=True)
+    return finish_checkpoint(tmp, dest, tokenizer=tokenizer, state=state)
+
+
+def begin_checkpoint(dest: str | Path, *, tag: str) -> Path:
+    """A fresh temporary folder beside ``dest`` to write a checkpoint into (several ranks agree
+    on it through ``tag``)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f"{_TMP_PREFIX}{dest.name}-{os.getpid()}"
+    tmp = dest.parent / f"{_TMP_PREFIX}{dest.name}-{tag}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp, safe_serialization=True)
+    return tmp
+
+
+def finish_checkpoint(tmp: Path, dest: str | Path, *, tokenizer, state: dict[str, Any]) -> Path:
+    """Add the tokenizer and trainer state to ``tmp``, make it durable, rename it to ``dest``."""
+    dest = Path(dest)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save({"format_version": FORMAT_VERSION, **state}, tmp / STATE_FILE)
-    fsync_tree(tmp)
+    for folder in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        fsync_tree(folder)
     if dest.exists():
         # A folder cannot be renamed onto a non-empty one: move the old one aside first.
         old = dest.parent / f"{_TMP_PREFIX}{dest.name}-old-{os.getpid()}"

@@ -59,6 +59,16 @@ def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
     return buf.to(values.device)
 
 
+def all_reduce_max(env: DistEnv, value: int) -> int:
+    """The largest of one integer over ranks."""
+    if not env.enabled:
+        return value
+    device = torch.device("cuda", env.local_rank) if dist.get_backend() == "nccl" else "cpu"
+    buf = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return int(buf.item())
+
+
 def gather_objects(env: DistEnv, obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (on every rank)."""
     if not env.enabled:

@@ -91,6 +91,11 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float | None) -
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return 0.0
+    if hasattr(params[0].grad, "full_tensor"):  # FSDP's sharded gradients (DTensors)
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=False)
+        if max_norm is not None and max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
+        return float(total.full_tensor())
     if max_norm is None or max_norm <= 0:
         norms = torch.stack([p.grad.detach().float().norm() for p in params])
         return float(norms.norm())

@@ -133,6 +133,10 @@ class TrainConfig(SamplingOptions, DatasetOptions):
     seed: Annotated[int, "seed of the data order, sampling and initialisation"] = 42
     # runtime
     device: Annotated[Device, "where the student trains"] = "auto"
+    strategy: Annotated[Literal["ddp", "fsdp"], "how torchrun's processes share the student: "
+                        "ddp = a whole copy each (16 bytes/parameter per rank); fsdp = FSDP2, "
+                        "parameters, gradients and AdamW states sharded over the ranks "
+                        "(docs/training.md, 'Strategy')"] = "ddp"
     bf16: Annotated[Literal["auto", "on", "off"], "bf16 autocast (auto: on with CUDA); weights "
                     "stay float32"] = "auto"
     gradient_checkpointing: Annotated[bool, "recompute activations in backward"] = False
@@ -165,6 +169,10 @@ class TrainConfig(SamplingOptions, DatasetOptions):
             if unused:
                 raise ConfigError(f"{', '.join(unused)} only apply to --mode on-policy (the "
                                   f"off-policy targets come from --store)")
+        if self.strategy == "fsdp" and self.mode == "on-policy":
+            raise ConfigError("--strategy fsdp is for --mode off-policy: on-policy sampling "
+                              "(generate) needs the whole student on each rank; use --strategy "
+                              "ddp")
         if self.objective != "aligndistil" and self.mode != "on-policy":
             raise ConfigError(f"--objective {self.objective} is a policy gradient and needs "
                               f"samples from the student: use --mode on-policy")
@@ -238,7 +246,7 @@ RESUME_FIXED = (
     "async_rollouts", "max_seq_len", "objective", "kl_coef", "tail", "beta0", "weighting",
     "loss_chunk_size", "lr", "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule",
     "min_lr_ratio", "global_batch_size", "max_tokens", "epochs", "max_steps", "max_grad_norm",
-    "seed", "bf16", "allow_incomplete", "split", "data_config")
+    "seed", "bf16", "allow_incomplete", "split", "data_config", "strategy")
 
 
 @dataclass(kw_only=True)

@@ -17,7 +17,6 @@ mean is weighted by its share of the rank's sequences, and DDP averages equal-si
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -37,14 +36,14 @@ from storage.hub import is_hub_id
 from storage.store.location import is_object_url
 from storage.outputs import clear_folder
 from storage.tokenization import tokenizer_sha256
-from student_trainer import losses, reinforce
+from student_trainer import fsdp, losses, reinforce
 from student_trainer.checkpoint import (
-    CheckpointError, capture_rng_state, checkpoint_name, latest_checkpoint, load_state,
-    prune_checkpoints, restore_rng_state, save_checkpoint)
+    CheckpointError, begin_checkpoint, capture_rng_state, checkpoint_name, finish_checkpoint,
+    latest_checkpoint, load_state, prune_checkpoints, restore_rng_state, save_checkpoint)
 from student_trainer.client import TeacherUnavailable
 from student_trainer.collate import Batch, micro_batches
 from student_trainer.distributed import (
-    DistEnv, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown)
+    DistEnv, all_reduce_max, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown)
 from student_trainer.errors import ConfigError
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward
@@ -94,20 +93,23 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                env: DistEnv, device: torch.device, amp: bool) -> dict[str, float]:
     """One optimizer step over ``batches`` (this rank's micro-batches of the step).
 
-    ``module`` is the :class:`StudentForward`, DDP-wrapped when distributed: gradients are
-    synchronised only on the last micro-batch's backward. With ``--objective reinforce-*`` the
+    ``module`` is the :class:`StudentForward`, DDP-wrapped or FSDP-sharded when distributed:
+    gradients are synchronised only on the last micro-batch's backward. With ``--objective reinforce-*`` the
     loss is the policy-gradient surrogate of :mod:`student_trainer.reinforce` instead of the
     AlignDistil loss, and ``kl`` is the sampled estimate of KL(pi_theta || pi_dpo) per token.
     """
     stats = StepStats()
-    ddp = isinstance(module, torch.nn.parallel.DistributedDataParallel)
     adv = None if config.objective == "aligndistil" else \
         reinforce_advantages(module, batches, config, device, amp)
-    for i, batch in enumerate(batches):
-        batch = batch.to(device)
-        last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if (last or not ddp) else module.no_sync()
-        with sync:
+    # FSDP gathers each layer's shards in every forward and backward: all ranks must run as many
+    # micro-batches. A rank with fewer repeats its last one with weight 0 (no gradient, no
+    # stats), which leaves the step's loss and gradients exactly as they were.
+    passes = all_reduce_max(env, len(batches)) if fsdp.is_sharded(module) else len(batches)
+    for i in range(passes):
+        padding = i >= len(batches)
+        batch = batches[min(i, len(batches) - 1)].to(device)
+        last = i == passes - 1
+        with fsdp.gradient_sync(module, last):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 if adv is None:
                     kl, kl_top, outside = module(
@@ -128,7 +130,9 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                                                       batch.response_mask)
                 kl = logp.detach().float() - batch.dpo_logprobs  # sampled KL to pi_dpo
                 kl_top = outside = None
-            (loss * (batch.num_sequences / rank_sequences)).backward()
+            (loss * (0.0 if padding else batch.num_sequences / rank_sequences)).backward()
+        if padding:
+            continue
         with torch.no_grad():
             beta = losses.sequence_weights(batch.alpha, config.beta0, config.weighting)
             reward = losses.token_contrastive_reward(batch.dpo_logprobs, batch.reverse_logprobs,
@@ -254,8 +258,14 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     state = load_state(resume_from) if resume_from else None
     _seed_everything(config.seed + env.rank)
 
-    model, tokenizer = load_model_and_tokenizer(resume_from or config.model, device=device,
-                                                train=True,
+    sharded = config.strategy == "fsdp"
+    if sharded and not env.enabled:
+        raise ConfigError("--strategy fsdp shards the student over torchrun's processes; with "
+                          "one process use --strategy ddp (the default)")
+    # An FSDP checkpoint holds sharded weights: the architecture comes from --model, the
+    # weights from the checkpoint's shards once the model is sharded.
+    weights = config.model if sharded or resume_from is None else resume_from
+    model, tokenizer = load_model_and_tokenizer(weights, device=device, train=True,
                                                 trust_remote_code=config.trust_remote_code)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -279,7 +289,10 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
         forward = StudentForward(model, len(tokenizer), tail=config.tail,
                                  loss_chunk_size=config.loss_chunk_size)
         module: torch.nn.Module = forward
-        if env.enabled:
+        amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
+        if sharded:
+            module = fsdp.shard(forward, model, device=device, bf16=amp)
+        elif env.enabled:
             module = torch.nn.parallel.DistributedDataParallel(
                 forward, device_ids=[device.index] if device.type == "cuda" else None)
         optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
@@ -291,14 +304,16 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
         start_step = 0
         if state is not None:
             _check_resumable(state, run_info, resume_from)
-            optimizer.load_state_dict(state["optimizer"])
+            if sharded:
+                fsdp.load_sharded(resume_from / fsdp.DCP_DIR, model, optimizer)
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             restore_rng_state(state["rng"][env.rank])
             start_step = int(state["step"])
             if env.is_main:
                 log.info("resumed from %s at step %d of %d", resume_from, start_step,
                          total_steps)
-        amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
         metrics = MetricsLogger(out, enabled=env.is_main,
                                 resume_step=start_step if state is not None else None,
                                 report_to=parse_report_to(config.report_to),
@@ -381,13 +396,35 @@ def train(run: Run) -> dict[str, Any]:
 def save(run: Run, dest: Path, step: int, epoch: int) -> None:
     """A checkpoint of the model, optimizer, schedule and every rank's RNG at ``step``."""
     rng_states = gather_objects(run.env, capture_rng_state())
+    state = {"step": step, "epoch": epoch, "data_position": {"step": step, "epoch": epoch},
+             "scheduler": run.scheduler.state_dict(), "rng": rng_states, "run": run.run_info}
+    if fsdp.is_sharded(run.module):
+        _save_sharded(run, dest, state)
+    elif run.env.is_main:
+        save_checkpoint(dest, model=run.model, tokenizer=run.tokenizer,
+                        state={**state, "optimizer": run.optimizer.state_dict()})
     if run.env.is_main:
-        save_checkpoint(dest, model=run.model, tokenizer=run.tokenizer, state={
-            "step": step, "epoch": epoch, "data_position": {"step": step, "epoch": epoch},
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": rng_states, "run": run.run_info})
         prune_checkpoints(run.out, run.config.save_total_limit)
     barrier(run.env)
+
+
+def _save_sharded(run: Run, dest: Path, state: dict[str, Any]) -> None:
+    """FSDP: every rank writes its shards of the model and optimizer into the checkpoint's
+    ``distributed/`` (one folder all ranks see); ``final/`` also gets the consolidated Hugging
+    Face weights. Rank 0 adds the config, tokenizer and trainer state and renames it in place."""
+    tmp = dest.parent / f".tmp-{dest.name}-sharded"
+    if run.env.is_main:
+        tmp = begin_checkpoint(dest, tag="sharded")
+    barrier(run.env)
+    fsdp.save_sharded(tmp / fsdp.DCP_DIR, run.model, run.optimizer)
+    full = fsdp.full_model_state(run.model) if dest.name == "final" else None
+    if run.env.is_main:
+        if full is not None:
+            run.model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        else:
+            run.model.config.save_pretrained(tmp)
+        finish_checkpoint(tmp, dest, tokenizer=run.tokenizer,
+                          state={**state, "strategy": "fsdp"})
 
 
 def open_source(config: TrainConfig, env: DistEnv, model, tokenizer) -> BatchSource:
