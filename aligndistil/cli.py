@@ -145,6 +145,12 @@ COMMANDS: tuple[Command, ...] = (
             "--nproc-per-node 8 -m aligndistil.cli train ...); each rank reads its own part of "
             "the data and gradients are averaged with DDP.",
             _in_folder("out", SAVED_CONFIG["train"]), _train_line),
+    Command("consolidate", "student_trainer.recipes.configs:ConsolidateConfig",
+            "student_trainer.recipes.consolidate:run_consolidate",
+            "a Hugging Face folder from a sharded checkpoint of 'train --strategy fsdp'",
+            "Reads the checkpoint's distributed/ shards in one process (no torchrun) and writes "
+            "the full weights (safetensors), config and tokenizer into --out.",
+            None, _json(("out", "parameters"))),
     Command("dpo", "student_trainer.recipes.configs:DPOConfig",
             "student_trainer.recipes.dpo:run_dpo",
             "train a teacher with DPO (or the reverse teacher with --reverse)",

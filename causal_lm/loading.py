@@ -28,11 +28,7 @@ def check_model_dir(path: str | Path, flag: str = "--model", *,
                     trust_remote_code: bool = False) -> Path:
     """The model's local folder (a Hub id resolved to its cached snapshot); refuse anything but
     a folder with ``config.json`` and ``*.safetensors``."""
-    if is_hub_id(path):
-        patterns = MODEL_FILES + (["*.py"] if trust_remote_code else [])
-        path = resolve_snapshot(str(path), repo_type="model", flag=flag,
-                                allow_patterns=patterns).path
-    path = Path(path)
+    path = local_folder(path, flag, trust_remote_code=trust_remote_code)
     if not path.is_dir():
         raise ModelLoadError(f"{flag} {path}: not a directory (expected a Hugging Face model "
                              f"folder with config.json and *.safetensors)")
@@ -46,6 +42,15 @@ def check_model_dir(path: str | Path, flag: str = "--model", *,
     return path
 
 
+def local_folder(path: str | Path, flag: str, *, trust_remote_code: bool = False) -> Path:
+    """``path`` itself, or a Hub id's snapshot in the Hugging Face cache."""
+    if is_hub_id(path):
+        patterns = MODEL_FILES + (["*.py"] if trust_remote_code else [])
+        return resolve_snapshot(str(path), repo_type="model", flag=flag,
+                                allow_patterns=patterns).path
+    return Path(path)
+
+
 #: Files one of which a Hugging Face tokenizer folder has.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -53,7 +58,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, flag: str = "--model"):
     from transformers import AutoTokenizer
 
-    path = check_model_dir(path, flag, trust_remote_code=trust_remote_code)
+    path = local_folder(path, flag, trust_remote_code=trust_remote_code)
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{flag} {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save "
                              f"the tokenizer beside the model (tokenizer.save_pretrained)")

@@ -43,7 +43,11 @@ def refuse_used_folder(out: str | Path, *, own: Iterable[str] = (), out_flag: st
         raise ConfigError(f"{out_flag} {out} is a file; give a folder (new or empty)")
     if overwrite or not path.is_dir():
         return
-    others = sorted(e for e in os.listdir(path) if e not in set(own))
+    own = set(own)
+    # Under torchrun another rank may be writing the saved config right now: its temp file
+    # (atomic_write's ".NAME.*.tmp") is ours too.
+    others = sorted(e for e in os.listdir(path) if e not in own and not any(
+        e.startswith(f".{name}.") and e.endswith(".tmp") for name in own))
     if others:
         shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4
                                          else "")

@@ -115,11 +115,12 @@ def test_two_rank_fsdp_matches_one_process_and_resumes_from_sharded_checkpoints(
     assert [r["step"] for r in rows] == [3]
 
     # any checkpoint consolidates in one process, without torchrun
-    from student_trainer.fsdp import consolidate
-    from transformers import AutoModelForCausalLM
+    from aligndistil.cli import main
 
-    model = AutoModelForCausalLM.from_pretrained(world["student"])
-    weights = consolidate(checkpoint, model)
+    assert main(["consolidate", "--checkpoint", str(checkpoint), "--out",
+                 str(tmp_path / "step2")]) == 0
+    weights = load_file(tmp_path / "step2" / "model.safetensors")
+    assert (tmp_path / "step2" / "tokenizer.json").is_file()
     step2 = load_file(world["one"] / "checkpoint-00000002" / "model.safetensors")
     initial = load_file(world["student"] / "model.safetensors")
     for name in step2:  # the one-process run's weights at step 2

@@ -236,6 +236,27 @@ def public_values(config) -> dict:
             for f in fields(config) if SECRET not in getattr(hints[f.name], "__metadata__", ())}
 
 
+@dataclass(kw_only=True)
+class ConsolidateConfig:
+    """``aligndistil consolidate``: a Hugging Face folder from a sharded (FSDP) checkpoint."""
+    checkpoint: Annotated[str, "a checkpoint folder of 'train --strategy fsdp' (it holds "
+                          "distributed/, config.json and the tokenizer)"]
+    out: Annotated[str, "the Hugging Face folder to write (new or empty)"]
+    trust_remote_code: Annotated[bool, "allow model code from the checkpoint folder"] = False
+    log_level: Annotated[str, "logging level"] = "info"
+
+    def validate(self) -> None:
+        checkpoint = Path(self.checkpoint)
+        if not (checkpoint / "distributed" / ".metadata").is_file():
+            raise ConfigError(f"--checkpoint {self.checkpoint}: no distributed/.metadata; not a "
+                              f"sharded checkpoint (a DDP checkpoint is already a Hugging Face "
+                              f"folder)")
+        if not (checkpoint / "config.json").is_file():
+            raise ConfigError(f"--checkpoint {self.checkpoint}: no config.json")
+        refuse_output_on_inputs(self.out, {"--checkpoint": self.checkpoint})
+        refuse_used_folder(self.out)
+
+
 #: The file each command saves its resolved config to (inside its --out folder).
 SAVED_CONFIG = {"train": "train_config.yaml", "dpo": "dpo_config.yaml", "sft": "sft_config.yaml"}
 
