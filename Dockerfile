@@ -13,6 +13,9 @@
 #       which on Linux x86_64 is the CUDA build: the GPU image (it runs on a CPU too);
 #   --build-arg TORCH_INDEX_URL=<a CUDA wheel index>          a particular CUDA build.
 # The same approach as scripts/setup_env.sh.
+#
+# Layers: what changes least comes first (the user, the venv, the image's settings, torch, the
+# dependencies), the sources last, so a change to the sources rebuilds only the last few.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -25,7 +28,16 @@ ENV PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/aligndistil \
     PATH=/opt/aligndistil/bin:$PATH
 
-RUN python3 -m venv /opt/aligndistil
+# Run as a user, not root. /data belongs to it before VOLUME, so a fresh named volume mounted
+# there is writable (Docker copies the ownership into it).
+RUN useradd --create-home --uid "$UID" aligndistil \
+    && mkdir /data && chown aligndistil:aligndistil /data \
+    && python3 -m venv /opt/aligndistil
+VOLUME /data
+# The teacher server's port (`aligndistil serve --host 0.0.0.0 --port 8000` in a container).
+EXPOSE 8000
+ENTRYPOINT ["aligndistil"]
+CMD ["--help"]
 
 # torch first, in its own layers: the largest download, and it changes least.
 COPY docker/wheels/ /tmp/wheels/
@@ -36,8 +48,7 @@ RUN if ls /tmp/wheels/torch-2.13.0*.whl > /dev/null 2>&1; then \
     fi \
     && rm -rf /tmp/wheels
 
-# The dependencies next, in their own layer: rebuilt only when pyproject.toml changes, not on
-# every change to the sources.
+# The dependencies next, in their own layer: rebuilt only when pyproject.toml changes.
 WORKDIR /opt/aligndistil-src
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))\
@@ -52,15 +63,5 @@ RUN pip install --no-deps . \
     && python -c "import torch; print('torch', torch.__version__)" \
     && aligndistil --help > /dev/null
 
-# Run as a user, not root. /data belongs to it before VOLUME, so a fresh named volume mounted
-# there is writable (Docker copies the ownership into it).
-RUN useradd --create-home --uid "$UID" aligndistil \
-    && mkdir /data && chown aligndistil:aligndistil /data
 USER aligndistil
 WORKDIR /data
-VOLUME /data
-
-# The teacher server's port (`aligndistil serve --host 0.0.0.0 --port 8000` in a container).
-EXPOSE 8000
-ENTRYPOINT ["aligndistil"]
-CMD ["--help"]

@@ -164,6 +164,24 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return max(candidates, key=lambda c: c[0])[1]
 
 
+def resolve_resume(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint ``--resume`` names: ``latest`` (a bare ``--resume``) is the newest in
+    ``out`` (None, with a warning, when there is none yet); else the given folder, checked."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(out)
+        if found is None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "--resume: no checkpoint in %s yet; starting from --model", out)
+        return found
+    path = Path(resume)
+    load_state(path)  # fails loudly on a folder that is not a checkpoint
+    return path
+
+
 def read_step(path: Path) -> int:
     return int(load_state(path)["step"])
 

@@ -87,7 +87,9 @@ def compose_env():
     env = {**os.environ, "BASE_IMAGE": BASE, "COMPOSE_PROJECT_NAME": f"adtest{tag}",
            "DATA_VOLUME": f"aligndistil-test-{tag}", "TEACHER_PORT": str(_free_port()),
            "ALIGNDISTIL_API_KEY": ""}
-    _run([*_compose(), "build"], timeout=3600, env=env)
+    # One build (Compose would build the shared image once per service)
+    _run(["docker", "build", "-t", IMAGE, "--build-arg", f"BASE_IMAGE={BASE}", "."],
+         timeout=3600, env=env)
     yield env
     _run([*_compose(), "down", "-v", "--remove-orphans"], timeout=300, env=env, check=False)
 
@@ -101,7 +103,7 @@ def _read_volume(env: dict, path: str) -> str:
 def test_compose_up_reproduces_the_demo(compose_env, tmp_path_factory):
     env = compose_env
     # up -d waits for each dependency's condition (world done, teacher healthy, ...) in turn
-    _run([*_compose(), "up", "-d"], timeout=3600, env=env)
+    _run([*_compose(), "up", "-d", "--no-build"], timeout=3600, env=env)
     trainer = _run([*_compose(), "ps", "-q", "trainer"], timeout=60, env=env).stdout.strip()
     code = _run(["docker", "wait", trainer], timeout=3600).stdout.strip()
     if code != "0":

@@ -152,3 +152,56 @@ def test_reward_accuracy_counts_both_rewards_on_train_and_held_out_pairs(setup, 
     # Trained on these pairs, both teachers separate them: the contrastive reward (dpo vs
     # reverse) ranks every training pair right.
     assert result["splits"]["train"]["contrastive_reward"]["accuracy"] == 1.0
+
+
+def test_dpo_killed_and_resumed_gives_the_uninterrupted_weights(setup, tmp_path):
+    """--save-every writes checkpoint-N/ (model, AdamW, schedule, RNG, the reference
+    log-probs); a run SIGKILLed after step 2 and rerun with --resume ends at bitwise the weights
+    of a run never interrupted (CPU, same thread count), every step logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from live_server import REPO
+
+    _, model, prefs = setup
+
+    def argv(out):
+        return [sys.executable, "-m", "aligndistil.cli", "dpo", "--model",
+                str(model), "--data", str(prefs), "--out", str(out),
+                "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--seed", "3",
+                "--save-every", "1", "--save-total-limit", "2", "--device", "cpu",
+                "--no-progress", "--report-to", "none", "--log-level", "warning"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(argv(tmp_path / "whole"), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(argv(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint-00000003" / "trainer_state.pt").exists():
+        assert proc.poll() is None, "dpo ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()
+    resumed = subprocess.run([*argv(out), "--resume"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want = load_file(tmp_path / "whole" / "model.safetensors")
+    got = load_file(out / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == len(read_jsonl(
+        tmp_path / "whole" / "metrics.jsonl"))
+    # a changed setting is refused on --resume, naming it
+    changed = subprocess.run([*argv(out), "--resume", "--beta", "0.2"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and "--beta 0.1 -> 0.2" in changed.stderr

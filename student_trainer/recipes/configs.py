@@ -201,29 +201,33 @@ class TrainConfig(SamplingOptions, DatasetOptions):
         parse_report_to(self.report_to)
 
     def _check_resume(self) -> None:
-        """--resume continues the saved run: a setting that changes its math or data is
-        refused, with the list of differences."""
-        import yaml
+        check_resume(self, "train", RESUME_FIXED)
 
-        path = Path(self.out) / SAVED_CONFIG["train"]
-        if not path.is_file():
-            return
-        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        diffs = []
-        defaults = {f.name: f.default for f in fields(self)}
-        for name in RESUME_FIXED:
-            # A run saved before a field existed ran with its default.
-            old, new = saved.get(name, defaults[name]), getattr(self, name)
-            new = list(new) if isinstance(new, tuple) else new
-            if isinstance(old, (int, float)) and isinstance(new, (int, float)) \
-                    and not isinstance(old, bool) and float(old) == float(new):
-                continue
-            if old != new:
-                diffs.append(f"--{name.replace('_', '-')} {old!r} -> {new!r}")
-        if diffs:
-            raise ConfigError(f"--resume: {self.out} was started with other settings "
-                              f"({'; '.join(diffs)}); resume the same run with `aligndistil train "
-                              f"--config {path} --resume`, or start a new --out")
+
+def check_resume(config, command: str, fixed: tuple[str, ...]) -> None:
+    """--resume continues the run saved in ``config.out``: a setting among ``fixed`` (those that
+    change its math or data) that differs is refused, with the list of differences."""
+    import yaml
+
+    path = Path(config.out) / SAVED_CONFIG[command]
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    diffs = []
+    defaults = {f.name: f.default for f in fields(config)}
+    for name in fixed:
+        # A run saved before a field existed ran with its default.
+        old, new = saved.get(name, defaults[name]), getattr(config, name)
+        new = list(new) if isinstance(new, tuple) else new
+        if isinstance(old, (int, float)) and isinstance(new, (int, float)) \
+                and not isinstance(old, bool) and float(old) == float(new):
+            continue
+        if old != new:
+            diffs.append(f"--{name.replace('_', '-')} {old!r} -> {new!r}")
+    if diffs:
+        raise ConfigError(f"--resume: {config.out} was started with other settings "
+                          f"({'; '.join(diffs)}); resume the same run with `aligndistil "
+                          f"{command} --config {path} --resume`, or start a new --out")
 
 
 def public_values(config) -> dict:
@@ -297,6 +301,12 @@ class DPOConfig(DatasetOptions):
     progress: Annotated[bool, "show a progress bar"] = True
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
     report_to: ReportTo = "tensorboard"
+    save_every: Annotated[int, "checkpoint every N steps into OUT/checkpoint-N/ (0: none; the "
+                          "model is always saved into --out at the end)", ">=0"] = 0
+    save_total_limit: Annotated[int, "keep this many checkpoint-N folders", ">=0"] = 2
+    resume: Annotated[str | None, "continue from the newest checkpoint in --out (bare "
+                      "--resume), or from the given checkpoint folder; the run's saved settings "
+                      "must not change", RESUME] = None
     log_level: Annotated[str, "logging level"] = "info"
     overwrite: Annotated[bool, "replace what another run left in --out"] = False
 
@@ -304,7 +314,20 @@ class DPOConfig(DatasetOptions):
         parse_report_to(self.report_to)
         require_data(self.data, "--data")
         refuse_output_on_inputs(self.out, {"--model": self.model, "--data": self.data})
-        refuse_used_folder(self.out, own=(SAVED_CONFIG["dpo"],), overwrite=self.overwrite)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite deletes it: "
+                              "give one of them")
+        if self.resume:
+            check_resume(self, "dpo", DPO_RESUME_FIXED)
+        else:
+            refuse_used_folder(self.out, own=(SAVED_CONFIG["dpo"],), resume=True,
+                               overwrite=self.overwrite)
+
+
+#: DPOConfig fields that shape a run's math or data: --resume refuses to change them.
+DPO_RESUME_FIXED = ("model", "data", "split", "data_config", "reverse", "beta", "lr",
+                    "weight_decay", "warmup_ratio", "lr_schedule", "min_lr_ratio", "batch_size",
+                    "max_tokens", "epochs", "max_steps", "max_grad_norm", "max_seq_len", "seed")
 
 
 @dataclass(kw_only=True)

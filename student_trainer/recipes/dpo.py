@@ -30,6 +30,9 @@ from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_de
 from storage.datasets import data_source
 from storage.fsio import atomic_write_text
 from storage.outputs import clear_folder
+from student_trainer.checkpoint import (CheckpointError, capture_rng_state, checkpoint_name,
+                                        load_state, prune_checkpoints, resolve_resume,
+                                        restore_rng_state, save_checkpoint)
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
@@ -64,7 +67,10 @@ def run_dpo(config: DPOConfig) -> dict:
     if config.overwrite:
         clear_folder(out, keep=(SAVED_CONFIG["dpo"],))
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(config.model, device=device, train=True,
+    resume_from = resolve_resume(config.resume, out)
+    state = load_state(resume_from) if resume_from else None
+    model, tokenizer = load_model_and_tokenizer(resume_from or config.model, device=device,
+                                                train=True,
                                                 trust_remote_code=config.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     forward = StudentForward(model, len(tokenizer))
@@ -79,9 +85,15 @@ def run_dpo(config: DPOConfig) -> dict:
                     "response (keeping its EOS); the longest had %d tokens", len(truncated),
                     2 * len(pairs), config.max_seq_len, max(truncated))
 
-    ref_chosen, ref_rejected = pair_logprobs(
-        forward, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
-        desc="reference log-probs" if config.progress else None)
+    if state is None:
+        ref_chosen, ref_rejected = pair_logprobs(
+            forward, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
+            desc="reference log-probs" if config.progress else None)
+    else:  # the initial model's, as the checkpoint kept them (the model has moved since)
+        ref_chosen, ref_rejected = state["ref_chosen"], state["ref_rejected"]
+        if len(ref_chosen) != len(pairs):
+            raise CheckpointError(f"--resume {resume_from}: it was made on {len(ref_chosen)} "
+                                  f"pairs, --data has {len(pairs)}")
 
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -92,11 +104,25 @@ def run_dpo(config: DPOConfig) -> dict:
                                                                          config.warmup_ratio),
                                 total_steps=total_steps, schedule=config.lr_schedule,
                                 min_lr_ratio=config.min_lr_ratio)
+    start_step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        start_step = int(state["step"])
+        log.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
     metrics = MetricsLogger(out, report_to=parse_report_to(config.report_to),
-                            config=public_values(config))
+                            config=public_values(config),
+                            resume_step=start_step if state is not None else None)
+    # The data order: one shuffle per epoch from one seeded generator, replayed up to the
+    # epoch a resumed run is in.
     rng = random.Random(config.seed)
     order: list[int] = []
-    bar = tqdm(range(total_steps), desc="dpo" + (" (reverse)" if config.reverse else ""),
+    for _ in range(-(-start_step // steps_per_epoch)):
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+               desc="dpo" + (" (reverse)" if config.reverse else ""),
                disable=not config.progress, unit="step")
     for step in bar:
         if step % steps_per_epoch == 0:
@@ -115,6 +141,13 @@ def run_dpo(config: DPOConfig) -> dict:
                      step_time_s=time.perf_counter() - started)
         metrics.log(step + 1, stats)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['preference_accuracy']:.2f}")
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(out / checkpoint_name(step + 1), model=model, tokenizer=tokenizer,
+                            state={"step": step + 1, "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(),
+                                   "rng": capture_rng_state(), "ref_chosen": ref_chosen,
+                                   "ref_rejected": ref_rejected})
+            prune_checkpoints(out, config.save_total_limit)
     metrics.close()
 
     model.eval()

@@ -39,7 +39,7 @@ from storage.tokenization import tokenizer_sha256
 from student_trainer import fsdp, losses, reinforce
 from student_trainer.checkpoint import (
     CheckpointError, begin_checkpoint, capture_rng_state, checkpoint_name, finish_checkpoint,
-    latest_checkpoint, load_state, prune_checkpoints, restore_rng_state, save_checkpoint)
+    load_state, prune_checkpoints, resolve_resume, restore_rng_state, save_checkpoint)
 from student_trainer.client import TeacherUnavailable
 from student_trainer.collate import Batch, micro_batches
 from student_trainer.distributed import (
@@ -254,7 +254,7 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     if config.overwrite and env.is_main:
         clear_folder(out, keep=(SAVED_CONFIG["train"],))  # start over, as asked
     barrier(env)
-    resume_from = _resolve_resume(config, out)
+    resume_from = resolve_resume(config.resume, out)
     state = load_state(resume_from) if resume_from else None
     _seed_everything(config.seed + env.rank)
 
@@ -471,19 +471,6 @@ def _check_same_teacher(source: BatchSource, out: Path, *, resuming: bool, env: 
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(fixed, indent=2, sort_keys=True) + "\n")
-
-
-def _resolve_resume(config: TrainConfig, out: Path) -> Path | None:
-    if not config.resume:
-        return None
-    if config.resume == "latest":
-        found = latest_checkpoint(out)
-        if found is None:
-            log.warning("--resume: no checkpoint in %s yet; starting from --model", out)
-        return found
-    path = Path(config.resume)
-    load_state(path)  # fails loudly on a folder that is not a checkpoint
-    return path
 
 
 def _check_resumable(state: dict, run_info: dict, path: Path) -> None:
