@@ -28,11 +28,12 @@ def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, row_idx: T
 
     With ``position_ids`` the rows are packed (:mod:`causal_lm.packed`): the positions keep
     the sequences apart and ``attention_mask`` is not passed to the model."""
-    layout = ({"position_ids": position_ids} if position_ids is not None
-              else {"attention_mask": attention_mask})
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False,
+    device = model.get_input_embeddings().weight.device  # a split model's first device
+    layout = ({"position_ids": position_ids.to(device)} if position_ids is not None
+              else {"attention_mask": attention_mask.to(device)})
+    hidden = model.get_decoder()(input_ids=input_ids.to(device), use_cache=False,
                                  **layout).last_hidden_state
-    return hidden[row_idx, col_idx]
+    return hidden[row_idx.to(hidden.device), col_idx.to(hidden.device)]
 
 
 def logit_postprocess(model) -> tuple[float | None, float | None]:
@@ -86,5 +87,5 @@ class Float32Head:
 
     @torch.no_grad()
     def __call__(self, hidden: Tensor) -> Tensor:
-        logits = F.linear(hidden.float(), self.weight, self.bias)
+        logits = F.linear(hidden.to(self.weight.device).float(), self.weight, self.bias)
         return finish_logits(logits, self.scale, self.cap)

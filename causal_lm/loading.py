@@ -68,15 +68,19 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, flag: s
 
 
 def load_causal_lm(path: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32,
-                   trust_remote_code: bool = False, flag: str = "--model", train: bool = False):
-    """One local causal LM on ``device``: in train mode, or frozen in eval mode."""
+                   trust_remote_code: bool = False, flag: str = "--model", train: bool = False,
+                   device_map: dict[str, str] | str | None = None):
+    """One local causal LM on ``device`` (or split by ``device_map``,
+    :mod:`causal_lm.placement`): in train mode, or frozen in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path, flag, trust_remote_code=trust_remote_code)
+    placed = {"device_map": device_map} if device_map is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-        local_files_only=True)
-    model = model.to(device)
+        local_files_only=True, **placed)
+    if device_map is None:
+        model = model.to(device)
     return model.train() if train else model.eval().requires_grad_(False)
 
 

@@ -53,6 +53,12 @@ class TeacherOptions:
     beta0: Annotated[float, "the teachers' DPO beta", ">0"] = 0.1
     beta: Annotated[float, "modes constant/vanilla: alpha = beta0 / beta", ">0"] = 0.05
     device: Annotated[Literal["auto", "cpu", "cuda"], "where the teachers run"] = "auto"
+    dpo_devices: Annotated[str | None, "split the dpo teacher's layers over these devices in "
+                           "order (cuda:0,cuda:1; its head and the target math on the last), or "
+                           "let accelerate place it (auto, balanced); none: all on --device"] = \
+        None
+    reverse_devices: Annotated[str | None, "the same for the reverse (or reference) "
+                               "teacher"] = None
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], "model weights (auto: "
                      "float32 on CPU, bfloat16 on GPU); the target math is always float32"] = \
         "auto"
@@ -89,7 +95,13 @@ class TeacherOptions:
         return self.r if self.r is not None else default_r(self.tvd_norm, self.POLICY)
 
     def validate(self) -> None:
+        from causal_lm.placement import parse_devices
+
         self.other_model()
+        for flag, value in (("--dpo-devices", self.dpo_devices),
+                            ("--reverse-devices", self.reverse_devices)):
+            if value is not None:
+                parse_devices(value, flag)
         if self.dpo_top > self.top_k:
             raise ConfigError(f"--dpo-top {self.dpo_top} exceeds --top-k {self.top_k} (the "
                               f"dpo model's top ids are kept within the top-k entries)")

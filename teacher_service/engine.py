@@ -152,9 +152,11 @@ class TeacherEngine:
         chunk = self.config.chunk_size
         for start in range(0, hidden_dpo.shape[0], chunk):
             sl = slice(start, start + chunk)
+            dpo_logits = self.dpo_head(hidden_dpo[sl])
+            # the target math runs where the dpo teacher's head is (teachers may be split)
             parts.append(compute_targets(
-                self.dpo_head(hidden_dpo[sl]), self.other_head(hidden_other[sl]),
-                next_ids[sl], self.config))
+                dpo_logits, self.other_head(hidden_other[sl]).to(dpo_logits.device),
+                next_ids[sl].to(dpo_logits.device), self.config))
         targets = SparseTargets(*(torch.cat(field_parts).cpu() for field_parts in zip(*parts)))
         if k < self.config.top_k:
             targets = truncate_topk(targets, k)
@@ -199,7 +201,9 @@ def build_engine(options) -> TeacherEngine:
                                  chunk_size=options.chunk_size, dpo_top=options.dpo_top)
     pair = load_teacher_pair(options.dpo_model, options.other_model(), mode=options.mode,
                              device=options.device, dtype=options.dtype,
-                             trust_remote_code=options.trust_remote_code)
+                             trust_remote_code=options.trust_remote_code,
+                             dpo_devices=options.dpo_devices,
+                             other_devices=options.reverse_devices)
     max_seq_len = options.max_seq_len
     if max_seq_len is None and options.DEFAULT_MAX_SEQ_LEN is not None:
         model_max = getattr(pair.dpo.config, "max_position_embeddings", None)

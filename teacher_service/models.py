@@ -23,6 +23,7 @@ import torch
 
 from causal_lm.loading import (ModelLoadError, check_model_dir, load_causal_lm, load_tokenizer,
                                output_rows, resolve_device, resolve_dtype)
+from causal_lm.placement import layer_device_map, parse_devices
 from storage.tokenization import tokenizer_sha256
 from teacher_service.targets import REFERENCE_MODES
 
@@ -67,9 +68,19 @@ def model_identity(path: str | Path) -> dict[str, str]:
     return {"path": str(path.resolve()), "fingerprint": digest.hexdigest()}
 
 
+def _device_map(path: Path, devices: str | None, flag: str, trust_remote_code: bool):
+    """None (the whole model on --device), an accelerate strategy, or a layer-split map."""
+    if devices is None:
+        return None
+    parsed = parse_devices(devices, flag)
+    return parsed if isinstance(parsed, str) else layer_device_map(
+        path, parsed, trust_remote_code=trust_remote_code)
+
+
 def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str = "adaptive",
                       device: str = "auto", dtype: str = "auto",
-                      trust_remote_code: bool = False) -> TeacherPair:
+                      trust_remote_code: bool = False, dpo_devices: str | None = None,
+                      other_devices: str | None = None) -> TeacherPair:
     """Load both teachers and their tokenizer(s); refuse a pair that does not share a vocabulary."""
     other_role = "reference" if mode in REFERENCE_MODES else "reverse"
     other_flag = "--reference-model" if mode in REFERENCE_MODES else "--reverse-model"
@@ -89,9 +100,12 @@ def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str
             f"{len(tok_other)} tokens (tokenizer_sha256 {sha_other[:12]})")
 
     dpo = load_causal_lm(dpo_path, device=dev, dtype=dt, trust_remote_code=trust_remote_code,
-                         flag="--dpo-model")
+                         flag="--dpo-model", device_map=_device_map(
+                             dpo_path, dpo_devices, "--dpo-devices", trust_remote_code))
     other = load_causal_lm(other_path, device=dev, dtype=dt,
-                           trust_remote_code=trust_remote_code, flag=other_flag)
+                           trust_remote_code=trust_remote_code, flag=other_flag,
+                           device_map=_device_map(other_path, other_devices,
+                                                  "--reverse-devices", trust_remote_code))
     rows_dpo = output_rows(dpo)
     rows_other = output_rows(other)
     if rows_dpo != rows_other:

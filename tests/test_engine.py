@@ -303,3 +303,34 @@ def test_packing_is_refused_or_skipped_for_a_model_that_attends_across_sequences
     with pytest.raises(ConfigError, match="--packing on: bloom model: packed sequences do not"):
         choose_packing("on", bloom)
     assert choose_packing("off", bloom) is False
+
+
+def test_a_layer_split_device_map_gives_the_single_device_records(pair, pair_dirs):
+    """--dpo-devices / --reverse-devices: each teacher loaded through a device map that splits
+    its layers over two devices (here both the CPU: no GPUs on this machine, so the split
+    across real devices is not exercised) scores every example exactly as the default path."""
+    from causal_lm.placement import layer_device_map
+
+    split = load_teacher_pair(*pair_dirs, device="cpu", dpo_devices="cpu,cpu",
+                              other_devices="cpu,cpu")
+    reqs = _requests(pair.tokenizer, n=9, seed=4)
+    config = TargetConfig(top_k=8, chunk_size=16)
+    want = TeacherEngine(pair, config).score(reqs)
+    got = TeacherEngine(split, config).score(reqs)
+    assert all(a.equals(b) for a, b in zip(want, got))
+    # the map the flags build: layers in order, embeddings first, final norm and head last
+    placed = layer_device_map(pair_dirs[0], ["cuda:0", "cuda:1", "cuda:2"])
+    layers = {k: v for k, v in placed.items() if ".layers." in k}
+    assert layers == {"model.layers.0": "cuda:0", "model.layers.1": "cuda:1"}
+    assert placed["model.embed_tokens"] == "cuda:0"
+    assert placed["model.norm"] == placed["lm_head"] == "cuda:2"
+
+
+def test_bad_device_lists_are_refused():
+    from causal_lm.placement import PlacementError, parse_devices
+
+    assert parse_devices("balanced", "--dpo-devices") == "balanced"
+    assert parse_devices("cuda:0, cuda:1", "--dpo-devices") == ["cuda:0", "cuda:1"]
+    for bad in ("", "gpu0,gpu1"):
+        with pytest.raises(PlacementError, match="--dpo-devices"):
+            parse_devices(bad, "--dpo-devices")
