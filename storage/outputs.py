@@ -18,9 +18,12 @@ from storage.errors import ConfigError
 def refuse_output_on_inputs(out: str | Path, inputs: Mapping[str, str | Path | None], *,
                             out_flag: str = "--out") -> None:
     """``out`` may not be an input, lie inside one, or contain one."""
+    from storage.hub import is_hub_id
+
     o = Path(out).resolve()
     for flag, path in inputs.items():
-        if not path:
+        # a URL (object storage) or a Hub id names nothing on this disk
+        if not path or "://" in str(path) or is_hub_id(path):
             continue
         i = Path(path).resolve()
         if o == i:
