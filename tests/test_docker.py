@@ -95,9 +95,10 @@ def compose_env():
 
 
 def _read_volume(env: dict, path: str) -> str:
-    """A file of the test's volume (mounted at /data)."""
-    return _run(["docker", "run", "--rm", "-v", f"{env['DATA_VOLUME']}:/data", "--entrypoint",
-                 "cat", IMAGE, path], timeout=120).stdout
+    """A file of the test's volume (mounted at /data), read inside the running teacher service
+    (a new container would copy the whole image first under the vfs storage driver)."""
+    return _run([*_compose(), "exec", "-T", "teacher", "cat", path], timeout=120,
+                env=env).stdout
 
 
 def test_compose_up_reproduces_the_demo(compose_env, tmp_path_factory):
