@@ -60,7 +60,22 @@ def shard(root: nn.Module, model: nn.Module, *, device: torch.device, bf16: bool
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)
+    _first_forward_through_root(root, device)
     return root
+
+
+def _first_forward_through_root(root: nn.Module, device: torch.device) -> None:
+    """FSDP2 makes the first FSDP unit that runs forward the root of the tree. Hugging Face
+    ``generate`` (on-policy sampling) calls the model, not ``root``, so its first forward
+    would start at a decoder layer and the real root would then be refused. One forward of a
+    two-token sequence through ``root``, without gradients, settles it. The root keeps its
+    parameters gathered after a forward (FSDP2 expects its backward next): they are sharded
+    again, so the optimizer is built on the sharded parameters. Collective."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        root(ids, torch.ones_like(ids), one, one, mode="logprobs", target_ids=one)
+    root.reshard()
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -95,6 +110,31 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
 
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+
+def save_sharded_checkpoint(dest: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            tokenizer, state: dict[str, Any], rank: int,
+                            consolidated: bool = False) -> None:
+    """A checkpoint folder ``dest`` whose model and optimizer are sharded: every rank writes its
+    shards into ``dest/distributed/`` (one filesystem all ranks see); with ``consolidated`` the
+    folder also gets the full Hugging Face weights. Rank 0 adds the config, tokenizer and
+    ``state`` and renames the folder into place. Collective."""
+    import torch.distributed as dist
+
+    from student_trainer.checkpoint import begin_checkpoint, finish_checkpoint
+
+    tmp = dest.parent / f".tmp-{dest.name}-sharded"
+    if rank == 0:
+        tmp = begin_checkpoint(dest, tag="sharded")
+    dist.barrier()
+    save_sharded(tmp / DCP_DIR, model, optimizer)
+    full = full_model_state(model) if consolidated else None
+    if rank == 0:
+        if full is not None:
+            model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        else:
+            model.config.save_pretrained(tmp)
+        finish_checkpoint(tmp, dest, tokenizer=tokenizer, state={**state, "strategy": "fsdp"})
 
 
 def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

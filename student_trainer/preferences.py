@@ -14,7 +14,7 @@ from torch import Tensor
 
 from storage.packing import pack_by_token_budget
 from student_trainer.collate import Batch, collate_sequences
-from student_trainer.modeling import StudentForward
+from student_trainer.distributed import DistEnv, all_reduce_max, gather_objects
 
 Sequence_ = tuple[list[int], int]  # (input_ids, prompt_len)
 
@@ -27,7 +27,7 @@ class PreferencePair:
     rejected: Sequence_
 
 
-def sequence_logprobs(forward: StudentForward, batch: Batch) -> Tensor:
+def sequence_logprobs(forward: torch.nn.Module, batch: Batch) -> Tensor:
     """Summed log-prob of each sequence's response tokens: ``[B]`` (differentiable)."""
     token_logp = forward(batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
                          mode="logprobs", target_ids=batch.target_ids)
@@ -76,25 +76,39 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> Batch:
 
 
 @torch.no_grad()
-def pair_logprobs(forward: StudentForward, pairs: Sequence[PreferencePair], *, pad_id: int,
-                  max_tokens: int, device: torch.device, desc: str | None = None
-                  ) -> tuple[Tensor, Tensor]:
+def pair_logprobs(forward: torch.nn.Module, pairs: Sequence[PreferencePair], *, pad_id: int,
+                  max_tokens: int, device: torch.device, desc: str | None = None,
+                  env: DistEnv = DistEnv(), lockstep: bool = False) -> tuple[Tensor, Tensor]:
     """Summed response log-probs ``(chosen [n], rejected [n])`` under ``forward``'s model, in
-    float64 on the CPU (eval mode, no gradients)."""
+    float64 on the CPU (eval mode, no gradients).
+
+    Under torchrun each rank scores pairs ``rank, rank + world_size, ...`` and every rank gets
+    all of them back. ``lockstep``: ``forward`` runs collectives (FSDP gathers each layer's
+    shards, DDP syncs buffers), so every rank makes as many forward passes, a rank with fewer
+    micro-batches repeating its last one (and discarding it)."""
     from tqdm.auto import tqdm
 
     was_training = forward.training
     forward.eval()
     chosen = torch.zeros(len(pairs), dtype=torch.float64)
     rejected = torch.zeros(len(pairs), dtype=torch.float64)
-    groups = pair_micro_batches(pairs, max_tokens)
+    mine = list(range(env.rank, len(pairs), env.world_size))
+    groups = [[mine[i] for i in group]
+              for group in pair_micro_batches([pairs[i] for i in mine], max_tokens)]
+    passes = all_reduce_max(env, len(groups)) if lockstep else len(groups)
     try:
-        for group in tqdm(groups, desc=desc, disable=desc is None, unit="batch"):
-            batch = collate_pairs([pairs[i] for i in group], pad_id).to(device)
+        for i in tqdm(range(passes), desc=desc, disable=desc is None or not env.is_main,
+                      unit="batch"):
+            group = groups[i] if i < len(groups) else (groups[-1] if groups else [0])
+            batch = collate_pairs([pairs[j] for j in group], pad_id).to(device)
             logp = sequence_logprobs(forward, batch).double().cpu()
-            n = len(group)
-            chosen[group] = logp[:n]
-            rejected[group] = logp[n:]
+            if i < len(groups):
+                n = len(group)
+                chosen[group] = logp[:n]
+                rejected[group] = logp[n:]
     finally:
         forward.train(was_training)
+    if env.enabled:
+        for ids, c, r in gather_objects(env, (mine, chosen[mine], rejected[mine])):
+            chosen[ids], rejected[ids] = c, r
     return chosen, rejected

@@ -129,7 +129,7 @@ def test_two_rank_fsdp_matches_one_process_and_resumes_from_sharded_checkpoints(
                                             atol=1e-5 * max(1.0, moved), rtol=1e-4), name
 
 
-def test_fsdp_needs_torchrun_and_off_policy(world, tmp_path, capsys):
+def test_fsdp_needs_torchrun_and_no_async_rollouts(world, tmp_path, capsys):
     from aligndistil.cli import main
 
     args = _train_args(world["store"], world["student"], tmp_path / "x")
@@ -138,5 +138,5 @@ def test_fsdp_needs_torchrun_and_off_policy(world, tmp_path, capsys):
     assert main(["train", "--mode", "on-policy", "--teacher-url", "http://127.0.0.1:9",
                  "--prompts", str(world["store"] / "zarr.json"), "--model",
                  str(world["student"]), "--out", str(tmp_path / "y"), "--strategy",
-                 "fsdp"]) == 2
-    assert "--strategy fsdp is for --mode off-policy" in capsys.readouterr().err
+                 "fsdp", "--async-rollouts"]) == 2
+    assert "--strategy fsdp keeps only shards" in capsys.readouterr().err

@@ -205,3 +205,45 @@ def test_resume_against_a_server_with_other_settings_is_refused(world, tmp_path,
         assert "r: 30.0 -> 10.0" in err
     finally:
         stop_server(proc)
+
+
+def _torchrun(args: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from live_server import REPO, free_port
+
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         "-m", "aligndistil.cli", *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("objective", ["aligndistil", "reinforce-token"])
+def test_fsdp_on_policy_samples_and_learns_what_ddp_does(world, objective):
+    """--strategy fsdp on-policy, 2 ranks: generate runs on the sharded student (the root's
+    embeddings and head gathered around it, every rank stepping until all are done), so each
+    rank samples what the DDP rank with the same seed samples; the losses and final weights
+    are DDP's. The policy-gradient objective's extra no-gradient pass keeps the ranks in step."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        out = world["root"] / f"{strategy}-{objective}"
+        _torchrun(_args(world, out, "--strategy", strategy, "--objective", objective,
+                        "--top-k", "8", "--max-new-tokens", "10"))
+        runs[strategy] = (read_jsonl(out / "metrics.jsonl"),
+                          load_file(out / "final" / "model.safetensors"))
+    (ddp_rows, ddp_w), (fsdp_rows, fsdp_w) = runs["ddp"], runs["fsdp"]
+    assert [r["step"] for r in fsdp_rows] == [1, 2, 3]
+    for a, b in zip(fsdp_rows, ddp_rows):
+        assert a["sequences"] == b["sequences"] == 4
+        assert a["response_tokens"] == b["response_tokens"]  # the same samples
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    initial = load_file(world["student"] / "model.safetensors")
+    assert any(not torch.equal(ddp_w[name], initial[name]) for name in ddp_w)
+    for name in ddp_w:
+        assert torch.allclose(fsdp_w[name], ddp_w[name], atol=1e-5, rtol=1e-4), name

@@ -169,10 +169,9 @@ class TrainConfig(SamplingOptions, DatasetOptions):
             if unused:
                 raise ConfigError(f"{', '.join(unused)} only apply to --mode on-policy (the "
                                   f"off-policy targets come from --store)")
-        if self.strategy == "fsdp" and self.mode == "on-policy":
-            raise ConfigError("--strategy fsdp is for --mode off-policy: on-policy sampling "
-                              "(generate) needs the whole student on each rank; use --strategy "
-                              "ddp")
+        if self.strategy == "fsdp" and self.async_rollouts:
+            raise ConfigError("--async-rollouts samples from a whole copy of the student in a "
+                              "background thread; --strategy fsdp keeps only shards: drop one")
         if self.objective != "aligndistil" and self.mode != "on-policy":
             raise ConfigError(f"--objective {self.objective} is a policy gradient and needs "
                               f"samples from the student: use --mode on-policy")
@@ -298,6 +297,10 @@ class DPOConfig(DatasetOptions):
                            "(counted)", ">=2"] = 2048
     seed: Annotated[int, "seed of the data order"] = 42
     device: Annotated[Device, "where the model trains"] = "auto"
+    strategy: Annotated[Literal["ddp", "fsdp"], "how torchrun's processes share the model: "
+                        "ddp = a whole copy each; fsdp = FSDP2, parameters, gradients and AdamW "
+                        "states sharded over the ranks (docs/training.md, 'Strategy')"] = "ddp"
+    gradient_checkpointing: Annotated[bool, "recompute activations in backward"] = False
     progress: Annotated[bool, "show a progress bar"] = True
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
     report_to: ReportTo = "tensorboard"
@@ -327,7 +330,8 @@ class DPOConfig(DatasetOptions):
 #: DPOConfig fields that shape a run's math or data: --resume refuses to change them.
 DPO_RESUME_FIXED = ("model", "data", "split", "data_config", "reverse", "beta", "lr",
                     "weight_decay", "warmup_ratio", "lr_schedule", "min_lr_ratio", "batch_size",
-                    "max_tokens", "epochs", "max_steps", "max_grad_norm", "max_seq_len", "seed")
+                    "max_tokens", "epochs", "max_steps", "max_grad_norm", "max_seq_len", "seed",
+                    "strategy")
 
 
 @dataclass(kw_only=True)

@@ -30,14 +30,18 @@ from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_de
 from storage.datasets import data_source
 from storage.fsio import atomic_write_text
 from storage.outputs import clear_folder
+from student_trainer import fsdp
 from student_trainer.checkpoint import (CheckpointError, capture_rng_state, checkpoint_name,
                                         load_state, prune_checkpoints, resolve_resume,
                                         restore_rng_state, save_checkpoint)
+from student_trainer.distributed import (DistEnv, all_reduce_max, all_reduce_sum, barrier,
+                                         gather_objects, init_distributed, shutdown)
+from student_trainer.errors import ConfigError
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward
 from student_trainer.optim import build_optimizer, build_scheduler, clip_grad_norm, warmup_steps_for
-from student_trainer.preferences import (collate_pairs, load_pairs, pair_logprobs,
-                                         pair_micro_batches, sequence_logprobs)
+from student_trainer.preferences import (PreferencePair, collate_pairs, load_pairs,
+                                         pair_logprobs, pair_micro_batches, sequence_logprobs)
 from student_trainer.recipes.configs import SAVED_CONFIG, DPOConfig, public_values
 from student_trainer.trackers import parse_report_to
 
@@ -57,44 +61,74 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
 
 # ---------------------------------------------------------------------------- the loop
 def run_dpo(config: DPOConfig) -> dict:
-    """Train, save the model into ``config.out`` (a Hugging Face folder), return a summary."""
+    """Train, save the model into ``config.out`` (a Hugging Face folder), return a summary.
+
+    Under torchrun (``--strategy ddp|fsdp``) each rank takes every ``world_size``-th pair of
+    the step's batch, its loss is scaled so that the ranks' averaged gradients are those of the
+    whole batch, and the reference and final log-probs are split over the ranks the same way.
+    """
+    device = resolve_device(config.device)  # under torchrun: the GPU of $LOCAL_RANK
+    env = init_distributed(device.type)
+    try:
+        return _run_dpo(config, env, device)
+    finally:
+        shutdown(env)
+
+
+def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
     from tqdm.auto import tqdm
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    device = resolve_device(config.device)
+    sharded = config.strategy == "fsdp"
+    if sharded and not env.enabled:
+        raise ConfigError("--strategy fsdp shards the model over torchrun's processes; with "
+                          "one process use --strategy ddp (the default)")
     out = Path(config.out)
-    if config.overwrite:
+    if config.overwrite and env.is_main:
         clear_folder(out, keep=(SAVED_CONFIG["dpo"],))
-    out.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(env)
     resume_from = resolve_resume(config.resume, out)
     state = load_state(resume_from) if resume_from else None
-    model, tokenizer = load_model_and_tokenizer(resume_from or config.model, device=device,
-                                                train=True,
-                                                trust_remote_code=config.trust_remote_code)
+    # An FSDP checkpoint holds sharded weights: the architecture comes from --model, the
+    # weights from the checkpoint's shards once the model is sharded.
+    model, tokenizer = load_model_and_tokenizer(
+        config.model if sharded or state is None else resume_from, device=device, train=True,
+        trust_remote_code=config.trust_remote_code)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = pad_token_id(tokenizer)
     forward = StudentForward(model, len(tokenizer))
     truncated: list[int] = []
     data = data_source(config.data, split=config.split, config_name=config.data_config)
     pairs = load_pairs(data, tokenizer, max_seq_len=config.max_seq_len,
                        reverse=config.reverse, truncated=truncated)
-    log.info("%d preference pairs from %s%s", len(pairs), data,
-             " (reversed: chosen and rejected swapped)" if config.reverse else "")
-    if truncated:
-        log.warning("%d of %d sequences were longer than --max-seq-len %d and were cut in the "
-                    "response (keeping its EOS); the longest had %d tokens", len(truncated),
-                    2 * len(pairs), config.max_seq_len, max(truncated))
+    if env.is_main:
+        log.info("%d preference pairs from %s%s", len(pairs), data,
+                 " (reversed: chosen and rejected swapped)" if config.reverse else "")
+        if truncated:
+            log.warning("%d of %d sequences were longer than --max-seq-len %d and were cut in "
+                        "the response (keeping its EOS); the longest had %d tokens",
+                        len(truncated), 2 * len(pairs), config.max_seq_len, max(truncated))
 
-    if state is None:
+    if state is None:  # the initial model's, before it is wrapped (no collectives inside)
         ref_chosen, ref_rejected = pair_logprobs(
             forward, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
-            desc="reference log-probs" if config.progress else None)
-    else:  # the initial model's, as the checkpoint kept them (the model has moved since)
+            desc="reference log-probs" if config.progress else None, env=env)
+    else:  # as the checkpoint kept them (the model has moved since)
         ref_chosen, ref_rejected = state["ref_chosen"], state["ref_rejected"]
         if len(ref_chosen) != len(pairs):
             raise CheckpointError(f"--resume {resume_from}: it was made on {len(ref_chosen)} "
                                   f"pairs, --data has {len(pairs)}")
 
+    module: torch.nn.Module = forward
+    if sharded:
+        module = fsdp.shard(forward, model, device=device, bf16=False)
+    elif env.enabled:
+        module = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -106,14 +140,34 @@ def run_dpo(config: DPOConfig) -> dict:
                                 min_lr_ratio=config.min_lr_ratio)
     start_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            fsdp.load_sharded(resume_from / fsdp.DCP_DIR, model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        rng = state["rng"]  # one per rank (a single dict: written by one process)
+        restore_rng_state(rng[env.rank % len(rng)] if isinstance(rng, list) else rng)
         start_step = int(state["step"])
-        log.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
-    metrics = MetricsLogger(out, report_to=parse_report_to(config.report_to),
+        if env.is_main:
+            log.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
+    metrics = MetricsLogger(out, enabled=env.is_main, report_to=parse_report_to(config.report_to),
                             config=public_values(config),
                             resume_step=start_step if state is not None else None)
+
+    def save(dest: Path, step: int) -> None:
+        rng_states = gather_objects(env, capture_rng_state())
+        saved = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_states,
+                 "ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
+        if sharded:
+            fsdp.save_sharded_checkpoint(dest, model=model, optimizer=optimizer,
+                                         tokenizer=tokenizer, state=saved, rank=env.rank)
+        elif env.is_main:
+            save_checkpoint(dest, model=model, tokenizer=tokenizer,
+                            state={**saved, "optimizer": optimizer.state_dict()})
+        if env.is_main:
+            prune_checkpoints(out, config.save_total_limit)
+        barrier(env)
+
     # The data order: one shuffle per epoch from one seeded generator, replayed up to the
     # epoch a resumed run is in.
     rng = random.Random(config.seed)
@@ -123,43 +177,49 @@ def run_dpo(config: DPOConfig) -> dict:
         rng.shuffle(order)
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                desc="dpo" + (" (reverse)" if config.reverse else ""),
-               disable=not config.progress, unit="step")
-    for step in bar:
-        if step % steps_per_epoch == 0:
-            order = list(range(len(pairs)))
-            rng.shuffle(order)
-        begin = (step % steps_per_epoch) * config.batch_size
-        chosen_ids = order[begin:begin + config.batch_size]
-        started = time.perf_counter()
-        stats = _dpo_step(forward, [pairs[i] for i in chosen_ids], ref_chosen[chosen_ids],
-                          ref_rejected[chosen_ids], config, pad_id, device)
-        stats["grad_norm"] = clip_grad_norm(model.parameters(), config.max_grad_norm or None)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats.update(lr=scheduler.get_last_lr()[0], epoch=step // steps_per_epoch,
-                     step_time_s=time.perf_counter() - started)
-        metrics.log(step + 1, stats)
-        bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['preference_accuracy']:.2f}")
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out / checkpoint_name(step + 1), model=model, tokenizer=tokenizer,
-                            state={"step": step + 1, "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(),
-                                   "rng": capture_rng_state(), "ref_chosen": ref_chosen,
-                                   "ref_rejected": ref_rejected})
-            prune_checkpoints(out, config.save_total_limit)
-    metrics.close()
+               disable=not (config.progress and env.is_main), unit="step")
+    try:
+        for step in bar:
+            if step % steps_per_epoch == 0:
+                order = list(range(len(pairs)))
+                rng.shuffle(order)
+            begin = (step % steps_per_epoch) * config.batch_size
+            batch_ids = order[begin:begin + config.batch_size]
+            mine = batch_ids[env.rank::env.world_size]
+            started = time.perf_counter()
+            stats = dpo_step(module, [pairs[i] for i in mine], ref_chosen[mine],
+                             ref_rejected[mine], batch_pairs=len(batch_ids),
+                             filler=pairs[batch_ids[0]], beta=config.beta,
+                             max_tokens=config.max_tokens, pad_id=pad_id, env=env,
+                             device=device)
+            stats["grad_norm"] = clip_grad_norm(model.parameters(), config.max_grad_norm or None)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.update(lr=scheduler.get_last_lr()[0], epoch=step // steps_per_epoch,
+                         step_time_s=time.perf_counter() - started)
+            metrics.log(step + 1, stats)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}",
+                            acc=f"{stats['preference_accuracy']:.2f}")
+            if config.save_every and (step + 1) % config.save_every == 0 \
+                    and step + 1 < total_steps:
+                save(out / checkpoint_name(step + 1), step + 1)
+    finally:
+        bar.close()
+        metrics.close()
 
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    full = fsdp.full_model_state(model) if sharded else None  # collective
+    if env.is_main:
+        model.save_pretrained(out, safe_serialization=True,
+                              **({"state_dict": full} if sharded else {}))
+        tokenizer.save_pretrained(out)
     final_chosen, final_rejected = pair_logprobs(
-        forward, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
-        desc="final log-probs" if config.progress else None)
+        module, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
+        desc="final log-probs" if config.progress else None, env=env, lockstep=env.enabled)
     summary = {
         "pairs": len(pairs), "steps": total_steps, "reverse": config.reverse,
         "truncated_sequences": len(truncated),
-        "beta": config.beta,
+        "beta": config.beta, "world_size": env.world_size, "strategy": config.strategy,
         # implicit-reward accuracy: beta * (log pi - log ref) higher for chosen than rejected
         "preference_accuracy": float(((final_chosen - ref_chosen)
                                       > (final_rejected - ref_rejected)).double().mean()),
@@ -168,31 +228,43 @@ def run_dpo(config: DPOConfig) -> dict:
         "logprob_accuracy_after": float((final_chosen > final_rejected).double().mean()),
         "config": asdict(config),
     }
-    atomic_write_text(out / "dpo_summary.json", json.dumps(summary, indent=2) + "\n")
-    plot_curves(out / JSONL_NAME, out / PNG_NAME,
-                title="DPO" + (" (reverse)" if config.reverse else ""))
+    if env.is_main:
+        atomic_write_text(out / "dpo_summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_curves(out / JSONL_NAME, out / PNG_NAME,
+                    title="DPO" + (" (reverse)" if config.reverse else ""))
+    barrier(env)
     return summary
 
 
-def _dpo_step(forward, pairs, ref_chosen, ref_rejected, config, pad_id, device) -> dict:
-    """Forward/backward over the step's pairs in token-budgeted micro-batches (gradient
-    accumulation: each micro-batch's summed loss is divided by the step's pair count)."""
-    n_total = len(pairs)
-    sums = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0}
-    for group in pair_micro_batches(pairs, config.max_tokens):
-        batch = collate_pairs([pairs[i] for i in group], pad_id).to(device)
-        logp = sequence_logprobs(forward, batch)
-        n = len(group)
-        loss, r_c, r_r = dpo_loss(logp[:n], logp[n:], ref_chosen[group].to(logp),
-                                  ref_rejected[group].to(logp), config.beta)
-        (loss.sum() / n_total).backward()
-        sums["loss"] += float(loss.detach().sum())
-        sums["correct"] += float((r_c > r_r).float().sum())
-        sums["margin"] += float((r_c - r_r).sum())
-        sums["chosen"] += float(r_c.sum())
-        sums["rejected"] += float(r_r.sum())
-    return {"loss": sums["loss"] / n_total,
-            "preference_accuracy": sums["correct"] / n_total,
-            "reward_margin": sums["margin"] / n_total,
-            "reward_chosen": sums["chosen"] / n_total,
-            "reward_rejected": sums["rejected"] / n_total}
+def dpo_step(module: torch.nn.Module, pairs: list[PreferencePair], ref_chosen: Tensor,
+             ref_rejected: Tensor, *, batch_pairs: int, filler: PreferencePair, beta: float,
+             max_tokens: int, pad_id: int, env: DistEnv, device: torch.device) -> dict:
+    """Forward/backward over this rank's pairs of the step in token-budgeted micro-batches.
+
+    Each micro-batch's summed loss is divided by the step's pair count over all ranks and
+    multiplied by the rank count, because DDP and FSDP average the ranks' gradients: the result
+    is the gradient of the batch's mean loss, however the pairs fell. Under torchrun every rank
+    makes as many passes (a rank short of micro-batches, or with no pair at all, runs ``filler``
+    with weight 0), since DDP's and FSDP's backward passes are collectives."""
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, correct, margin, chosen, rejected
+    groups = pair_micro_batches(pairs, max_tokens) if pairs else []
+    passes = all_reduce_max(env, len(groups)) if env.enabled else len(groups)
+    for i in range(passes):
+        padding = i >= len(groups)
+        group = groups[min(i, len(groups) - 1)] if groups else []
+        batch = collate_pairs([pairs[j] for j in group] if group else [filler], pad_id)
+        with fsdp.gradient_sync(module, i == passes - 1):
+            logp = sequence_logprobs(module, batch.to(device))
+            n = batch.num_sequences // 2
+            ref_c = ref_chosen[group] if group else torch.zeros(1, dtype=torch.float64)
+            ref_r = ref_rejected[group] if group else torch.zeros(1, dtype=torch.float64)
+            loss, r_c, r_r = dpo_loss(logp[:n], logp[n:], ref_c.to(logp), ref_r.to(logp), beta)
+            weight = 0.0 if padding else env.world_size / batch_pairs
+            (loss.sum() * weight).backward()
+        if not padding:
+            sums += torch.tensor([float(loss.detach().sum()), float((r_c > r_r).sum()),
+                                  float((r_c - r_r).sum()), float(r_c.sum()),
+                                  float(r_r.sum())], dtype=torch.float64)
+    sums = all_reduce_sum(env, sums) / batch_pairs
+    return dict(zip(("loss", "preference_accuracy", "reward_margin", "reward_chosen",
+                     "reward_rejected"), sums.tolist()))

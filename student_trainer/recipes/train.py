@@ -38,7 +38,7 @@ from storage.outputs import clear_folder
 from storage.tokenization import tokenizer_sha256
 from student_trainer import fsdp, losses, reinforce
 from student_trainer.checkpoint import (
-    CheckpointError, begin_checkpoint, capture_rng_state, checkpoint_name, finish_checkpoint,
+    CheckpointError, capture_rng_state, checkpoint_name,
     load_state, prune_checkpoints, resolve_resume, restore_rng_state, save_checkpoint)
 from student_trainer.client import TeacherUnavailable
 from student_trainer.collate import Batch, micro_batches
@@ -100,7 +100,7 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
     """
     stats = StepStats()
     adv = None if config.objective == "aligndistil" else \
-        reinforce_advantages(module, batches, config, device, amp)
+        reinforce_advantages(module, batches, config, env, device, amp)
     # FSDP gathers each layer's shards in every forward and backward: all ranks must run as many
     # micro-batches. A rank with fewer repeats its last one with weight 0 (no gradient, no
     # stats), which leaves the step's loss and gradients exactly as they were.
@@ -156,18 +156,22 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
 
 
 def reinforce_advantages(module: torch.nn.Module, batches: list[Batch], config: TrainConfig,
-                         device: torch.device, amp: bool) -> list[torch.Tensor]:
+                         env: DistEnv, device: torch.device, amp: bool) -> list[torch.Tensor]:
     """The advantages ``[B_i, T_i]`` of each micro-batch for ``--objective reinforce-*``, from
-    one pass without gradients over the step's samples (the baseline is this rank's mean)."""
+    one pass without gradients over the step's samples (the baseline is this rank's mean).
+    Under FSDP every rank makes as many forward passes (a shorter rank repeats its last)."""
     level = config.objective.removeprefix("reinforce-")
     step_returns, masks = [], []
+    passes = all_reduce_max(env, len(batches)) if fsdp.is_sharded(module) else len(batches)
     with torch.no_grad():
-        for batch in batches:
-            batch = batch.to(device)
+        for i in range(passes):
+            batch = batches[min(i, len(batches) - 1)].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logp = module(batch.input_ids, batch.attention_mask, batch.row_idx,
                               batch.col_idx, mode="logprobs", target_ids=batch.target_ids,
                               position_ids=batch.position_ids)
+            if i >= len(batches):
+                continue
             rewards = reinforce.token_rewards(logp.float(), batch.dpo_logprobs,
                                               batch.reverse_logprobs, beta0=config.beta0,
                                               beta=config.kl_coef)
@@ -269,7 +273,18 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
                                                 trust_remote_code=config.trust_remote_code)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    source = open_source(config, env, model, tokenizer)
+    packing = choose_packing(config.packing, model)
+    forward = StudentForward(model, len(tokenizer), tail=config.tail,
+                             loss_chunk_size=config.loss_chunk_size)
+    module: torch.nn.Module = forward
+    amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
+    if sharded:
+        module = fsdp.shard(forward, model, device=device, bf16=amp)
+    elif env.enabled:
+        module = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
+    source = open_source(config, env, model, tokenizer,
+                         sharded_root=module if sharded else None)
     try:
         _check_same_teacher(source, out, resuming=resume_from is not None, env=env)
         if config.global_batch_size % env.world_size:
@@ -285,16 +300,6 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
                     "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                     "data": _data_identity(config)}
 
-        packing = choose_packing(config.packing, model)
-        forward = StudentForward(model, len(tokenizer), tail=config.tail,
-                                 loss_chunk_size=config.loss_chunk_size)
-        module: torch.nn.Module = forward
-        amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
-        if sharded:
-            module = fsdp.shard(forward, model, device=device, bf16=amp)
-        elif env.enabled:
-            module = torch.nn.parallel.DistributedDataParallel(
-                forward, device_ids=[device.index] if device.type == "cuda" else None)
         optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
                                     betas=tuple(config.adam_betas))
         scheduler = build_scheduler(
@@ -399,7 +404,9 @@ def save(run: Run, dest: Path, step: int, epoch: int) -> None:
     state = {"step": step, "epoch": epoch, "data_position": {"step": step, "epoch": epoch},
              "scheduler": run.scheduler.state_dict(), "rng": rng_states, "run": run.run_info}
     if fsdp.is_sharded(run.module):
-        _save_sharded(run, dest, state)
+        fsdp.save_sharded_checkpoint(dest, model=run.model, optimizer=run.optimizer,
+                                     tokenizer=run.tokenizer, state=state, rank=run.env.rank,
+                                     consolidated=dest.name == "final")
     elif run.env.is_main:
         save_checkpoint(dest, model=run.model, tokenizer=run.tokenizer,
                         state={**state, "optimizer": run.optimizer.state_dict()})
@@ -408,28 +415,10 @@ def save(run: Run, dest: Path, step: int, epoch: int) -> None:
     barrier(run.env)
 
 
-def _save_sharded(run: Run, dest: Path, state: dict[str, Any]) -> None:
-    """FSDP: every rank writes its shards of the model and optimizer into the checkpoint's
-    ``distributed/`` (one folder all ranks see); ``final/`` also gets the consolidated Hugging
-    Face weights. Rank 0 adds the config, tokenizer and trainer state and renames it in place."""
-    tmp = dest.parent / f".tmp-{dest.name}-sharded"
-    if run.env.is_main:
-        tmp = begin_checkpoint(dest, tag="sharded")
-    barrier(run.env)
-    fsdp.save_sharded(tmp / fsdp.DCP_DIR, run.model, run.optimizer)
-    full = fsdp.full_model_state(run.model) if dest.name == "final" else None
-    if run.env.is_main:
-        if full is not None:
-            run.model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
-        else:
-            run.model.config.save_pretrained(tmp)
-        finish_checkpoint(tmp, dest, tokenizer=run.tokenizer,
-                          state={**state, "strategy": "fsdp"})
-
-
-def open_source(config: TrainConfig, env: DistEnv, model, tokenizer) -> BatchSource:
+def open_source(config: TrainConfig, env: DistEnv, model, tokenizer, *,
+                sharded_root: torch.nn.Module | None = None) -> BatchSource:
     """The step source of the mode, checked against the student's tokenizer; it owns (and
-    closes) whatever it opened."""
+    closes) whatever it opened. ``sharded_root``: the FSDP root around ``model``."""
     if config.mode == "off-policy":
         from student_trainer.sources.store import StoreSource
 
@@ -441,7 +430,8 @@ def open_source(config: TrainConfig, env: DistEnv, model, tokenizer) -> BatchSou
     from student_trainer.sources.on_policy import OnPolicySource
 
     return OnPolicySource.open(config, model=model, tokenizer=tokenizer, rank=env.rank,
-                               world_size=env.world_size, distributed=env.enabled)
+                               world_size=env.world_size, distributed=env.enabled,
+                               sharded_root=sharded_root)
 
 
 #: /v1/info fields that shape the targets: a resumed on-policy run must see the same ones.

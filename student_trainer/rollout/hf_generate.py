@@ -91,12 +91,15 @@ def _model_generation_config_hidden(model):
 
 def generate_responses(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int,
                        eos_token_id: int | Sequence[int] | None, config: RolloutConfig,
-                       seed: int, max_seq_len: int | None = None
+                       seed: int, max_seq_len: int | None = None, synced_gpus: bool = False
                        ) -> list[tuple[list[int], int]]:
     """Sample one response per prompt: ``[(prompt + response ids, len(prompt)), ...]``.
 
     ``model`` is a plain Hugging Face causal LM (not a DDP wrapper); it is put in eval mode for
-    the call and restored afterwards.
+    the call and restored afterwards. ``synced_gpus``: every rank runs ``generate``'s forward
+    passes until all ranks are done (FSDP-sharded layers gather their weights in each forward,
+    a collective); a rank that finished early draws nothing more, so its samples are those of
+    an unsynced call.
     """
     config.validate()
     eos_ids = eos_id_set(eos_token_id)
@@ -111,13 +114,13 @@ def generate_responses(model, prompts: Sequence[Sequence[int]], *, pad_token_id:
             for start in range(0, len(prompts), config.batch_size):
                 chunk = [list(map(int, p)) for p in prompts[start:start + config.batch_size]]
                 results.extend(_generate_chunk(model, chunk, pad_token_id, eos_ids, config,
-                                               device, max_seq_len))
+                                               device, max_seq_len, synced_gpus))
     finally:
         model.train(was_training)
     return results
 
 
-def _generate_chunk(model, prompts, pad_id, eos_ids, config, device, max_seq_len):
+def _generate_chunk(model, prompts, pad_id, eos_ids, config, device, max_seq_len, synced_gpus):
     longest = max(len(p) for p in prompts)
     new_tokens = config.max_new_tokens
     if max_seq_len is not None:
@@ -134,7 +137,7 @@ def _generate_chunk(model, prompts, pad_id, eos_ids, config, device, max_seq_len
                                          eos_ids=eos_ids)
     with _model_generation_config_hidden(model):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             generation_config=settings)
+                             generation_config=settings, synced_gpus=synced_gpus)
     generated = out[:, longest:].tolist()
     results = []
     for prompt, response in zip(prompts, generated):
@@ -163,16 +166,29 @@ class HFRollouts:
     """The ``hf`` rollout backend: :func:`generate_responses` with fixed settings."""
 
     def __init__(self, config: RolloutConfig, *, pad_token_id: int,
-                 eos_token_id: int | Sequence[int] | None, max_seq_len: int | None = None):
+                 eos_token_id: int | Sequence[int] | None, max_seq_len: int | None = None,
+                 sharded_root: torch.nn.Module | None = None):
         self.config = config
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.max_seq_len = max_seq_len
+        #: ``--strategy fsdp``: the root FSDP unit around the model. ``generate`` calls the
+        #: model, never the root's forward, so the root's own parameters (embeddings, final
+        #: norm, LM head) are gathered around the call; the decoder layers gather their own.
+        self.sharded_root = sharded_root
 
     def sample(self, model, prompts: Sequence[Sequence[int]], seed: int
                ) -> list[tuple[list[int], int]]:
-        return generate_responses(model, prompts, pad_token_id=self.pad_token_id,
-                                  eos_token_id=self.eos_token_id, config=self.config, seed=seed,
-                                  max_seq_len=self.max_seq_len)
+        root = self.sharded_root
+        if root is not None:
+            root.unshard()
+        try:
+            return generate_responses(model, prompts, pad_token_id=self.pad_token_id,
+                                      eos_token_id=self.eos_token_id, config=self.config,
+                                      seed=seed, max_seq_len=self.max_seq_len,
+                                      synced_gpus=root is not None)
+        finally:
+            if root is not None:
+                root.reshard()
 
     def close(self) -> None:
         pass

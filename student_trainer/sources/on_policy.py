@@ -140,9 +140,11 @@ class OnPolicySource:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, config, *, model: torch.nn.Module, tokenizer, rank: int, world_size: int,
-             distributed: bool) -> "OnPolicySource":
+             distributed: bool, sharded_root: torch.nn.Module | None = None
+             ) -> "OnPolicySource":
         """The source for a :class:`~student_trainer.recipes.configs.TrainConfig`: the client
-        (checked against the student's tokenizer), the prompts, the rollout backend."""
+        (checked against the student's tokenizer), the prompts, the rollout backend
+        (``sharded_root``: the FSDP root around ``model``, gathered for sampling)."""
         from causal_lm.loading import pad_token_id
         from storage.tokenization import tokenizer_sha256
         from student_trainer.client import RetryPolicy, TeacherClient
@@ -199,7 +201,7 @@ class OnPolicySource:
             else:
                 rollouts = HFRollouts(rollout_config, pad_token_id=pad_token_id(tokenizer),
                                       eos_token_id=tokenizer.eos_token_id,
-                                      max_seq_len=max_seq_len)
+                                      max_seq_len=max_seq_len, sharded_root=sharded_root)
         except BaseException:
             client.close()
             raise
