@@ -78,14 +78,15 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> Batch:
 @torch.no_grad()
 def pair_logprobs(forward: torch.nn.Module, pairs: Sequence[PreferencePair], *, pad_id: int,
                   max_tokens: int, device: torch.device, desc: str | None = None,
-                  env: DistEnv = DistEnv(), lockstep: bool = False) -> tuple[Tensor, Tensor]:
+                  env: DistEnv = DistEnv(), lockstep: bool = False, amp: bool = False
+                  ) -> tuple[Tensor, Tensor]:
     """Summed response log-probs ``(chosen [n], rejected [n])`` under ``forward``'s model, in
     float64 on the CPU (eval mode, no gradients).
 
     Under torchrun each rank scores pairs ``rank, rank + world_size, ...`` and every rank gets
     all of them back. ``lockstep``: ``forward`` runs collectives (FSDP gathers each layer's
     shards, DDP syncs buffers), so every rank makes as many forward passes, a rank with fewer
-    micro-batches repeating its last one (and discarding it)."""
+    micro-batches repeating its last one (and discarding it). ``amp``: bf16 autocast."""
     from tqdm.auto import tqdm
 
     was_training = forward.training
@@ -101,7 +102,8 @@ def pair_logprobs(forward: torch.nn.Module, pairs: Sequence[PreferencePair], *, 
                       unit="batch"):
             group = groups[i] if i < len(groups) else (groups[-1] if groups else [0])
             batch = collate_pairs([pairs[j] for j in group], pad_id).to(device)
-            logp = sequence_logprobs(forward, batch).double().cpu()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logp = sequence_logprobs(forward, batch).double().cpu()
             if i < len(groups):
                 n = len(group)
                 chosen[group] = logp[:n]

@@ -204,3 +204,21 @@ def test_dpo_killed_and_resumed_gives_the_uninterrupted_weights(setup, tmp_path,
     # a changed setting is refused on --resume, naming it
     assert main([*argv(out)[3:], "--resume", "--beta", "0.2"]) == 2
     assert "--beta 0.1 -> 0.2" in capsys.readouterr().err
+
+
+def test_dpo_first_step_starts_at_log_2_in_float32_and_under_bf16_autocast(setup, tmp_path):
+    """The policy starts as the reference, so step 1's loss is log 2 (margin 0). Under
+    --bf16 on the reference log-probs are scored under the same autocast as the policy's: the
+    margin stays within bf16 rounding of 0 instead of carrying a float32-vs-bf16 offset."""
+    _, base, prefs = setup
+    losses = {}
+    for bf16 in ("off", "on"):
+        out = tmp_path / bf16
+        assert main(["dpo", "--model", str(base), "--data", str(prefs), "--out", str(out),
+                     "--max-steps", "1", "--bf16", bf16, "--report-to", "none", *ARGS]) == 0
+        losses[bf16] = read_jsonl(out / "metrics.jsonl")[0]
+    assert abs(losses["off"]["loss"] - math.log(2)) < 1e-5
+    assert abs(losses["off"]["reward_margin"]) < 1e-5
+    assert abs(losses["on"]["loss"] - math.log(2)) < 5e-3
+    # autocast did run: the gradient differs at bf16's precision
+    assert 0 < abs(losses["on"]["grad_norm"] / losses["off"]["grad_norm"] - 1) < 0.05

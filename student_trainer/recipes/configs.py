@@ -301,6 +301,9 @@ class DPOConfig(DatasetOptions):
                         "ddp = a whole copy each; fsdp = FSDP2, parameters, gradients and AdamW "
                         "states sharded over the ranks (docs/training.md, 'Strategy')"] = "ddp"
     gradient_checkpointing: Annotated[bool, "recompute activations in backward"] = False
+    bf16: Annotated[Literal["auto", "on", "off"], "bf16 autocast for the forward passes, the "
+                    "reference log-probs' included (auto: on with CUDA); weights stay float32, "
+                    "log-softmax in float32"] = "auto"
     progress: Annotated[bool, "show a progress bar"] = True
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
     report_to: ReportTo = "tensorboard"
@@ -331,7 +334,7 @@ class DPOConfig(DatasetOptions):
 DPO_RESUME_FIXED = ("model", "data", "split", "data_config", "reverse", "beta", "lr",
                     "weight_decay", "warmup_ratio", "lr_schedule", "min_lr_ratio", "batch_size",
                     "max_tokens", "epochs", "max_steps", "max_grad_norm", "max_seq_len", "seed",
-                    "strategy")
+                    "strategy", "bf16")
 
 
 @dataclass(kw_only=True)

@@ -113,10 +113,11 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
                         "the response (keeping its EOS); the longest had %d tokens",
                         len(truncated), 2 * len(pairs), config.max_seq_len, max(truncated))
 
+    amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
     if state is None:  # the initial model's, before it is wrapped (no collectives inside)
         ref_chosen, ref_rejected = pair_logprobs(
             forward, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
-            desc="reference log-probs" if config.progress else None, env=env)
+            desc="reference log-probs" if config.progress else None, env=env, amp=amp)
     else:  # as the checkpoint kept them (the model has moved since)
         ref_chosen, ref_rejected = state["ref_chosen"], state["ref_rejected"]
         if len(ref_chosen) != len(pairs):
@@ -125,7 +126,7 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
 
     module: torch.nn.Module = forward
     if sharded:
-        module = fsdp.shard(forward, model, device=device, bf16=False)
+        module = fsdp.shard(forward, model, device=device, bf16=amp)
     elif env.enabled:
         module = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None)
@@ -191,7 +192,7 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
                              ref_rejected[mine], batch_pairs=len(batch_ids),
                              filler=pairs[batch_ids[0]], beta=config.beta,
                              max_tokens=config.max_tokens, pad_id=pad_id, env=env,
-                             device=device)
+                             device=device, amp=amp)
             stats["grad_norm"] = clip_grad_norm(model.parameters(), config.max_grad_norm or None)
             optimizer.step()
             scheduler.step()
@@ -215,7 +216,8 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
         tokenizer.save_pretrained(out)
     final_chosen, final_rejected = pair_logprobs(
         module, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
-        desc="final log-probs" if config.progress else None, env=env, lockstep=env.enabled)
+        desc="final log-probs" if config.progress else None, env=env, lockstep=env.enabled,
+        amp=amp)
     summary = {
         "pairs": len(pairs), "steps": total_steps, "reverse": config.reverse,
         "truncated_sequences": len(truncated),
@@ -238,7 +240,8 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
 
 def dpo_step(module: torch.nn.Module, pairs: list[PreferencePair], ref_chosen: Tensor,
              ref_rejected: Tensor, *, batch_pairs: int, filler: PreferencePair, beta: float,
-             max_tokens: int, pad_id: int, env: DistEnv, device: torch.device) -> dict:
+             max_tokens: int, pad_id: int, env: DistEnv, device: torch.device,
+             amp: bool = False) -> dict:
     """Forward/backward over this rank's pairs of the step in token-budgeted micro-batches.
 
     Each micro-batch's summed loss is divided by the step's pair count over all ranks and
@@ -254,7 +257,8 @@ def dpo_step(module: torch.nn.Module, pairs: list[PreferencePair], ref_chosen: T
         group = groups[min(i, len(groups) - 1)] if groups else []
         batch = collate_pairs([pairs[j] for j in group] if group else [filler], pad_id)
         with fsdp.gradient_sync(module, i == passes - 1):
-            logp = sequence_logprobs(module, batch.to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logp = sequence_logprobs(module, batch.to(device))
             n = batch.num_sequences // 2
             ref_c = ref_chosen[group] if group else torch.zeros(1, dtype=torch.float64)
             ref_r = ref_rejected[group] if group else torch.zeros(1, dtype=torch.float64)
