@@ -60,12 +60,14 @@ def shard(root: nn.Module, model: nn.Module, *, device: torch.device, bf16: bool
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)
-    _first_forward_through_root(root, device)
     return root
 
 
-def _first_forward_through_root(root: nn.Module, device: torch.device) -> None:
-    """FSDP2 makes the first FSDP unit that runs forward the root of the tree. Hugging Face
+def settle_root(root: nn.Module, device: torch.device) -> None:
+    """Call after :func:`shard` when ``root`` is a
+    :class:`~student_trainer.modeling.StudentForward` and the model will ``generate``.
+
+    FSDP2 makes the first FSDP unit that runs forward the root of the tree. Hugging Face
     ``generate`` (on-policy sampling) calls the model, not ``root``, so its first forward
     would start at a decoder layer and the real root would then be refused. One forward of a
     two-token sequence through ``root``, without gradients, settles it. The root keeps its

@@ -222,22 +222,27 @@ def _torchrun(args: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("objective", ["aligndistil", "reinforce-token"])
-def test_fsdp_on_policy_samples_and_learns_what_ddp_does(world, objective):
-    """--strategy fsdp on-policy, 2 ranks: generate runs on the sharded student (the root's
-    embeddings and head gathered around it, every rank stepping until all are done), so each
+@pytest.mark.parametrize("objective,sampling", [("aligndistil", "per-layer"),
+                                                ("aligndistil", "gathered"),
+                                                ("reinforce-token", "per-layer")])
+def test_fsdp_on_policy_samples_and_learns_what_ddp_does(world, objective, sampling):
+    """--strategy fsdp on-policy, 2 ranks: generate runs on the sharded student (per-layer: the
+    root's embeddings and head gathered around it, each layer gathered in each forward, every
+    rank stepping until all are done; gathered: every unit gathered once for the call), so each
     rank samples what the DDP rank with the same seed samples; the losses and final weights
     are DDP's. The policy-gradient objective's extra no-gradient pass keeps the ranks in step."""
     from safetensors.torch import load_file
 
-    runs = {}
-    for strategy in ("ddp", "fsdp"):
-        out = world["root"] / f"{strategy}-{objective}"
-        _torchrun(_args(world, out, "--strategy", strategy, "--objective", objective,
-                        "--top-k", "8", "--max-new-tokens", "10"))
-        runs[strategy] = (read_jsonl(out / "metrics.jsonl"),
-                          load_file(out / "final" / "model.safetensors"))
-    (ddp_rows, ddp_w), (fsdp_rows, fsdp_w) = runs["ddp"], runs["fsdp"]
+    def run(name: str, *extra: str):
+        out = world["root"] / name
+        if not (out / "final").is_dir():  # the DDP run is shared by both samplings
+            _torchrun(_args(world, out, "--objective", objective, "--top-k", "8",
+                            "--max-new-tokens", "10", *extra))
+        return read_jsonl(out / "metrics.jsonl"), load_file(out / "final" / "model.safetensors")
+
+    ddp_rows, ddp_w = run(f"ddp-{objective}", "--strategy", "ddp")
+    fsdp_rows, fsdp_w = run(f"fsdp-{objective}-{sampling}", "--strategy", "fsdp",
+                            "--fsdp-sampling", sampling)
     assert [r["step"] for r in fsdp_rows] == [1, 2, 3]
     for a, b in zip(fsdp_rows, ddp_rows):
         assert a["sequences"] == b["sequences"] == 4

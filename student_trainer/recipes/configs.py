@@ -137,6 +137,11 @@ class TrainConfig(SamplingOptions, DatasetOptions):
                         "ddp = a whole copy each (16 bytes/parameter per rank); fsdp = FSDP2, "
                         "parameters, gradients and AdamW states sharded over the ranks "
                         "(docs/training.md, 'Strategy')"] = "ddp"
+    fsdp_sampling: Annotated[Literal["per-layer", "gathered"], "on-policy with --strategy "
+                             "fsdp: per-layer = each decoder layer gathered for each new token "
+                             "(fits whatever fits training); gathered = the whole student "
+                             "gathered once per rollout call (its weights must fit each GPU; "
+                             "much faster, benchmarks/results/fsdp.md)"] = "per-layer"
     bf16: Annotated[Literal["auto", "on", "off"], "bf16 autocast (auto: on with CUDA); weights "
                     "stay float32"] = "auto"
     gradient_checkpointing: Annotated[bool, "recompute activations in backward"] = False
@@ -169,6 +174,10 @@ class TrainConfig(SamplingOptions, DatasetOptions):
             if unused:
                 raise ConfigError(f"{', '.join(unused)} only apply to --mode on-policy (the "
                                   f"off-policy targets come from --store)")
+        if self.fsdp_sampling != "per-layer" and not (self.strategy == "fsdp"
+                                                      and self.mode == "on-policy"):
+            raise ConfigError("--fsdp-sampling only applies to --mode on-policy with --strategy "
+                              "fsdp")
         if self.strategy == "fsdp" and self.async_rollouts:
             raise ConfigError("--async-rollouts samples from a whole copy of the student in a "
                               "background thread; --strategy fsdp keeps only shards: drop one")

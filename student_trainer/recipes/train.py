@@ -280,6 +280,8 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
     if sharded:
         module = fsdp.shard(forward, model, device=device, bf16=amp)
+        if config.mode == "on-policy":
+            fsdp.settle_root(module, device)
     elif env.enabled:
         module = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None)

@@ -167,28 +167,44 @@ class HFRollouts:
 
     def __init__(self, config: RolloutConfig, *, pad_token_id: int,
                  eos_token_id: int | Sequence[int] | None, max_seq_len: int | None = None,
-                 sharded_root: torch.nn.Module | None = None):
+                 sharded_root: torch.nn.Module | None = None, gathered: bool = False):
         self.config = config
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.max_seq_len = max_seq_len
         #: ``--strategy fsdp``: the root FSDP unit around the model. ``generate`` calls the
         #: model, never the root's forward, so the root's own parameters (embeddings, final
-        #: norm, LM head) are gathered around the call; the decoder layers gather their own.
+        #: norm, LM head) are gathered around the call; each decoder layer gathers its own in
+        #: every forward (one all-gather per layer per new token), or, ``gathered``, every
+        #: unit is gathered once for the whole call (the whole model on each rank meanwhile).
         self.sharded_root = sharded_root
+        self.gathered = gathered
 
     def sample(self, model, prompts: Sequence[Sequence[int]], seed: int
                ) -> list[tuple[list[int], int]]:
         root = self.sharded_root
-        if root is not None:
-            root.unshard()
+        if root is None:
+            return self._generate(model, prompts, seed, synced_gpus=False)
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+        if self.gathered:
+            root.set_reshard_after_forward(False)  # every unit stays gathered between forwards
+        for unit in (units if self.gathered else [root]):
+            unit.unshard()
         try:
-            return generate_responses(model, prompts, pad_token_id=self.pad_token_id,
-                                      eos_token_id=self.eos_token_id, config=self.config,
-                                      seed=seed, max_seq_len=self.max_seq_len,
-                                      synced_gpus=root is not None)
+            # gathered: no forward runs a collective, so the ranks need not step together
+            return self._generate(model, prompts, seed, synced_gpus=not self.gathered)
         finally:
-            if root is not None:
-                root.reshard()
+            for unit in (units if self.gathered else [root]):
+                unit.reshard()
+            if self.gathered:  # back to FSDP's defaults: layers reshard, the root does not
+                root.set_reshard_after_forward(True)
+                root.set_reshard_after_forward(False, recurse=False)
+
+    def _generate(self, model, prompts, seed, *, synced_gpus: bool):
+        return generate_responses(model, prompts, pad_token_id=self.pad_token_id,
+                                  eos_token_id=self.eos_token_id, config=self.config, seed=seed,
+                                  max_seq_len=self.max_seq_len, synced_gpus=synced_gpus)
 
     def close(self) -> None:
         pass

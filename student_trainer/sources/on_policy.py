@@ -201,7 +201,8 @@ class OnPolicySource:
             else:
                 rollouts = HFRollouts(rollout_config, pad_token_id=pad_token_id(tokenizer),
                                       eos_token_id=tokenizer.eos_token_id,
-                                      max_seq_len=max_seq_len, sharded_root=sharded_root)
+                                      max_seq_len=max_seq_len, sharded_root=sharded_root,
+                                      gathered=config.fsdp_sampling == "gathered")
         except BaseException:
             client.close()
             raise
