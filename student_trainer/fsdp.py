@@ -80,6 +80,53 @@ def settle_root(root: nn.Module, device: torch.device) -> None:
     root.reshard()
 
 
+def load_for_sharding(weights: str | Path, *, rank: int, trust_remote_code: bool
+                      ) -> tuple[nn.Module, Any, dict[str, torch.Tensor] | None]:
+    """``(model, tokenizer, full weights)`` for :func:`shard` without a whole copy per GPU.
+
+    Rank 0 loads the weights on the CPU (its ``full weights``: the state dict, kept for
+    :func:`broadcast_weights`); every other rank builds the architecture on the meta device,
+    which allocates nothing. :func:`shard` then moves each unit to the rank's device as it
+    shards it, so no GPU ever holds more than its shards and one unit being sharded, and only
+    rank 0's host memory holds the whole model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from causal_lm.loading import (check_model_dir, check_vocab, load_model_and_tokenizer,
+                                   load_tokenizer)
+
+    if rank == 0:
+        model, tokenizer = load_model_and_tokenizer(weights, device=torch.device("cpu"),
+                                                    train=True,
+                                                    trust_remote_code=trust_remote_code)
+        return model, tokenizer, {k: v for k, v in model.state_dict().items()}
+    path = check_model_dir(weights, "--model", trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, flag="--model")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                        local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    check_vocab(model, tokenizer, "--model", path)
+    return model.train(), tokenizer, None
+
+
+def broadcast_weights(model: nn.Module, full: dict[str, torch.Tensor] | None,
+                      device: torch.device) -> None:
+    """After :func:`shard` of a model from :func:`load_for_sharding`: the ranks that built it
+    on the meta device allocate their shards, and every rank's shards and buffers are filled
+    from rank 0's weights. Buffers that are not in the state dict (e.g. rotary frequencies)
+    are sent too. Collective."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if full is None:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full or {}, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    for _, buffer in sorted(model.named_buffers()):
+        dist.broadcast(buffer, src=0)
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

@@ -92,11 +92,17 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
     barrier(env)
     resume_from = resolve_resume(config.resume, out)
     state = load_state(resume_from) if resume_from else None
-    # An FSDP checkpoint holds sharded weights: the architecture comes from --model, the
-    # weights from the checkpoint's shards once the model is sharded.
-    model, tokenizer = load_model_and_tokenizer(
-        config.model if sharded or state is None else resume_from, device=device, train=True,
-        trust_remote_code=config.trust_remote_code)
+    # FSDP: rank 0 loads --model on the CPU, the other ranks build it on the meta device, and
+    # each rank gets its shards once the model is sharded (a checkpoint's shards replace them
+    # on --resume). Otherwise every rank loads the whole model, from the checkpoint on --resume.
+    full_weights = None
+    if sharded:
+        model, tokenizer, full_weights = fsdp.load_for_sharding(
+            config.model, rank=env.rank, trust_remote_code=config.trust_remote_code)
+    else:
+        model, tokenizer = load_model_and_tokenizer(
+            resume_from or config.model, device=device, train=True,
+            trust_remote_code=config.trust_remote_code)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = pad_token_id(tokenizer)
@@ -114,22 +120,26 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
                         len(truncated), 2 * len(pairs), config.max_seq_len, max(truncated))
 
     amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
-    if state is None:  # the initial model's, before it is wrapped (no collectives inside)
+    module: torch.nn.Module = forward
+    if sharded:
+        module = fsdp.shard(forward, model, device=device, bf16=amp)
+        fsdp.broadcast_weights(model, full_weights, device)
+        del full_weights
+    elif env.enabled:
+        module = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
+    if state is None:  # the initial model's, scored once
         ref_chosen, ref_rejected = pair_logprobs(
-            forward, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
-            desc="reference log-probs" if config.progress else None, env=env, amp=amp)
+            module, pairs, pad_id=pad_id, max_tokens=config.max_tokens, device=device,
+            desc="reference log-probs" if config.progress else None, env=env,
+            lockstep=env.enabled, amp=amp)
+        if sharded:  # FSDP's root stays gathered after a forward: the optimizer wants shards
+            module.reshard()
     else:  # as the checkpoint kept them (the model has moved since)
         ref_chosen, ref_rejected = state["ref_chosen"], state["ref_rejected"]
         if len(ref_chosen) != len(pairs):
             raise CheckpointError(f"--resume {resume_from}: it was made on {len(ref_chosen)} "
                                   f"pairs, --data has {len(pairs)}")
-
-    module: torch.nn.Module = forward
-    if sharded:
-        module = fsdp.shard(forward, model, device=device, bf16=amp)
-    elif env.enabled:
-        module = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:

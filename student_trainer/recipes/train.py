@@ -266,20 +266,31 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     if sharded and not env.enabled:
         raise ConfigError("--strategy fsdp shards the student over torchrun's processes; with "
                           "one process use --strategy ddp (the default)")
-    # An FSDP checkpoint holds sharded weights: the architecture comes from --model, the
-    # weights from the checkpoint's shards once the model is sharded.
-    weights = config.model if sharded or resume_from is None else resume_from
-    model, tokenizer = load_model_and_tokenizer(weights, device=device, train=True,
-                                                trust_remote_code=config.trust_remote_code)
+    # FSDP: rank 0 loads --model on the CPU, the other ranks build it on the meta device, and
+    # each rank gets its shards once the model is sharded (a checkpoint's shards replace them
+    # on --resume). DDP: every rank loads the whole model, from the checkpoint on --resume.
+    full_weights = None
+    if sharded:
+        model, tokenizer, full_weights = fsdp.load_for_sharding(
+            config.model, rank=env.rank, trust_remote_code=config.trust_remote_code)
+    else:
+        model, tokenizer = load_model_and_tokenizer(
+            resume_from or config.model, device=device, train=True,
+            trust_remote_code=config.trust_remote_code)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    packing = choose_packing(config.packing, model)
+    # the packing probe runs forwards: under FSDP on rank 0's whole model, its answer for all
+    packing = choose_packing(config.packing, model) if not sharded or env.is_main else False
+    if sharded:
+        packing = gather_objects(env, packing)[0]
     forward = StudentForward(model, len(tokenizer), tail=config.tail,
                              loss_chunk_size=config.loss_chunk_size)
     module: torch.nn.Module = forward
     amp = {"on": True, "off": False, "auto": device.type == "cuda"}[config.bf16]
     if sharded:
         module = fsdp.shard(forward, model, device=device, bf16=amp)
+        fsdp.broadcast_weights(model, full_weights, device)
+        del full_weights
         if config.mode == "on-policy":
             fsdp.settle_root(module, device)
     elif env.enabled:
