@@ -80,7 +80,7 @@ def settle_root(root: nn.Module, device: torch.device) -> None:
     root.reshard()
 
 
-def load_for_sharding(weights: str | Path, *, rank: int, trust_remote_code: bool
+def load_for_sharding(weights: str | Path, *, rank: int, trust_remote_code: bool = False
                       ) -> tuple[nn.Module, Any, dict[str, torch.Tensor] | None]:
     """``(model, tokenizer, full weights)`` for :func:`shard` without a whole copy per GPU.
 
