@@ -4,7 +4,8 @@ A model or dataset flag takes a local path, or, when no such path exists, a Hub 
 resolved through the Hugging Face cache with ``huggingface_hub.snapshot_download``, honouring
 ``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` (the cache only) and ``HF_TOKEN``, read when
 the flag is resolved. ``@REVISION`` (a branch, tag or commit) follows the id in the same value,
-so a command with two or three models (``--dpo-model``, ``--reverse-model``, ...) can pin each.
+so a command with two or three models (``--dpo-model``, ``--reverse-model``, ...) can pin each;
+``--revision`` (:class:`HubOptions`) pins every model id that carries no ``@REVISION`` of its own.
 
 What comes back is the local snapshot folder, whose name is the resolved commit: runs and stores
 record ``owner/name@commit``, so a resume against other weights or other data is refused.
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Annotated, ClassVar
 
-from storage.errors import UserError
+from storage.errors import ConfigError, UserError
 
 #: ``owner/name`` with an optional ``@revision``: the only shape taken as a Hub id.
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
@@ -57,6 +59,42 @@ def parse_hub_id(spec: str | Path) -> tuple[str, str | None] | None:
 
 def is_hub_id(spec: str | Path | None) -> bool:
     return spec is not None and parse_hub_id(spec) is not None
+
+
+#: A revision on its own: a branch, tag or commit (the ``@REVISION`` part of :data:`HUB_ID`).
+REVISION = re.compile(r"^[\w./-]+$")
+
+
+@dataclass(kw_only=True)
+class HubOptions:
+    """``--revision``: the Hub revision of every model flag given as an id without its own
+    ``@REVISION``. A command's config inherits it and names its model fields in
+    ``MODEL_FIELDS``; the config then holds each such id pinned (``owner/name@REV``), so what is
+    saved, resumed and recorded is the same as if ``@REV`` had been typed."""
+    revision: Annotated[str | None, "the Hub revision (branch, tag or commit) of every model "
+                        "flag given as a Hub id without its own @REVISION (none: main); "
+                        "datasets take owner/name@REVISION in --data"] = None
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if self.revision is None:
+            return
+        if not REVISION.match(self.revision):
+            raise ConfigError(f"--revision {self.revision!r}: not a branch, tag or commit name "
+                              f"(letters, digits, '_', '.', '-', '/')")
+        names = [f.name for f in fields(self) if f.name in self.MODEL_FIELDS]
+        pinned = 0
+        for name in names:
+            parsed = parse_hub_id(getattr(self, name) or "")
+            if parsed is None:
+                continue
+            pinned += 1
+            if parsed[1] is None:
+                setattr(self, name, f"{parsed[0]}@{self.revision}")
+        if not pinned:
+            flags = ", ".join("--" + n.replace("_", "-") for n in names)
+            raise ConfigError(f"--revision {self.revision}: none of {flags} is a Hub id (local "
+                              f"folders have no revision)")
 
 
 def _truthy(name: str) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from storage.datasets import DatasetOptions, require_data
+from storage.hub import HubOptions
 from storage.errors import ConfigError
 from storage.outputs import refuse_output_on_inputs
 from storage.store.location import is_object_url
@@ -30,7 +31,8 @@ def saved_config_name(worker: int) -> str:
 
 
 @dataclass(kw_only=True)
-class TeacherOptions:
+class TeacherOptions(HubOptions):
+    MODEL_FIELDS = ("dpo_model", "reverse_model", "reference_model")
     dpo_model: Annotated[str, "the DPO-trained teacher: a Hugging Face folder or a Hub id "
                          "(owner/name[@revision])"]
     reverse_model: Annotated[str | None, "the reverse-DPO teacher (modes adaptive, constant): "

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aligndistil.cli import main
+from aligndistil.cli import main, parse_command
 from hub_cache import folder_files, put_in_hub_cache
 from storage.datasets import DataError, data_source, read_examples, source_fingerprint
 from storage.hub import HubError, parse_hub_id, resolve_snapshot, snapshot_ref
@@ -75,6 +75,8 @@ def hub(tmp_path_factory, teacher_pair):
     put_in_hub_cache(cache, "tiny/dpo", folder_files(dpo), commit=COMMIT_A)
     put_in_hub_cache(cache, "tiny/dpo", folder_files(dpo), commit=COMMIT_B)  # main is now B
     put_in_hub_cache(cache, "tiny/reverse", folder_files(rev), commit=COMMIT_A)
+    for repo in ("models--tiny--dpo", "models--tiny--reverse"):  # a tag v1 -> commit A
+        (cache / repo / "refs" / "v1").write_text(COMMIT_A)
     # a model that only has pickle weights: refused, never loaded
     pickled = save_model_dir(root / "pickled", seed=3)
     files = folder_files(pickled)
@@ -162,6 +164,51 @@ def test_a_resume_against_another_commit_is_refused(offline, capsys):
     err = capsys.readouterr().err
     assert "teachers" in err and COMMIT_B in err and "Traceback" not in err, err
     assert len(TargetStore.open(store)) == 4  # what was there is untouched
+
+
+def test_revision_pins_every_model_id_without_its_own(offline, capsys):
+    """--revision REV is @REV on each model flag given as a Hub id that has none; an id's own
+    @REV wins; the store records the commit the revision names."""
+    data = ["--data", str(offline["jsonl"])]
+    commands = {
+        "precompute": (["--dpo-model", "tiny/dpo", "--reverse-model", "tiny/reverse@main",
+                        *data, "--out", "o"],
+                       {"dpo_model": "tiny/dpo@v1", "reverse_model": "tiny/reverse@main"}),
+        "serve": (["--dpo-model", "tiny/dpo", "--reverse-model", str(offline["rev"])],
+                  {"dpo_model": "tiny/dpo@v1", "reverse_model": str(offline["rev"])}),
+        "train": (["--mode", "off-policy", "--model", "tiny/dpo", "--out", "o"],
+                  {"model": "tiny/dpo@v1"}),
+        "dpo": (["--model", "tiny/dpo", *data, "--out", "o"], {"model": "tiny/dpo@v1"}),
+        "sft": (["--model", "tiny/dpo", *data, "--out", "o"], {"model": "tiny/dpo@v1"}),
+        "eval": (["--model", "tiny/dpo", "--prompts", "p.jsonl"], {"model": "tiny/dpo@v1"}),
+        "reward-accuracy": (["--dpo-model", "tiny/dpo", "--reverse-model", "tiny/reverse",
+                             "--reference-model", "tiny/reverse@" + COMMIT_A],
+                            {"dpo_model": "tiny/dpo@v1", "reverse_model": "tiny/reverse@v1",
+                             "reference_model": "tiny/reverse@" + COMMIT_A}),
+    }
+    for command, (argv, expected) in commands.items():
+        parsed = vars(parse_command([command, *argv, "--revision", "v1"]))
+        assert {k: parsed[k] for k in expected} == expected, command
+
+    store = offline["root"] / "store_revision"
+    argv = ["precompute", "--dpo-model", "tiny/dpo", "--reverse-model", "tiny/reverse",
+            "--data", "tiny/prefs", "--split", "train_prefs", "--limit", "3", *TEACHER]
+    assert main([*argv, "--out", str(store), "--revision", "v1"]) == 0
+    teachers = TargetStore.open(store).metadata.teachers
+    assert teachers["dpo"].startswith(f"tiny/dpo@{COMMIT_A}@")  # v1, not main (commit B)
+    assert teachers["reverse"].startswith(f"tiny/reverse@{COMMIT_A}@")
+    capsys.readouterr()
+    for bad, message in [(["--revision", "v9"], "hf download tiny/dpo --revision v9"),
+                         (["--revision", "v1 x"], "--revision 'v1 x': not a branch, tag or"),
+                         (["--revision", "v1", "--dpo-model", str(offline["dpo"]),
+                           "--reverse-model", str(offline["rev"])],
+                          "--revision v1: none of --dpo-model, --reverse-model, "
+                          "--reference-model is a Hub id")]:
+        out = offline["root"] / "store_bad_revision"
+        assert main([*argv, "--out", str(out), *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (bad, err)
+        assert not (out / "zarr.json").exists()
 
 
 def test_dataset_configs_splits_and_local_folders(offline, tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from storage.datasets import DatasetOptions, require_data
+from storage.hub import HubOptions
 from storage.errors import ConfigError
 from storage.outputs import (refuse_folder_as_file, refuse_output_on_inputs, refuse_used_folder,
                              require_file)
@@ -64,8 +65,9 @@ def check_sampling(config: SamplingOptions) -> None:
 
 
 @dataclass(kw_only=True)
-class TrainConfig(SamplingOptions, DatasetOptions):
+class TrainConfig(SamplingOptions, DatasetOptions, HubOptions):
     """``aligndistil train``: AlignDistil, off-policy from a store or on-policy via a server."""
+    MODEL_FIELDS = ("model",)
     mode: Annotated[Literal["off-policy", "on-policy"], "where the targets come from"]
     model: Annotated[str, "the initial student: a Hugging Face folder (safetensors) or Hub id "
                      "(owner/name[@revision]) whose tokenizer matches the teachers'"]
@@ -283,8 +285,9 @@ RESUME_FIXED = (
 
 
 @dataclass(kw_only=True)
-class DPOConfig(DatasetOptions):
+class DPOConfig(DatasetOptions, HubOptions):
     """``aligndistil dpo``: a teacher by sigmoid DPO (``--reverse``: the reverse teacher)."""
+    MODEL_FIELDS = ("model",)
     model: Annotated[str, "the initial model (and the reference)"]
     data: Annotated[str, "preference pairs, rows {'prompt', 'chosen': [messages], 'rejected': "
                     "[messages]}: JSONL/Parquet, a dataset folder or a Hub dataset id"]
@@ -347,8 +350,9 @@ DPO_RESUME_FIXED = ("model", "data", "split", "data_config", "reverse", "beta", 
 
 
 @dataclass(kw_only=True)
-class SFTConfig(DatasetOptions):
+class SFTConfig(DatasetOptions, HubOptions):
     """``aligndistil sft``: cross-entropy on the assistant's response tokens."""
+    MODEL_FIELDS = ("model",)
     model: Annotated[str, "the initial model"]
     data: Annotated[str, "chat demonstrations: {'messages': [...]} or prompt/response rows"]
     out: Annotated[str, "where the fine-tuned model is saved"]
@@ -376,8 +380,9 @@ class SFTConfig(DatasetOptions):
 
 
 @dataclass(kw_only=True)
-class EvalConfig(SamplingOptions, DatasetOptions):
+class EvalConfig(SamplingOptions, DatasetOptions, HubOptions):
     """``aligndistil eval``: sample a model on prompts and measure the samples."""
+    MODEL_FIELDS = ("model",)
     model: Annotated[str, "the model to evaluate"]
     prompts: Annotated[str, "rows with 'prompt' or 'messages': JSONL/Parquet, a dataset folder "
                        "or a Hub dataset id"]
@@ -415,9 +420,10 @@ class EvalConfig(SamplingOptions, DatasetOptions):
 
 
 @dataclass(kw_only=True)
-class RewardAccuracyConfig:
+class RewardAccuracyConfig(HubOptions):
     """``aligndistil reward-accuracy``: how often each reward ranks chosen above rejected
     (the paper's Table 2)."""
+    MODEL_FIELDS = ("dpo_model", "reverse_model", "reference_model")
     dpo_model: Annotated[str, "the DPO-trained teacher"]
     reverse_model: Annotated[str, "the reverse-DPO teacher"]
     reference_model: Annotated[str, "the reference (SFT) model both were trained from"]
