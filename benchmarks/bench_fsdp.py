@@ -108,6 +108,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_two_ranks(script: str, args: list[str]) -> None:
+    """``script args`` under ``torchrun --nproc-per-node 2`` on loopback, one thread per rank."""
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), script,
+                    *args], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
@@ -126,11 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for strategy in ("ddp", "fsdp"):
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                            "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                            __file__, "--steps", str(args.steps), "--worker", strategy,
-                            tmp.name], check=True, cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+            torchrun_two_ranks(__file__, ["--steps", str(args.steps), "--worker", strategy,
+                                          tmp.name])
             runs[strategy] = json.loads(Path(tmp.name).read_text())
     summary = {}
     for strategy, ranks in runs.items():

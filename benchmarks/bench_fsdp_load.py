@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -104,14 +102,6 @@ def save_model(folder: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(RESULTS / "fsdp_load"))
@@ -123,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_fsdp import torchrun_two_ranks
     from machine_info import machine
 
     runs = {}
@@ -132,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         weights_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         for strategy in ("ddp", "fsdp"):
             result = Path(tmp) / f"{strategy}.json"
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                            "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                            __file__, "--worker", strategy, str(model_dir), str(result)],
-                           check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            torchrun_two_ranks(__file__, ["--worker", strategy, str(model_dir), str(result)])
             runs[strategy] = json.loads(result.read_text())
     info = {"machine": machine(torch_threads=1), "ranks": 2, "backend": "gloo (CPU)",
             "params": params, "safetensors_bytes": weights_bytes,
