@@ -31,7 +31,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, StrictInt,
                       StrictStr, Tag, ValidationError)
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from storage import wire
 from storage.datasets import Example
@@ -71,12 +73,17 @@ class TokenSequence(BaseModel):
     """A pre-tokenised sequence: prompt + response ids and where the response starts."""
     model_config = ConfigDict(extra="forbid")
     input_ids: list[StrictInt] = Field(min_length=2)
-    prompt_len: StrictInt
+    #: the engine also needs prompt_len < len(input_ids), which a JSON Schema cannot state
+    prompt_len: StrictInt = Field(ge=1)
 
 
 class TextSequence(BaseModel):
-    """A text sequence the server tokenises with the teachers' chat template."""
-    model_config = ConfigDict(extra="forbid")
+    """A text sequence the server tokenises with the teachers' chat template: the prompt as
+    ``messages`` or as one user turn ``prompt`` (exactly one of them), and the ``response``."""
+    #: the schema states "exactly one of messages and prompt" (checked in _to_request)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}}]})
     messages: list[Message] | None = Field(default=None, min_length=1)
     prompt: Text | None = None
     response: Annotated[Text, Field(min_length=1)]
@@ -253,6 +260,65 @@ class ScoreResponse(BaseModel):
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 413, 415, 422, 429, 503)}
 
 
+# ---------------------------------------------------------------------------- OpenAPI
+_COMPONENTS = "#/components/schemas/{model}"
+#: JSON schemas of the bodies read by hand (``json_body_openapi``) and of every model they
+#: nest, by component name: :func:`_as_configured` puts them into components/schemas.
+_BODY_SCHEMAS: dict[str, dict] = {}
+
+
+def json_body_openapi(model: type[BaseModel]) -> dict:
+    """``openapi_extra`` for a route that reads its JSON body by hand (as ``/v1/score`` does, for
+    the size and encoding checks) instead of through a FastAPI body parameter: the request body
+    is ``model``, by reference, and ``model`` with the models it nests go into
+    components/schemas, so every reference in the document resolves."""
+    refs, defs = models_json_schema([(model, "validation")], ref_template=_COMPONENTS)
+    for name, schema in defs.get("$defs", {}).items():
+        if _BODY_SCHEMAS.setdefault(name, schema) != schema:
+            raise ValueError(f"two different request models are both named {name!r}")
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": refs[(model, "validation")]}}}}
+
+
+_ERROR_SCHEMAS = models_json_schema([(ErrorResponse, "serialization")],
+                                    ref_template=_COMPONENTS)[1]["$defs"]
+
+
+def _add_components(schemas: dict, new: dict) -> None:
+    for name, schema in new.items():
+        if schemas.setdefault(name, schema) != schema:
+            raise ValueError(f"two different models are both named {name!r} in the OpenAPI "
+                             f"document; rename one")
+
+
+def _as_configured(doc: dict, settings: ServerSettings) -> dict:
+    """FastAPI's document, completed: the hand-read bodies' schemas in components, our error
+    body for 422s, and security only where the server has a key (DESIGN §4)."""
+    components = doc.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
+    _add_components(schemas, _BODY_SCHEMAS)
+    ops = [op for item in doc.get("paths", {}).values() for op in item.values()
+           if isinstance(op, dict) and "responses" in op]
+    # A route with FastAPI-validated parameters documents FastAPI's 422 body ({"detail": ..});
+    # the server answers those with ErrorResponse (_validation_error), so document that.
+    fastapi_422 = {"$ref": _COMPONENTS.format(model="HTTPValidationError")}
+    for op in ops:
+        content = op["responses"].get("422", {}).get("content", {}).get("application/json", {})
+        if content.get("schema") == fastapi_422:
+            content["schema"] = {"$ref": _COMPONENTS.format(model="ErrorResponse")}
+            _add_components(schemas, _ERROR_SCHEMAS)
+    if fastapi_422["$ref"] not in json.dumps(doc):
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+    if not settings.api_key:
+        # No key: nothing is checked, so nothing is declared (nor a 401 that is never sent).
+        components.pop("securitySchemes", None)
+        for op in ops:
+            if op.pop("security", None) is not None:
+                op["responses"].pop("401", None)
+    return doc
+
+
 # ---------------------------------------------------------------------------- dependencies
 def get_state(request: Request) -> ServerState:
     return request.app.state.server
@@ -350,9 +416,7 @@ async def v1_info(engine: Annotated[TeacherEngine, Depends(require_ready)]):
 @router.post("/v1/score", dependencies=[Depends(require_key)],
              responses={200: {"model": ScoreResponse, "content": {
                  wire.ARROW_STREAM_MEDIA_TYPE: {}}}, **_ERRORS},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": ScoreBody.model_json_schema(
-                     ref_template="#/components/schemas/{model}")}}}})
+             openapi_extra=json_body_openapi(ScoreBody))
 async def v1_score(request: Request, state: Annotated[ServerState, Depends(get_state)],
                    engine: Annotated[TeacherEngine, Depends(require_ready)],
                    body: Annotated[ScoreBody, Depends(read_score_body)]):
@@ -396,7 +460,20 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, kind, str(exc.detail))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # RFC 9110 §15.5.6: Allow lists what the path does take
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return error_response(exc.status_code, kind, str(exc.detail), headers or None)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method of every route on the request's path (Starlette's own 405 names only the
+    first route that matched the path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 async def _count_requests(request: Request, call_next):
@@ -431,6 +508,16 @@ def create_app(engine_factory: Callable[[], TeacherEngine],
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.middleware("http")(_count_requests)
     app.include_router(router)
+
+    def openapi() -> dict:
+        """The document of this server as configured (DESIGN §4), built once."""
+        if app.openapi_schema is None:
+            doc = FastAPI.openapi(app)
+            app.openapi_schema = None  # cached only once completed
+            app.openapi_schema = _as_configured(doc, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
