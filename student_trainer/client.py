@@ -13,15 +13,25 @@
   targets whose ids mean other tokens.
 
 Several servers (``TeacherClient(["http://a:8000", "http://b:8000"])``, or one comma-separated
-string): ``check_compatible`` refuses a set whose ``/v1/info`` differ in anything that shapes
-the targets (:data:`TARGET_FIELDS`). ``score`` splits a batch into at least one request per
-server and sends them at once; each request goes to the live server with the fewest requests
-outstanding. A server that fails, times out or sheds (429/503) is taken out of rotation and the
-request moves to another at once; a server out of rotation is asked ``/readyz`` (and
-``/v1/info``, which must still match) before it gets requests again, after the retry policy's
-backoff. Only when every server is out does the client wait, and after ``max_retries`` such
-rounds it raises :class:`TeacherUnavailable`. Each sequence's targets come from exactly one
-answered request.
+string), as users deploy them: on several hosts, started and stopped on their own.
+
+- What must agree is what decides the targets (:func:`target_differences`): each teacher's
+  fingerprint (and Hub revision, where both servers name one), the tokenizer and every target
+  setting. Paths may differ: two hosts keep the same weights in different folders.
+- ``check_compatible`` starts on the servers that answer ``/v1/info``; the others are out of
+  rotation, with a warning, and are probed in the background until they join. It refuses only
+  when no server answers (after the retry policy's rounds) or when servers that answer
+  disagree. The pool's ``max_seq_len`` is the smallest of theirs; a server that joins later
+  must allow at least that much.
+- ``score`` splits a batch into at least one request per live server and sends them at once;
+  each request goes to the live server with the fewest requests outstanding. A server that
+  fails, times out or sheds (429/503) is taken out of rotation and the request moves to
+  another at once. A background thread asks each server out of rotation ``/readyz`` and
+  ``/v1/info`` (which must still agree) when its backoff is over, whether or not the others
+  are up, so a server that hiccuped once comes back and the run keeps its capacity.
+- Only when every server is out does a request wait; it gives up with
+  :class:`TeacherUnavailable` once every server has failed more than ``max_retries`` times in a
+  row. Each sequence's targets come from exactly one answered request.
 """
 
 from __future__ import annotations
@@ -46,9 +56,38 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
-#: ``/v1/info`` fields that shape the targets: every server of a set must agree on them.
-TARGET_FIELDS = ("models", "tokenizer_sha256", "vocab_size", "top_k", "r", "eps", "tvd_norm",
-                 "mode", "beta0", "beta", "dpo_top")
+#: ``/v1/info`` settings that shape the targets: every server of a set must agree on them
+#: (the teachers themselves are compared by :func:`target_differences`).
+TARGET_FIELDS = ("tokenizer_sha256", "vocab_size", "top_k", "r", "eps", "tvd_norm", "mode",
+                 "beta0", "beta", "dpo_top")
+
+
+def teacher_models(info: dict[str, Any] | None) -> dict[str, dict[str, str]]:
+    """``/v1/info``'s ``models`` without what only says where a host keeps them: role ->
+    ``{"fingerprint", "revision"?}``."""
+    models = (info or {}).get("models") or {}
+    return {role: {k: v for k, v in ident.items() if k in ("fingerprint", "revision")}
+            for role, ident in sorted(models.items()) if isinstance(ident, dict)}
+
+
+def target_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+    """What differs between two ``/v1/info`` answers (or records of one) in what decides the
+    targets: the teachers by fingerprint, and by Hub revision when both name one (paths may
+    differ), and every setting of :data:`TARGET_FIELDS`."""
+    a, b = a or {}, b or {}
+    diffs = []
+    ma, mb = teacher_models(a), teacher_models(b)
+    if sorted(ma) != sorted(mb):
+        diffs.append(f"teachers: {sorted(ma)} vs {sorted(mb)}")
+    for role in sorted(set(ma) & set(mb)):
+        x, y = ma[role], mb[role]
+        for key in ("fingerprint", "revision"):
+            if key in x and key in y and x[key] != y[key]:
+                diffs.append(f"{role} {key}: {x[key]!r} vs {y[key]!r}")
+        if "fingerprint" not in x or "fingerprint" not in y:
+            diffs.append(f"{role}: no fingerprint to compare")
+    diffs += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in TARGET_FIELDS if a.get(k) != b.get(k)]
+    return diffs
 
 
 def split_urls(urls: str | Sequence[str]) -> list[str]:
@@ -111,8 +150,8 @@ class _Server:
     http: httpx.Client
     outstanding: int = 0      #: requests sent and not yet answered
     down: bool = False        #: out of rotation
-    retry_at: float = 0.0     #: when to ask /readyz again (monotonic seconds)
-    failures: int = 0         #: consecutive failures (sets the backoff)
+    retry_at: float = 0.0     #: when to probe it again (monotonic seconds)
+    failures: int = 0         #: consecutive failures, requests and probes (sets the backoff)
     last_problem: str = ""
     info: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -125,7 +164,7 @@ class TeacherClient:
                  retry: RetryPolicy | None = None, max_request_sequences: int = 128,
                  max_request_tokens: int = 32768, sleep: Callable[[float], None] = time.sleep,
                  seed: int | None = None, transport: httpx.BaseTransport | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, probe_timeout: float = 10.0):
         urls = split_urls(base_url)
         self.base_url = ",".join(urls)
         self._vocab_size: int | None = None  # set by check_compatible
@@ -135,23 +174,39 @@ class TeacherClient:
         self._sleep = sleep
         self._clock = clock
         self._rng = random.Random(seed)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # guards the servers' state; notified on changes
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._servers = [
             _Server(url, httpx.Client(base_url=url, headers=headers, transport=transport,
                                       timeout=httpx.Timeout(timeout, connect=connect_timeout)))
             for url in urls]
+        self._probe_timeout = httpx.Timeout(min(timeout, probe_timeout),
+                                            connect=min(connect_timeout, probe_timeout))
         self._pool = ThreadPoolExecutor(max_workers=len(urls), thread_name_prefix="teacher") \
             if len(urls) > 1 else None
-        self._reference: dict[str, Any] | None = None  # the set's target settings
+        self._reference: dict[str, Any] | None = None  # the set's /v1/info (what must agree)
+        self.max_seq_len: int | None = None  #: the pool's limit (the smallest server's)
+        self._prober: threading.Thread | None = None
+        self._closed = False
         self.retries_done = 0  #: requests sent again after a failure (for metrics and tests)
         self.moved = 0         #: of those, sent to another server at once
+        self.rejoined = 0      #: servers brought back into rotation by the prober
 
     @property
     def urls(self) -> list[str]:
         return [s.url for s in self._servers]
 
+    @property
+    def live_urls(self) -> list[str]:
+        with self._lock:
+            return [s.url for s in self._servers if not s.down]
+
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._prober is not None:
+            self._prober.join(timeout=60)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         for server in self._servers:
@@ -171,29 +226,49 @@ class TeacherClient:
 
     def check_compatible(self, *, tokenizer_sha256: str, vocab_size: int,
                          student: str = "--model") -> dict[str, Any]:
-        """Refuse a server whose tokenizer is not the student's, or a set of servers whose
-        target settings differ; returns the (first) server's info."""
-        infos = []
+        """Refuse a server whose tokenizer is not the student's, or servers whose targets would
+        differ; start on those that answer (see the module docstring). Returns the first
+        answering server's info, with ``max_seq_len`` the pool's."""
+        if len(self._servers) == 1:
+            server = self._servers[0]
+            answered = {server.url: self._request("GET", "/v1/info", only=server).json()}
+            silent: dict[str, tuple[str, float | None]] = {}
+        else:
+            answered, silent = self._first_answers()
         for server in self._servers:
-            info = self._request("GET", "/v1/info", only=server).json()
+            info = answered.get(server.url)
+            if info is None:
+                continue
             check_same_tokenizer(f"the teacher server at {server.url}",
                                  theirs_sha256=info.get("tokenizer_sha256"),
                                  theirs_vocab=info.get("vocab_size"),
                                  student_sha256=tokenizer_sha256, student_vocab=vocab_size,
                                  student=student, error=TeacherMismatch)
             server.info = info
-            infos.append(info)
-        first = self._servers[0]
-        for server in self._servers[1:]:
-            diffs = _differences(first.info, server.info)
+        live = [s for s in self._servers if s.info is not None]
+        first = live[0]
+        for server in live[1:]:
+            diffs = target_differences(first.info, server.info)
             if diffs:
                 raise TeacherMismatch(
                     f"the teacher servers disagree on what shapes the targets: {first.url} vs "
                     f"{server.url}: {'; '.join(diffs)}. Start every server with the same "
                     f"teachers and settings")
-        self._reference = {k: first.info.get(k) for k in TARGET_FIELDS}
+        limits = [s.info["max_seq_len"] for s in live if s.info.get("max_seq_len")]
+        self.max_seq_len = min(limits) if limits else None
+        if len(set(limits)) > 1:
+            log.warning("the teacher servers allow different --max-seq-len (%s): the run uses "
+                        "the smallest, %d", ", ".join(f"{s.url}: {s.info.get('max_seq_len')}"
+                                                      for s in live), self.max_seq_len)
+        self._reference = dict(first.info)
         self._vocab_size = vocab_size  # from now on, every served top-k id is checked against it
-        return infos[0]
+        for server in self._servers:  # now that the prober knows what they must agree with
+            if server.url in silent:
+                self._take_out(server, *silent[server.url])
+        if silent:
+            log.warning("starting on %d of %d teacher servers; %s join when they answer and "
+                        "agree", len(live), len(self._servers), ", ".join(silent))
+        return {**first.info, "max_seq_len": self.max_seq_len}
 
     def score(self, sequences: Sequence[tuple[Sequence[int], int]], *, top_k: int | None = None
               ) -> list[TargetRecord]:
@@ -205,6 +280,49 @@ class TeacherClient:
         else:
             results = list(self._pool.map(lambda c: self._score_chunk(c, top_k), chunks))
         return [record for got in results for record in got]
+
+    # ------------------------------------------------------------------ start-up
+    def _first_answers(self) -> tuple[dict[str, dict], dict[str, tuple[str, float | None]]]:
+        """``/v1/info`` of every server that answers, asked together, in rounds with backoff
+        until at least one does; and ``(problem, retry_after)`` of each that did not."""
+        assert self._pool is not None
+        for attempt in range(self.retry.max_retries + 1):
+            outcomes = list(self._pool.map(self._ask_info, self._servers))
+            answered = {s.url: info for s, (info, _, _) in zip(self._servers, outcomes)
+                        if info is not None}
+            if answered:
+                return answered, {s.url: (problem, retry_after) for s, (info, problem,
+                                  retry_after) in zip(self._servers, outcomes) if info is None}
+            if attempt == self.retry.max_retries:
+                break
+            retry_after = max((ra for _, _, ra in outcomes if ra is not None), default=None)
+            wait = self.retry.delay(attempt, retry_after, self._rng)
+            log.warning("no teacher server answers GET /v1/info yet; round %d/%d in %.1fs",
+                        attempt + 1, self.retry.max_retries, wait)
+            self._sleep(wait)
+        raise TeacherUnavailable(
+            f"no teacher server answers: GET /v1/info failed {self.retry.max_retries + 1} times "
+            f"on each of {len(self._servers)}; last errors: "
+            + "; ".join(f"{s.url}: {problem}" for s, (_, problem, _) in
+                        zip(self._servers, outcomes)))
+
+    def _ask_info(self, server: _Server) -> tuple[dict | None, str, float | None]:
+        """One ``GET /v1/info``: ``(info, "", None)``, or ``(None, problem, retry_after)`` for
+        a failure worth retrying; a refusal (401, ...) raises at once."""
+        try:
+            response = server.http.get("/v1/info")
+        except httpx.TransportError as exc:
+            return None, f"{type(exc).__name__}: {exc}", None
+        if response.status_code < 400:
+            try:
+                return response.json(), "", None
+            except ValueError:
+                return None, "/v1/info is not JSON", None
+        error_type, message = _error_of(response)
+        if response.status_code not in RETRY_STATUSES:
+            raise TeacherRequestError(response.status_code, error_type,
+                                      f"{message} (from {server.url})")
+        return None, f"{response.status_code} {error_type}: {message}", _retry_after(response)
 
     # ------------------------------------------------------------------ internals
     def _score_chunk(self, chunk, top_k: int | None) -> list[TargetRecord]:
@@ -233,10 +351,11 @@ class TeacherClient:
         return got
 
     def _chunks(self, sequences):
-        # With several servers, at least one request per server, so all of them work.
+        # With several live servers, at least one request per server, so all of them work.
         per_request = self.max_request_sequences
-        if len(self._servers) > 1 and sequences:
-            per_request = min(per_request, math.ceil(len(sequences) / len(self._servers)))
+        live = len(self.live_urls)
+        if live > 1 and sequences:
+            per_request = min(per_request, math.ceil(len(sequences) / live))
         chunk, tokens = [], 0
         for ids, p in sequences:
             n = len(ids)
@@ -258,44 +377,7 @@ class TeacherClient:
             server.outstanding += 1
             return server
 
-    def _revive(self) -> bool:
-        """Ask the servers out of rotation whose wait is over ``/readyz``; bring back those
-        that are ready and still serve the same targets. Returns whether any came back."""
-        now = self._clock()
-        back = False
-        for server in self._servers:
-            with self._lock:
-                due = server.down and server.retry_at <= now
-            if not due:
-                continue
-            problem = self._probe(server)
-            with self._lock:
-                if problem is None:
-                    server.down, server.failures = False, 0
-                    back = True
-                else:
-                    server.last_problem = problem
-                    server.retry_at = self._clock() + self.retry.delay(
-                        min(server.failures, 10), None, self._rng)
-                    server.failures += 1
-            if problem is None:
-                log.warning("teacher server %s is back", server.url)
-        return back
-
-    def _probe(self, server: _Server) -> str | None:
-        try:
-            ready = server.http.get("/readyz")
-            if ready.status_code != 200:
-                return f"/readyz answered {ready.status_code}"
-            if self._reference is not None:
-                info = server.http.get("/v1/info").json()
-                diffs = _differences(self._reference, info)
-                if diffs:
-                    return f"its targets changed ({'; '.join(diffs)})"
-        except (httpx.TransportError, ValueError) as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
+    # ------------------------------------------------------------------ servers out of rotation
     def _take_out(self, server: _Server, problem: str, retry_after: float | None) -> None:
         with self._lock:
             server.down = True
@@ -303,77 +385,158 @@ class TeacherClient:
             server.retry_at = self._clock() + self.retry.delay(min(server.failures, 10),
                                                                 retry_after, self._rng)
             server.failures += 1
-        if len(self._servers) > 1:
-            log.warning("teacher server %s out of rotation (%s)", server.url, problem)
+            if self._prober is None and not self._closed:
+                self._prober = threading.Thread(target=self._probe_loop, daemon=True,
+                                                name="teacher-prober")
+                self._prober.start()
+            self._lock.notify_all()
+        log.warning("teacher server %s out of rotation (%s)", server.url, problem)
 
+    def _probe_loop(self) -> None:
+        """The background prober: whenever a server out of rotation is due, ask it
+        :meth:`_probe`; bring it back, or wait longer (the retry policy's backoff)."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                down = [s for s in self._servers if s.down]
+                now = self._clock()
+                due = [s for s in down if s.retry_at <= now]
+                if not due:
+                    wait = min((s.retry_at for s in down), default=now + 3600) - now
+                    self._lock.wait(timeout=min(max(wait, 0.0), 3600))
+                    continue
+            for server in due:
+                problem = self._probe(server)
+                with self._lock:
+                    if problem is None:
+                        server.down, server.failures = False, 0
+                        self.rejoined += 1
+                    else:
+                        server.last_problem = problem
+                        server.retry_at = self._clock() + self.retry.delay(
+                            min(server.failures, 10), None, self._rng)
+                        server.failures += 1
+                    self._lock.notify_all()
+                if problem is None:
+                    log.warning("teacher server %s is back in rotation", server.url)
+
+    def _probe(self, server: _Server) -> str | None:
+        """None when ``server`` is ready and serves the pool's targets, else what is wrong."""
+        try:
+            ready = server.http.get("/readyz", timeout=self._probe_timeout)
+            if ready.status_code != 200:
+                return f"/readyz answered {ready.status_code}"
+            if self._reference is None:
+                return None
+            response = server.http.get("/v1/info", timeout=self._probe_timeout)
+            if response.status_code != 200:
+                return f"/v1/info answered {response.status_code}"
+            info = response.json()
+        except (httpx.TransportError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        diffs = target_differences(self._reference, info)
+        if diffs:
+            problem = f"its targets differ from the pool's ({'; '.join(diffs)})"
+        elif self.max_seq_len and (info.get("max_seq_len") or 0) < self.max_seq_len:
+            problem = (f"its max_seq_len {info.get('max_seq_len')} is below the pool's "
+                       f"{self.max_seq_len}")
+        else:
+            server.info = info
+            return None
+        if problem != server.last_problem:
+            log.warning("teacher server %s answers but stays out of rotation: %s", server.url,
+                        problem)
+        return problem
+
+    # ------------------------------------------------------------------ one request
     def _request(self, method: str, path: str, *, only: _Server | None = None,
                  **kwargs) -> httpx.Response:
-        waits = 0
+        if only is not None or len(self._servers) == 1:
+            return self._request_one(only or self._servers[0], method, path, **kwargs)
+        attempts = 0
         while True:
-            server = only if only is not None else self._pick()
-            if only is not None:
-                with self._lock:
-                    only.outstanding += 1
-            if server is not None:
-                problem, retry_after = None, None
-                try:
-                    response = server.http.request(method, path, **kwargs)
-                except httpx.TransportError as exc:  # connect errors, timeouts, resets
-                    problem = f"{type(exc).__name__}: {exc}"
-                else:
-                    if response.status_code < 400:
-                        with self._lock:
-                            server.failures = 0
-                        return response
-                    error_type, message = _error_of(response)
-                    if response.status_code not in RETRY_STATUSES:
-                        raise TeacherRequestError(response.status_code, error_type, message)
-                    problem = f"{response.status_code} {error_type}: {message}"
-                    retry_after = _retry_after(response)
-                finally:
-                    with self._lock:
-                        server.outstanding -= 1
-                if only is None and len(self._servers) > 1:
-                    self._take_out(server, problem, retry_after)
-                    if any(not s.down for s in self._servers):
-                        self.retries_done += 1
-                        self.moved += 1
-                        continue  # another server takes it at once
-                else:
-                    with self._lock:
-                        server.last_problem = problem
-                    if waits >= self.retry.max_retries:
-                        raise TeacherUnavailable(
-                            f"teacher server at {server.url} unavailable: {method} {path} failed "
-                            f"{waits + 1} times; last error: {problem}")
-                    wait = self.retry.delay(waits, retry_after, self._rng)
-                    log.warning("teacher %s %s failed (%s); retry %d/%d in %.1fs", method, path,
-                                problem, waits + 1, self.retry.max_retries, wait)
-                    self._sleep(wait)
-                    waits += 1
-                    self.retries_done += 1
-                    continue
-            # every server is out of rotation: wait for the first one due, then ask them
-            if self._revive():
+            server = self._pick()
+            if server is None:
+                self._wait_for_a_server(method, path)
                 continue
-            if waits >= self.retry.max_retries:
+            response, problem, retry_after = self._send(server, method, path, **kwargs)
+            if response is not None:
+                return response
+            self._take_out(server, problem, retry_after)
+            attempts += 1
+            # A request that fails on every server, again and again, while the servers keep
+            # passing their probes (e.g. each request times out): stop rather than loop.
+            if attempts > (self.retry.max_retries + 1) * len(self._servers):
                 raise TeacherUnavailable(
-                    f"teacher servers unavailable: {method} {path} found none of "
-                    f"{len(self._servers)} live through {waits + 1} rounds; last errors: "
-                    + "; ".join(f"{s.url}: {s.last_problem}" for s in self._servers))
-            with self._lock:
-                due = min(s.retry_at for s in self._servers)
-            wait = max(0.0, due - self._clock())
-            log.warning("every teacher server is out of rotation; round %d/%d, asking again "
-                        "in %.1fs", waits + 1, self.retry.max_retries, wait)
-            self._sleep(wait)
-            waits += 1
+                    f"teacher servers unavailable: {method} {path} failed {attempts} times "
+                    f"over {len(self._servers)} servers; last errors: " + self._problems())
             self.retries_done += 1
+            self.moved += 1
 
+    def _wait_for_a_server(self, method: str, path: str) -> None:
+        """Every server is out of rotation: wait for the prober to bring one back, or give up
+        once each has failed more than ``max_retries`` times in a row."""
+        with self._lock:
+            while not self._closed and all(s.down for s in self._servers):
+                if min(s.failures for s in self._servers) > self.retry.max_retries:
+                    raise TeacherUnavailable(
+                        f"teacher servers unavailable: {method} {path} found none of "
+                        f"{len(self._servers)} live, each failed over "
+                        f"{self.retry.max_retries} times in a row; last errors: "
+                        + self._problems())
+                due = min(s.retry_at for s in self._servers)
+                log.warning("every teacher server is out of rotation; the next is asked in "
+                            "%.1fs", max(0.0, due - self._clock()))
+                self._lock.wait(timeout=max(0.05, due - self._clock()) + 1.0)
+            if self._closed:
+                raise TeacherUnavailable("the teacher client was closed")
 
-def _differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
-    a, b = a or {}, b or {}
-    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in TARGET_FIELDS if a.get(k) != b.get(k)]
+    def _problems(self) -> str:
+        return "; ".join(f"{s.url}: {s.last_problem}" for s in self._servers)
+
+    def _send(self, server: _Server, method: str, path: str, **kwargs
+              ) -> tuple[httpx.Response | None, str, float | None]:
+        """One attempt (``server.outstanding`` already counts it): the response, or what went
+        wrong and the server's ``Retry-After``. Refusals that retrying cannot fix raise."""
+        try:
+            response = server.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:  # connect errors, timeouts, resets
+            return None, f"{type(exc).__name__}: {exc}", None
+        finally:
+            with self._lock:
+                server.outstanding -= 1
+        if response.status_code < 400:
+            with self._lock:
+                server.failures = 0
+            return response, "", None
+        error_type, message = _error_of(response)
+        if response.status_code not in RETRY_STATUSES:
+            raise TeacherRequestError(response.status_code, error_type, message)
+        return None, f"{response.status_code} {error_type}: {message}", _retry_after(response)
+
+    def _request_one(self, server: _Server, method: str, path: str, **kwargs
+                     ) -> httpx.Response:
+        """One server, retried in place with backoff (a single-server client, or a request
+        meant for this server alone)."""
+        for waits in range(self.retry.max_retries + 1):
+            with self._lock:
+                server.outstanding += 1
+            response, problem, retry_after = self._send(server, method, path, **kwargs)
+            if response is not None:
+                return response
+            with self._lock:
+                server.last_problem = problem
+            if waits == self.retry.max_retries:
+                break
+            wait = self.retry.delay(waits, retry_after, self._rng)
+            log.warning("teacher %s %s failed (%s); retry %d/%d in %.1fs", method, path,
+                        problem, waits + 1, self.retry.max_retries, wait)
+            self._sleep(wait)
+            self.retries_done += 1
+        raise TeacherUnavailable(
+            f"teacher server at {server.url} unavailable: {method} {path} failed "
+            f"{self.retry.max_retries + 1} times; last error: {server.last_problem}")
 
 
 def _error_of(response: httpx.Response) -> tuple[str, str]:

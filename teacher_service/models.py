@@ -24,6 +24,7 @@ import torch
 from causal_lm.loading import (ModelLoadError, check_model_dir, load_causal_lm, load_tokenizer,
                                output_rows, resolve_device, resolve_dtype)
 from causal_lm.placement import layer_device_map, parse_devices
+from storage.hub import snapshot_ref
 from storage.tokenization import tokenizer_sha256
 from teacher_service.targets import REFERENCE_MODES
 
@@ -53,8 +54,10 @@ class TeacherPair:
 
 
 def model_identity(path: str | Path) -> dict[str, str]:
-    """A teacher's identity for the store's metadata: its path and a fingerprint of its config
-    and weight files (name, size, sha256 of the first 8 MiB of each)."""
+    """A teacher's identity for the store's metadata and ``/v1/info``: its path, a fingerprint of
+    its config and weight files (name, size, sha256 of the first 8 MiB of each) and, for a Hub
+    snapshot, ``revision`` (``owner/name@commit``). The path says where this machine keeps the
+    weights; the fingerprint and revision say which weights they are (what clients compare)."""
     path = Path(path)
     digest = hashlib.sha256()
     config = path / "config.json"
@@ -65,7 +68,11 @@ def model_identity(path: str | Path) -> dict[str, str]:
         digest.update(str(weights.stat().st_size).encode())
         with weights.open("rb") as fh:
             digest.update(fh.read(_IDENTITY_SAMPLE_BYTES))
-    return {"path": str(path.resolve()), "fingerprint": digest.hexdigest()}
+    identity = {"path": str(path.resolve()), "fingerprint": digest.hexdigest()}
+    ref = snapshot_ref(path)
+    if ref is not None:
+        identity["revision"] = str(ref)
+    return identity
 
 
 def _device_map(path: Path, devices: str | None, flag: str, trust_remote_code: bool):

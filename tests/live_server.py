@@ -22,13 +22,15 @@ def free_port() -> int:
 
 
 def start_server(dpo_dir, reverse_dir, *extra: str, env: dict | None = None,
-                 timeout: float = 120.0, log_path: Path | None = None):
-    """Launch the server and wait for /readyz. Returns (process, base_url)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "aligndistil.cli", "serve", "--dpo-model", str(dpo_dir),
+                 timeout: float = 120.0, log_path: Path | None = None, port: int | None = None,
+                 launcher: tuple[str, ...] = ("-m", "aligndistil.cli", "serve")):
+    """Launch the server (on ``port``, or a free one) and wait for /readyz. Returns (process,
+    base_url). ``launcher``: what ``python`` runs instead of ``-m aligndistil.cli serve``."""
+    port = port or free_port()
+    cmd = [sys.executable, *launcher, "--dpo-model", str(dpo_dir),
            *(["--reverse-model", str(reverse_dir)] if reverse_dir is not None else []),
            "--port", str(port), "--device", "cpu", "--log-level", "warning", *extra]
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

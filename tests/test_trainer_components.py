@@ -274,13 +274,14 @@ def test_a_run_recorded_before_dpo_top_existed_resumes_against_dpo_top_0(tmp_pat
 
     from student_trainer.checkpoint import CheckpointError
     from student_trainer.distributed import DistEnv
-    from student_trainer.recipes.train import TEACHER_FIXED, TEACHER_INFO, _check_same_teacher
+    from student_trainer.client import TARGET_FIELDS
+    from student_trainer.recipes.train import TEACHER_INFO, _check_same_teacher
 
-    info = {k: 1 for k in TEACHER_FIXED} | {"dpo_top": 0}
+    info = {k: 1 for k in (*TARGET_FIELDS, "max_seq_len")} | {"dpo_top": 0, "models": {}}
     old = {k: v for k, v in info.items() if k != "dpo_top"}
     (tmp_path / TEACHER_INFO).write_text(json.dumps(old))
     _check_same_teacher(SimpleNamespace(teacher_info=info), tmp_path, resuming=True,
                         env=DistEnv())
-    with pytest.raises(CheckpointError, match="dpo_top: 0 -> 4"):
+    with pytest.raises(CheckpointError, match="dpo_top: 0 vs 4"):
         _check_same_teacher(SimpleNamespace(teacher_info=info | {"dpo_top": 4}), tmp_path,
                             resuming=True, env=DistEnv())

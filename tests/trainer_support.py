@@ -15,7 +15,8 @@ import uvicorn
 from live_server import free_port
 
 
-def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None, **target):
+def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None,
+                max_seq_len: int | None = None, **target):
     """The real FastAPI teacher app (``teacher_service.server.create_app``) over tiny models;
     ``target``: more :class:`TargetConfig` settings (e.g. ``r``)."""
     from teacher_service.engine import TeacherEngine
@@ -25,7 +26,7 @@ def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None, **targ
 
     def factory():
         pair = load_teacher_pair(dpo_dir, reverse_dir, device="cpu")
-        return TeacherEngine(pair, TargetConfig(top_k=top_k, **target))
+        return TeacherEngine(pair, TargetConfig(top_k=top_k, **target), max_seq_len=max_seq_len)
 
     app = create_app(factory)
     if middleware is not None:
@@ -36,8 +37,8 @@ def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None, **targ
 class ThreadedServer:
     """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread (real sockets)."""
 
-    def __init__(self, app):
-        self.port = free_port()
+    def __init__(self, app, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="on")
