@@ -6,10 +6,12 @@ Opt-in (``-m docker``; several minutes, more on a first build) and it needs:
 
 - a Docker daemon (``docker info`` answers) and Compose v1 (``docker-compose``) or v2;
 - the base image named by ``ALIGNDISTIL_DOCKER_BASE`` (default ``python:3.11-slim``) present
-  locally or pullable. Where no registry is reachable, build one from Debian's packages::
+  locally or pullable. Where no registry is reachable, build one from Debian's packages, from
+  the mirror apt itself is configured with::
 
+      mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)
       debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \\
-          bookworm /tmp/rootfs http://deb.debian.org/debian
+          bookworm /tmp/rootfs "$mirror"
       cp /etc/ssl/certs/ca-certificates.crt /tmp/rootfs/etc/ssl/certs/
       tar -C /tmp/rootfs -c . | docker import - local/python:3.11-bookworm
       ALIGNDISTIL_DOCKER_BASE=local/python:3.11-bookworm pytest -m docker tests/test_docker.py
