@@ -152,7 +152,7 @@ def bench_student(args, pool) -> dict:
                                     packing=layout == "packed")
             train_step(forward, batches, optimizer=optimizer, scheduler=scheduler,
                        params=[p for p in model.parameters() if p.requires_grad], config=config,
-                       rank_sequences=len(records), env=DistEnv(), device=torch.device("cpu"),
+                       step_sequences=len(records), env=DistEnv(), device=torch.device("cpu"),
                        amp=False)
             times[layout].append(time.perf_counter() - t0)
     lengths = [r.seq_len for r in records]

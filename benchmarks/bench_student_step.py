@@ -126,7 +126,7 @@ class StepRunner:
         if self.variant == "aligndistil":
             train_step(self.forward, [self.batch], optimizer=self.optimizer,
                        scheduler=self.scheduler, params=list(self.model.parameters()),
-                       config=self.config, rank_sequences=self.batch.num_sequences,
+                       config=self.config, step_sequences=self.batch.num_sequences,
                        env=DistEnv(), device=self.device, amp=self.amp)
             return
         b = self.batch

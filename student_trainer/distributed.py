@@ -26,21 +26,32 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device_kind: str) -> DistEnv:
-    """Join the process group ``torchrun`` describes (NCCL on GPUs, gloo on CPUs)."""
+def init_distributed(device: torch.device, *, group_of_one: bool = False) -> DistEnv:
+    """Join the process group ``torchrun`` describes (NCCL on GPUs, gloo on CPUs). ``device`` is
+    this process's device from :func:`causal_lm.loading.resolve_device`: its GPU index is
+    ``LOCAL_RANK`` modulo the GPUs this process sees, so one visible GPU per process (SLURM,
+    Kubernetes) works as well as all of a node's GPUs per process.
+
+    ``group_of_one``: a single process (no torchrun) still gets a process group of one, for
+    code that needs collectives (FSDP on one process, e.g. to resume a sharded run there)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
+        if group_of_one and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1)
         return DistEnv()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if device_kind == "cuda":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistEnv(rank=rank, world_size=world, local_rank=local)
 
 
 def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -53,8 +64,7 @@ def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
     """Sum a small float64 tensor over ranks (on the collective's device and back)."""
     if not env.enabled:
         return values
-    device = torch.device("cuda", env.local_rank) if dist.get_backend() == "nccl" else "cpu"
-    buf = values.to(device)
+    buf = values.to(_collective_device())
     dist.all_reduce(buf)
     return buf.to(values.device)
 
@@ -63,10 +73,16 @@ def all_reduce_max(env: DistEnv, value: int) -> int:
     """The largest of one integer over ranks."""
     if not env.enabled:
         return value
-    device = torch.device("cuda", env.local_rank) if dist.get_backend() == "nccl" else "cpu"
-    buf = torch.tensor([value], dtype=torch.int64, device=device)
+    buf = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     return int(buf.item())
+
+
+def _collective_device() -> torch.device:
+    """Where the backend's tensors live: this process's current GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def gather_objects(env: DistEnv, obj: Any) -> list[Any]:

@@ -54,23 +54,36 @@ def returns(rewards: Tensor, mask: Tensor, level: str) -> Tensor:
     return torch.where(real, to_go, 0.0)
 
 
-def baseline(returns_list: list[Tensor], masks: list[Tensor], level: str) -> Tensor:
-    """The baseline of a step from its micro-batches' returns (``[B_i, T_i]`` each): a scalar
-    for ``sentence`` (mean return over responses), one value per position for ``token``
-    (mean over the responses that reach it), as a ``[T_max]`` tensor."""
+def baseline_sums(returns_list: list[Tensor], masks: list[Tensor], level: str,
+                  length: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(sum, count)`` of the returns the baseline averages, from micro-batches' returns
+    (``[B_i, T_i]`` each): scalars for ``sentence`` (one return per response), ``[length]``
+    tensors for ``token`` (per position, over the responses that reach it; ``length`` defaults
+    to the longest ``T_i``). Sums from several ranks add up to the whole step's."""
     if level == "sentence":
         totals = [g[:, 0][m[:, 0] != 0] for g, m in zip(returns_list, masks) if g.shape[1]]
-        if not totals:
-            return torch.zeros((), dtype=torch.float64)
-        return torch.cat(totals).double().mean()
-    longest = max((g.shape[1] for g in returns_list), default=0)
+        flat = torch.cat(totals).double() if totals else torch.zeros(0, dtype=torch.float64)
+        return flat.sum(), torch.tensor(float(flat.numel()), dtype=torch.float64)
+    if length is None:
+        length = max((g.shape[1] for g in returns_list), default=0)
     device = returns_list[0].device if returns_list else None
-    sums = torch.zeros(longest, dtype=torch.float64, device=device)
-    counts = torch.zeros(longest, dtype=torch.float64, device=device)
+    sums = torch.zeros(length, dtype=torch.float64, device=device)
+    counts = torch.zeros(length, dtype=torch.float64, device=device)
     for g, m in zip(returns_list, masks):
         real = (m != 0).double()
         sums[:g.shape[1]] += (g.double() * real).sum(0)
         counts[:g.shape[1]] += real.sum(0)
+    return sums, counts
+
+
+def baseline(returns_list: list[Tensor], masks: list[Tensor], level: str) -> Tensor:
+    """The baseline of a step from its micro-batches' returns (``[B_i, T_i]`` each): a scalar
+    for ``sentence`` (mean return over responses), one value per position for ``token``
+    (mean over the responses that reach it), as a ``[T_max]`` tensor."""
+    return baseline_from_sums(*baseline_sums(returns_list, masks, level))
+
+
+def baseline_from_sums(sums: Tensor, counts: Tensor) -> Tensor:
     return sums / counts.clamp_min(1.0)
 
 

@@ -63,7 +63,7 @@ def test_the_batch_loss_is_the_trainers_loss(world):
                             min_lr_ratio=0.0)
     config = TrainConfig(mode="off-policy", model="m", out="o", store="s")
     stats = train_step(forward, batches, optimizer=opt, scheduler=sched,
-                       params=list(model.parameters()), config=config, rank_sequences=6,
+                       params=list(model.parameters()), config=config, step_sequences=6,
                        env=DistEnv(), device=torch.device("cpu"), amp=False)
     assert ours == pytest.approx(stats["loss"], rel=1e-6)
 

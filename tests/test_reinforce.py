@@ -115,7 +115,7 @@ def _one_step(tok, records, objective, max_tokens):
     batches = micro_batches(records, max_tokens=max_tokens, pad_id=tok.pad_token_id)
     stats = train_step(forward, batches, optimizer=optimizer, scheduler=scheduler,
                        params=list(model.parameters()), config=config,
-                       rank_sequences=len(records), env=DistEnv(), device=torch.device("cpu"),
+                       step_sequences=len(records), env=DistEnv(), device=torch.device("cpu"),
                        amp=False)
     return stats, [p.detach().clone() for p in model.parameters()]
 

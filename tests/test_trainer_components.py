@@ -285,3 +285,27 @@ def test_a_run_recorded_before_dpo_top_existed_resumes_against_dpo_top_0(tmp_pat
     with pytest.raises(CheckpointError, match="dpo_top: 0 vs 4"):
         _check_same_teacher(SimpleNamespace(teacher_info=info | {"dpo_top": 4}), tmp_path,
                             resuming=True, env=DistEnv())
+
+
+def test_one_visible_gpu_per_process_is_that_gpu_on_every_rank(monkeypatch):
+    """SLURM and Kubernetes give each process one GPU: rank 1 (LOCAL_RANK 1) must use cuda:0,
+    not cuda:1 ("invalid device ordinal"). No GPU here, so torch.cuda's and the process
+    group's answers are faked: this checks which device is asked for, not a CUDA run."""
+    import torch.distributed as dist
+
+    from causal_lm.loading import resolve_device
+    from student_trainer.distributed import init_distributed
+
+    calls = []
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw["backend"]))
+    device = resolve_device("auto")
+    env = init_distributed(device)
+    assert device == torch.device("cuda", 0)
+    assert calls == [torch.device("cuda", 0), "nccl"]
+    assert (env.rank, env.world_size, env.local_rank) == (1, 2, 1)

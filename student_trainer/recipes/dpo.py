@@ -68,7 +68,7 @@ def run_dpo(config: DPOConfig) -> dict:
     whole batch, and the reference and final log-probs are split over the ranks the same way.
     """
     device = resolve_device(config.device)  # under torchrun: the GPU of $LOCAL_RANK
-    env = init_distributed(device.type)
+    env = init_distributed(device)
     try:
         return _run_dpo(config, env, device)
     finally:

@@ -40,7 +40,8 @@ from student_trainer import fsdp, losses, reinforce
 from student_trainer.checkpoint import (
     CheckpointError, capture_rng_state, checkpoint_name,
     load_state, prune_checkpoints, resolve_resume, restore_rng_state, save_checkpoint)
-from student_trainer.client import TeacherUnavailable
+from student_trainer.client import (TARGET_FIELDS, TeacherUnavailable, target_differences,
+                                    teacher_models)
 from student_trainer.collate import Batch, micro_batches
 from student_trainer.distributed import (
     DistEnv, all_reduce_max, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown)
@@ -89,25 +90,34 @@ class StepStats:
 
 
 def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, scheduler,
-               params: list[torch.nn.Parameter], config: TrainConfig, rank_sequences: int,
-               env: DistEnv, device: torch.device, amp: bool) -> dict[str, float]:
+               params: list[torch.nn.Parameter], config: TrainConfig, step_sequences: int,
+               env: DistEnv, device: torch.device, amp: bool, filler: bool = False
+               ) -> dict[str, float]:
     """One optimizer step over ``batches`` (this rank's micro-batches of the step).
 
     ``module`` is the :class:`StudentForward`, DDP-wrapped or FSDP-sharded when distributed:
-    gradients are synchronised only on the last micro-batch's backward. With ``--objective reinforce-*`` the
-    loss is the policy-gradient surrogate of :mod:`student_trainer.reinforce` instead of the
-    AlignDistil loss, and ``kl`` is the sampled estimate of KL(pi_theta || pi_dpo) per token.
+    gradients are synchronised only on the last micro-batch's backward. ``step_sequences``
+    counts the step's sequences over all ranks: each micro-batch's mean loss is weighted by its
+    share of them (times the number of ranks, which DDP and FSDP divide the gradients by), so
+    the step's gradient is the mean over its sequences however they are split over ranks and
+    micro-batches. ``filler``: ``batches`` hold a record run with weight 0 only (this rank has
+    none in this step). With ``--objective reinforce-*`` the loss is the policy-gradient
+    surrogate of :mod:`student_trainer.reinforce` instead of the AlignDistil loss, and ``kl``
+    is the sampled estimate of KL(pi_theta || pi_dpo) per token.
     """
     stats = StepStats()
+    real = 0 if filler else len(batches)
     adv = None if config.objective == "aligndistil" else \
-        reinforce_advantages(module, batches, config, env, device, amp)
+        reinforce_advantages(module, batches, config, env, device, amp, real=real)
     # FSDP gathers each layer's shards in every forward and backward: all ranks must run as many
     # micro-batches. A rank with fewer repeats its last one with weight 0 (no gradient, no
     # stats), which leaves the step's loss and gradients exactly as they were.
     passes = all_reduce_max(env, len(batches)) if fsdp.is_sharded(module) else len(batches)
+    scale = env.world_size / max(step_sequences, 1)
     for i in range(passes):
-        padding = i >= len(batches)
-        batch = batches[min(i, len(batches) - 1)].to(device)
+        at = min(i, len(batches) - 1)
+        padding = i >= real
+        batch = batches[at].to(device)
         last = i == passes - 1
         with fsdp.gradient_sync(module, last):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -126,11 +136,11 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                     batch.unflatten(kl.float()), batch.unflatten(batch.alpha, 1.0),
                     batch.response_mask, beta0=config.beta0, weighting=config.weighting)
             else:
-                loss = reinforce.policy_gradient_loss(batch.unflatten(logp.float()), adv[i],
+                loss = reinforce.policy_gradient_loss(batch.unflatten(logp.float()), adv[at],
                                                       batch.response_mask)
                 kl = logp.detach().float() - batch.dpo_logprobs  # sampled KL to pi_dpo
                 kl_top = outside = None
-            (loss * (0.0 if padding else batch.num_sequences / rank_sequences)).backward()
+            (loss * (0.0 if padding else batch.num_sequences * scale)).backward()
         if padding:
             continue
         with torch.no_grad():
@@ -152,14 +162,16 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
     optimizer.zero_grad(set_to_none=True)
     stats.values = all_reduce_sum(env, stats.values)
     return {**stats.as_dict(), "lr": lr, "grad_norm": grad_norm,
-            "micro_batches": len(batches)}
+            "micro_batches": real}
 
 
 def reinforce_advantages(module: torch.nn.Module, batches: list[Batch], config: TrainConfig,
-                         env: DistEnv, device: torch.device, amp: bool) -> list[torch.Tensor]:
+                         env: DistEnv, device: torch.device, amp: bool, *, real: int
+                         ) -> list[torch.Tensor]:
     """The advantages ``[B_i, T_i]`` of each micro-batch for ``--objective reinforce-*``, from
-    one pass without gradients over the step's samples (the baseline is this rank's mean).
-    Under FSDP every rank makes as many forward passes (a shorter rank repeats its last)."""
+    one pass without gradients over the step's samples. The baseline is the whole step's, over
+    every rank's first ``real`` micro-batches (the others run with weight 0). Under FSDP every
+    rank makes as many forward passes (a shorter rank repeats its last)."""
     level = config.objective.removeprefix("reinforce-")
     step_returns, masks = [], []
     passes = all_reduce_max(env, len(batches)) if fsdp.is_sharded(module) else len(batches)
@@ -178,7 +190,12 @@ def reinforce_advantages(module: torch.nn.Module, batches: list[Batch], config: 
             step_returns.append(reinforce.returns(batch.unflatten(rewards), batch.response_mask,
                                                   level))
             masks.append(batch.response_mask)
-    base = reinforce.baseline(step_returns, masks, level)
+    length = None
+    if level == "token":  # every rank's sums over the same positions
+        length = all_reduce_max(env, max((g.shape[1] for g in step_returns[:real]), default=0))
+    sums, counts = reinforce.baseline_sums(step_returns[:real], masks[:real], level, length)
+    both = all_reduce_sum(env, torch.stack([sums, counts]).double().cpu())
+    base = reinforce.baseline_from_sums(both[0], both[1]).to(device)
     return [reinforce.advantages(g, m, base) for g, m in zip(step_returns, masks)]
 
 
@@ -217,7 +234,6 @@ class Run:
     metrics: MetricsLogger
     amp: bool
     packing: bool                    #: packed micro-batches (the model passed the probe)
-    per_rank: int                    #: sequences per step on this rank
     steps_per_epoch: int
     total_steps: int
     start_step: int
@@ -229,7 +245,7 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     """Train the student; returns a summary (rank 0's view). See the module docstring."""
     config.validate()
     device = resolve_device(config.device)  # under torchrun: the GPU of $LOCAL_RANK
-    env = init_distributed(device.type)
+    env = init_distributed(device, group_of_one=config.strategy == "fsdp")
     try:
         run = setup(config, env, device)
         try:
@@ -262,10 +278,9 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     state = load_state(resume_from) if resume_from else None
     _seed_everything(config.seed + env.rank)
 
-    sharded = config.strategy == "fsdp"
-    if sharded and not env.enabled:
-        raise ConfigError("--strategy fsdp shards the student over torchrun's processes; with "
-                          "one process use --strategy ddp (the default)")
+    sharded = config.strategy == "fsdp"  # on one process too: a world of one
+    if state is not None:
+        _check_same_strategy(state, config.strategy, resume_from)
     # FSDP: rank 0 loads --model on the CPU, the other ranks build it on the meta device, and
     # each rank gets its shards once the model is sharded (a checkpoint's shards replace them
     # on --resume). DDP: every rank loads the whole model, from the checkpoint on --resume.
@@ -300,16 +315,17 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
                          sharded_root=module if sharded else None)
     try:
         _check_same_teacher(source, out, resuming=resume_from is not None, env=env)
-        if config.global_batch_size % env.world_size:
-            raise ConfigError(f"--global-batch-size {config.global_batch_size} is not divisible "
-                              f"by the {env.world_size} ranks")
-        per_rank = config.global_batch_size // env.world_size
-        steps_per_epoch = source.steps_per_epoch(per_rank)
+        if config.global_batch_size < env.world_size:
+            raise ConfigError(f"--global-batch-size {config.global_batch_size} is smaller than "
+                              f"the {env.world_size} ranks: each rank needs a sequence per step")
+        steps_per_epoch = source.steps_per_epoch(config.global_batch_size)
         total_steps = steps_per_epoch * config.epochs
         if config.max_steps is not None:
             total_steps = min(total_steps, config.max_steps)
+        # What a resumed run must share (not the number of ranks: the steps are the same
+        # records on any number, and the weights reshard).
         run_info = {"mode": config.mode, "global_batch_size": config.global_batch_size,
-                    "world_size": env.world_size, "seed": config.seed,
+                    "seed": config.seed,
                     "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                     "data": _data_identity(config)}
 
@@ -327,7 +343,7 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
             else:
                 optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            restore_rng_state(state["rng"][env.rank])
+            _restore_rng(state["rng"], env, config.seed, start_step=int(state["step"]))
             start_step = int(state["step"])
             if env.is_main:
                 log.info("resumed from %s at step %d of %d", resume_from, start_step,
@@ -345,7 +361,6 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
                tokenizer=tokenizer, module=module,
                params=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
                scheduler=scheduler, source=source, metrics=metrics, amp=amp, packing=packing,
-               per_rank=per_rank,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, start_step=start_step,
                resumed_from=resume_from, run_info=run_info)
 
@@ -363,24 +378,24 @@ def train(run: Run) -> dict[str, Any]:
     last: dict[str, float] = {}
     epoch = run.start_step // max(run.steps_per_epoch, 1)
     completed = saved = run.start_step
-    steps = run.source.iterate(run.start_step, run.total_steps, run.per_rank)
+    steps = run.source.iterate(run.start_step, run.total_steps, config.global_batch_size)
     try:
         waited = time.perf_counter()
         for data in steps:
             wait_s = time.perf_counter() - waited
             started = time.perf_counter()
             epoch = data.epoch
-            batches = micro_batches(data.records, max_tokens=config.max_tokens, pad_id=pad_id,
-                                    packing=run.packing)
+            batches = micro_batches(data.records or [data.filler], max_tokens=config.max_tokens,
+                                    pad_id=pad_id, packing=run.packing)
             stats = train_step(run.module, batches, optimizer=run.optimizer,
                                scheduler=run.scheduler, params=run.params, config=config,
-                               rank_sequences=len(data.records), env=env, device=run.device,
-                               amp=run.amp)
+                               step_sequences=data.step_sequences, env=env, device=run.device,
+                               amp=run.amp, filler=not data.records)
             elapsed = time.perf_counter() - started
             completed = data.step + 1
             stats.update(epoch=epoch, step_s=elapsed, data_wait_s=wait_s,
                          tokens_per_s=stats["tokens"] / max(elapsed + wait_s, 1e-9),
-                         **data.timings, **data.counts)
+                         **data.timings, **sum_over_ranks(env, data.counts))
             run.metrics.log(completed, stats)
             if not last:  # the first step of this process
                 warn_broad_tail(stats["tail_mass_mean"], config)
@@ -409,6 +424,15 @@ def train(run: Run) -> dict[str, Any]:
     return {"steps": run.total_steps, "start_step": run.start_step,
             "final": str(run.out / "final"), "last": last,
             "prompts_truncated": getattr(run.source, "prompts_truncated", 0)}
+
+
+def sum_over_ranks(env: DistEnv, counts: dict[str, float]) -> dict[str, float]:
+    """A step's counts (e.g. responses without EOS) over all ranks, not rank 0's alone."""
+    if not counts or not env.enabled:
+        return dict(counts)
+    keys = sorted(counts)
+    summed = all_reduce_sum(env, torch.tensor([counts[k] for k in keys], dtype=torch.float64))
+    return dict(zip(keys, summed.tolist()))
 
 
 def save(run: Run, dest: Path, step: int, epoch: int) -> None:
@@ -447,33 +471,56 @@ def open_source(config: TrainConfig, env: DistEnv, model, tokenizer, *,
                                sharded_root=sharded_root)
 
 
-#: /v1/info fields that shape the targets: a resumed on-policy run must see the same ones.
-TEACHER_FIXED = ("models", "tokenizer_sha256", "vocab_size", "top_k", "r", "eps", "tvd_norm",
-                 "mode", "beta0", "beta", "dpo_top", "max_seq_len")
 TEACHER_INFO = "teacher_info.json"
 
 
 def _check_same_teacher(source: BatchSource, out: Path, *, resuming: bool, env: DistEnv) -> None:
-    """On-policy: record the server's /v1/info in the run folder; on --resume, refuse a server
-    whose teachers or target settings changed since (the loss would change mid-run)."""
+    """On-policy: record what decides the server's targets in the run folder; on --resume,
+    refuse servers whose teachers or target settings changed since (the loss would change
+    mid-run). Teachers compare by fingerprint and revision: the resumed run may use other
+    hosts that keep the same weights at other paths."""
     info = getattr(source, "teacher_info", None)
     if not info:
         return
-    fixed = {k: info.get(k) for k in TEACHER_FIXED}
+    fixed = {**{k: info.get(k) for k in (*TARGET_FIELDS, "max_seq_len")},
+             "models": teacher_models(info)}
     path = out / TEACHER_INFO
     if resuming and path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved = {"dpo_top": 0, **saved}  # recorded before the setting existed: 0
-        diffs = [f"{k}: {saved.get(k)!r} -> {fixed[k]!r}" for k in TEACHER_FIXED
-                 if saved.get(k) != fixed[k]]
+        diffs = target_differences(saved, fixed)
+        if saved.get("max_seq_len") != fixed["max_seq_len"]:
+            diffs.append(f"max_seq_len: {saved.get('max_seq_len')!r} vs "
+                         f"{fixed['max_seq_len']!r}")
         if diffs:
             raise CheckpointError(f"--resume: the teacher server changed since this run started "
-                                  f"({'; '.join(diffs)}); resume against the same teachers and "
-                                  f"settings, or start a new --out")
+                                  f"({'; '.join(diffs)}; then vs now); resume against the same "
+                                  f"teachers and settings, or start a new --out")
         return
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(fixed, indent=2, sort_keys=True) + "\n")
+
+
+def _check_same_strategy(state: dict, strategy: str, path: Path) -> None:
+    saved = state.get("strategy", "ddp")
+    if saved != strategy:
+        raise CheckpointError(
+            f"{path}: written with --strategy {saved}; resume it with --strategy {saved} (on any "
+            f"number of processes{', one included' if saved == 'fsdp' else ''})")
+
+
+def _restore_rng(saved: list, env: DistEnv, seed: int, *, start_step: int) -> None:
+    """Each rank's RNG as the checkpoint left it; on another number of ranks than the
+    checkpoint's, fresh generators seeded from ``(seed, rank, step)`` (the data and the
+    rollout seeds of a step do not depend on these generators)."""
+    if len(saved) == env.world_size:
+        restore_rng_state(saved[env.rank])
+        return
+    if env.is_main:
+        log.info("resuming %d ranks' run on %d: each rank's random generators start afresh "
+                 "at step %d", len(saved), env.world_size, start_step)
+    _seed_everything(seed * 1_000_003 + start_step * 1009 + env.rank)
 
 
 def _check_resumable(state: dict, run_info: dict, path: Path) -> None:
@@ -483,7 +530,7 @@ def _check_resumable(state: dict, run_info: dict, path: Path) -> None:
     if diffs:
         raise CheckpointError(
             f"{path}: cannot resume a different run ({'; '.join(diffs)}); resume with the same "
-            f"data, --global-batch-size, --seed, --epochs/--max-steps and number of processes")
+            f"data, --global-batch-size, --seed and --epochs/--max-steps")
 
 
 def _seed_everything(seed: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Protocol, Sequence
@@ -19,7 +18,8 @@ import torch
 
 from storage.datasets import data_source
 from storage.record import TargetRecord
-from student_trainer.sources.plan import StepData, epoch_permutation, position
+from student_trainer.sources.plan import (StepData, epoch_permutation, rank_block, step_range,
+                                         steps_per_epoch)
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +61,29 @@ class OnPolicySource:
         self.prompts_truncated = prompts_truncated  #: prompts cut to --max-prompt-len
         self.teacher_info = teacher_info or {}      #: the server's /v1/info
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.records_per_epoch = len(self.prompts) // world_size
+        self.records_per_epoch = len(self.prompts)
         if self.records_per_epoch < 1:
-            raise ValueError(f"{len(self.prompts)} prompts cannot feed {world_size} ranks")
+            raise ValueError("no prompts")
         self.async_rollouts = async_rollouts
         self._pool: ThreadPoolExecutor | None = None
         self._rollout_model: torch.nn.Module | None = None
 
-    def steps_per_epoch(self, per_rank_batch: int) -> int:
-        return math.ceil(self.records_per_epoch / per_rank_batch)
+    def steps_per_epoch(self, global_batch: int) -> int:
+        return steps_per_epoch(self.records_per_epoch, global_batch)
 
-    def prompts_for(self, step: int, per_rank_batch: int) -> tuple[int, list[list[int]]]:
-        spe = self.steps_per_epoch(per_rank_batch)
-        epoch, begin = position(step, spe, per_rank_batch)
+    def prompts_for(self, step: int, global_batch: int) -> tuple[int, list[list[int]], int, bool]:
+        """``(epoch, this rank's prompts, the step's prompts over all ranks, filler)``: the
+        step's prompts are the same for any number of ranks (:mod:`.plan`); a rank with none
+        gets the step's first prompt as a filler, trained with weight 0."""
+        epoch, start, stop = step_range(step, self.records_per_epoch, global_batch)
         order = epoch_permutation(len(self.prompts), self.seed, epoch)
-        mine = order[self.rank::self.world_size][:self.records_per_epoch]
-        chosen = mine[begin:begin + per_rank_batch]
-        return epoch, [self.prompts[i] for i in chosen]
+        lo, hi = rank_block(start, stop, self.rank, self.world_size)
+        filler = hi == lo
+        chosen = order[start:start + 1] if filler else order[lo:hi]
+        return epoch, [self.prompts[i] for i in chosen], stop - start, filler
 
-    def _job(self, model, step: int, per_rank_batch: int) -> StepData:
-        epoch, prompts = self.prompts_for(step, per_rank_batch)
+    def _job(self, model, step: int, global_batch: int) -> StepData:
+        epoch, prompts, size, filler = self.prompts_for(step, global_batch)
         t0 = time.perf_counter()
         sequences = self.rollouts.sample(
             model, prompts, (self.seed * 1_000_003 + step) * self.world_size + self.rank)
@@ -88,29 +91,32 @@ class OnPolicySource:
         records = self.scorer.score(sequences, top_k=self.top_k)
         t2 = time.perf_counter()
         # Responses that hit --max-new-tokens (or the length limit) before an EOS.
-        unfinished = sum(1 for ids, _ in sequences if not ids or ids[-1] not in self.eos_ids)
-        return StepData(step, epoch, records, {"rollout_s": t1 - t0, "score_s": t2 - t1},
-                        {"responses_without_eos": float(unfinished)})
+        unfinished = 0 if filler else \
+            sum(1 for ids, _ in sequences if not ids or ids[-1] not in self.eos_ids)
+        return StepData(step, epoch, [] if filler else records,
+                        {"rollout_s": t1 - t0, "score_s": t2 - t1},
+                        {"responses_without_eos": float(unfinished)}, step_sequences=size,
+                        filler=records[0] if filler else None)
 
-    def iterate(self, start_step: int, total_steps: int, per_rank_batch: int
+    def iterate(self, start_step: int, total_steps: int, global_batch: int
                 ) -> Iterator[StepData]:
         if not self.async_rollouts:
             for step in range(start_step, total_steps):
-                yield self._job(self.model, step, per_rank_batch)
+                yield self._job(self.model, step, global_batch)
             return
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
         future: Future | None = None
         for step in range(start_step, total_steps):
             if future is None:  # the first step has nothing in flight
                 self._sync_rollout_model()
-                future = self._pool.submit(self._job, self._rollout_model, step, per_rank_batch)
+                future = self._pool.submit(self._job, self._rollout_model, step, global_batch)
             data = future.result()
             future = None
             if step + 1 < total_steps:
                 # Weights now are those before this step's update: step + 1 samples from them.
                 self._sync_rollout_model()
                 future = self._pool.submit(self._job, self._rollout_model, step + 1,
-                                           per_rank_batch)
+                                           global_batch)
             yield data
 
     def _sync_rollout_model(self) -> None:
