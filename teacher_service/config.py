@@ -104,9 +104,10 @@ class TeacherOptions(HubOptions):
                             ("--reverse-devices", self.reverse_devices)):
             if value is not None:
                 parse_devices(value, flag)
-        if self.dpo_top > self.top_k:
-            raise ConfigError(f"--dpo-top {self.dpo_top} exceeds --top-k {self.top_k} (the "
-                              f"dpo model's top ids are kept within the top-k entries)")
+        if self.dpo_top >= self.top_k:
+            raise ConfigError(f"--dpo-top {self.dpo_top} must be below --top-k {self.top_k}: "
+                              f"the dpo model's top ids are kept within the top-k entries, and "
+                              f"pi*'s own top ids need at least one of them")
         if self.mode in ("vanilla", "vanilla-adaptive") and self.reverse_model:
             raise ConfigError(f"--reverse-model does not apply to --mode {self.mode} (it uses "
                               f"--reference-model)")

@@ -84,9 +84,10 @@ class TargetConfig:
     def __post_init__(self) -> None:
         _check_int("top_k", self.top_k, minimum=1)
         _check_int("dpo_top", self.dpo_top, minimum=0)
-        if self.dpo_top > self.top_k:
-            raise ValueError(f"dpo_top = {self.dpo_top} exceeds top_k = {self.top_k} (the kept "
-                             f"ids include the dpo model's top dpo_top)")
+        if self.dpo_top and self.dpo_top >= self.top_k:
+            # with no place left for pi*'s own best ids, pi*'s mode can fall into the tail
+            raise ValueError(f"dpo_top = {self.dpo_top} must be below top_k = {self.top_k} (the "
+                             f"kept ids are the dpo model's top dpo_top, then pi*'s best)")
         _check_int("chunk_size", self.chunk_size, minimum=1)
         _check_real("r", self.r, ">= 0", lambda v: v >= 0)
         _check_real("eps", self.eps, "> 0", lambda v: v > 0)
@@ -149,7 +150,8 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
         if k < vocab:
             # Knock the top-k out in place (log_star is ours and no longer needed).
             log_star.scatter_(-1, indices, -math.inf)
-            tail_logmass[rows] = torch.logsumexp(log_star, dim=-1)
+            # a mass, so <= 0: logsumexp may round a near-1 tail a hair above it
+            tail_logmass[rows] = torch.logsumexp(log_star, dim=-1).clamp_(max=0.0)
     return SparseTargets(alpha, topk_ids, topk_logprobs, tail_logmass,
                          dpo_logprobs, reverse_logprobs)
 

@@ -429,5 +429,8 @@ def test_dpo_top_is_a_format_version_2_store_pinned_for_resume(pair_dirs, data, 
     res = _cli(*args)  # resuming without --dpo-top
     assert res.returncode == 2 and "dpo_top" in res.stderr, res.stderr
     res = _cli("precompute", "--dpo-model", pair_dirs[0], "--reverse-model", pair_dirs[1],
-               "--data", data, "--out", tmp_path / "bad", "--top-k", 8, "--dpo-top", 9)
-    assert res.returncode == 2 and "--dpo-top 9 exceeds --top-k 8" in res.stderr, res.stderr
+               "--data", data, "--out", tmp_path / "bad", "--top-k", 8, "--dpo-top", 8)
+    assert res.returncode == 2 and "--dpo-top 8 must be below --top-k 8" in res.stderr, \
+        res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not (tmp_path / "bad").exists()  # refused before any work
