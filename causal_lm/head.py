@@ -21,18 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from causal_lm.packed import packed_hidden
+
 
 def response_hidden(model, input_ids: Tensor, attention_mask: Tensor, row_idx: Tensor,
                     col_idx: Tensor, position_ids: Tensor | None = None) -> Tensor:
     """The decoder's last hidden states at ``(row_idx, col_idx)``: ``[N, H]``.
 
-    With ``position_ids`` the rows are packed (:mod:`causal_lm.packed`): the positions keep
-    the sequences apart and ``attention_mask`` is not passed to the model."""
+    With ``position_ids`` the rows are packed (:func:`causal_lm.packed.packed_hidden`): the
+    positions keep the sequences apart and ``attention_mask`` is not passed to the model."""
     device = model.get_input_embeddings().weight.device  # a split model's first device
-    layout = ({"position_ids": position_ids.to(device)} if position_ids is not None
-              else {"attention_mask": attention_mask.to(device)})
-    hidden = model.get_decoder()(input_ids=input_ids.to(device), use_cache=False,
-                                 **layout).last_hidden_state
+    if position_ids is not None:
+        hidden = packed_hidden(model, input_ids.to(device), position_ids.to(device))
+    else:
+        hidden = model.get_decoder()(input_ids=input_ids.to(device), use_cache=False,
+                                     attention_mask=attention_mask.to(device)).last_hidden_state
     return hidden[row_idx.to(hidden.device), col_idx.to(hidden.device)]
 
 

@@ -69,16 +69,28 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False, flag: s
 
 def load_causal_lm(path: str | Path, *, device: torch.device, dtype: torch.dtype = torch.float32,
                    trust_remote_code: bool = False, flag: str = "--model", train: bool = False,
-                   device_map: dict[str, str] | str | None = None):
+                   device_map: dict[str, str] | str | None = None,
+                   attn_implementation: str | None = None):
     """One local causal LM on ``device`` (or split by ``device_map``,
-    :mod:`causal_lm.placement`): in train mode, or frozen in eval mode."""
+    :mod:`causal_lm.placement`): in train mode, or frozen in eval mode. ``attn_implementation``
+    (None: transformers' default) is checked when the model loads."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path, flag, trust_remote_code=trust_remote_code)
     placed = {"device_map": device_map} if device_map is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-        local_files_only=True, **placed)
+    if attn_implementation is not None:
+        placed["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            local_files_only=True, **placed)
+    except (ImportError, ValueError) as exc:
+        message = str(exc).lower()
+        if attn_implementation is None or not ("attn" in message or "attention" in message):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"--attn-implementation {attn_implementation}: {flag} {path} "
+                             f"cannot use it: {first}") from None
     if device_map is None:
         model = model.to(device)
     return model.train() if train else model.eval().requires_grad_(False)
@@ -99,12 +111,13 @@ def check_vocab(model, tokenizer, flag: str, path: str | Path) -> None:
 
 def load_model_and_tokenizer(path: str | Path, *, device: torch.device,
                              dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                             flag: str = "--model", train: bool = False):
+                             flag: str = "--model", train: bool = False,
+                             attn_implementation: str | None = None):
     """``(model, tokenizer)`` from one folder, checked to agree on the vocabulary."""
     path = check_model_dir(path, flag, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, flag=flag)
     model = load_causal_lm(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                           flag=flag, train=train)
+                           flag=flag, train=train, attn_implementation=attn_implementation)
     check_vocab(model, tokenizer, flag, path)
     return model, tokenizer
 

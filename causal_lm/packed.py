@@ -1,15 +1,25 @@
 """Padding-free forwards: several sequences laid back to back in one row of the batch.
 
 Position ids restart at 0 for each sequence and no attention mask is passed, which is how
-Hugging Face models take packed sequences: with ``flash_attention_2`` the position ids become
-variable-length boundaries; with ``sdpa``/``eager`` the models that build their mask with
-``transformers.masking_utils`` derive a block-diagonal causal mask from them. A row's unused
-places at its end (only in each batch's last rows) hold the pad id with positions restarting
-too, so they form a sequence of their own that nothing reads.
+Hugging Face models take packed sequences. How the attention then keeps them apart depends on
+its implementation:
+
+- ``sdpa``, ``eager`` and ``flex_attention`` build their mask with
+  ``transformers.masking_utils``, which derives a block-diagonal causal mask from the position
+  ids of every row: a batch may hold several packed rows (:data:`ROW_AWARE`).
+- ``flash_attention_2``/``_3`` (and any other kernel) read the position ids as sequence
+  boundaries only when the batch has ONE row (``_is_packed_sequence`` in
+  ``transformers.modeling_flash_attention_utils``); with several rows they attend across the
+  packed sequences. Their packed batches are therefore laid out as one row, the rows end to end
+  (:func:`packed_hidden`), which is also what their variable-length kernels are for.
+
+A row's unused places at its end (only in each batch's last rows) hold the pad id with positions
+restarting too, so they form a sequence of their own that nothing reads.
 
 Not every model honours this (a model with its own mask code would attend across the packed
-sequences), so :func:`packing_check` runs the model once on a packed probe and compares it with
-separate forwards; callers pack only when it passes, and use the padded layout otherwise.
+sequences), so :func:`packing_check` runs the model once on a packed probe of several rows,
+through the same :func:`packed_hidden`, and compares it with separate forwards; callers pack
+only when it passes, and use the padded layout otherwise.
 """
 
 from __future__ import annotations
@@ -51,6 +61,29 @@ class PackedRows:
         return np.concatenate(rows), np.concatenate(cols)
 
 
+#: Attention implementations whose masks keep packed sequences apart in every row of a batch.
+ROW_AWARE = frozenset({"sdpa", "eager", "flex_attention"})
+
+
+def attention_of(model) -> str:
+    """The attention implementation ``model`` runs (transformers' default when unset: eager)."""
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def packed_hidden(model, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+    """The decoder's last hidden states ``[R, C, H]`` for packed rows ``[R, C]`` (no attention
+    mask): as they are for :data:`ROW_AWARE` attention, else as one row ``[1, R * C]`` (every
+    row's positions restart at 0, so the boundaries between rows are sequence boundaries too)."""
+    decoder = model.get_decoder()
+    rows, width = input_ids.shape
+    if rows > 1 and attention_of(model) not in ROW_AWARE:
+        out = decoder(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1),
+                      use_cache=False).last_hidden_state
+        return out.reshape(rows, width, -1)
+    return decoder(input_ids=input_ids, position_ids=position_ids,
+                   use_cache=False).last_hidden_state
+
+
 def pack_rows(sequences: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], pad_id: int
               ) -> PackedRows:
     """Lay ``sequences`` out as ``rows`` (lists of indices into ``sequences``, each sequence in
@@ -83,24 +116,26 @@ def pack_rows(sequences: Sequence[Sequence[int]], rows: Sequence[Sequence[int]],
 def packing_check(model) -> tuple[bool, str]:
     """Whether ``model`` computes packed rows exactly as separate sequences: ``(ok, why)``.
 
-    Two short sequences packed in one row must give the hidden states each gives alone
-    (within the model's dtype's rounding); a model that attends across them, ignores the
-    restarted positions or refuses position ids without a mask fails."""
+    Four short sequences packed two to a row, in two rows (:func:`packed_hidden`, the layout
+    every packed forward uses), must give the hidden states each gives alone (within the
+    model's dtype's rounding); a model that attends across them (within a row, or across rows
+    as flash-attention kernels do when a batch has several rows), ignores the restarted
+    positions or refuses position ids without a mask fails."""
     decoder = model.get_decoder()
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(0, vocab, (7,), generator=g).tolist()
-    b = torch.randint(0, vocab, (5,), generator=g).tolist()
-    packed = pack_rows([a, b], [[0, 1]], pad_id=0)
+    seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 5, 6, 4)]
+    packed = pack_rows(seqs, [[0, 1], [2, 3]], pad_id=0)
     was_training = model.training
     model.eval()
     try:
-        together = decoder(input_ids=packed.input_ids.to(device),
-                           position_ids=packed.position_ids.to(device),
-                           use_cache=False).last_hidden_state[0].float()
+        hidden = packed_hidden(model, packed.input_ids.to(device),
+                               packed.position_ids.to(device)).float()
+        together = torch.cat([hidden[packed.seq_row[i], packed.seq_start[i]:
+                                     packed.seq_start[i] + len(s)] for i, s in enumerate(seqs)])
         alone = [decoder(input_ids=torch.tensor([s], device=device),
-                         use_cache=False).last_hidden_state[0].float() for s in (a, b)]
+                         use_cache=False).last_hidden_state[0].float() for s in seqs]
     except Exception as exc:  # noqa: BLE001 - any failure means: do not pack this model
         return False, f"a packed forward fails ({type(exc).__name__}: {exc})"[:300]
     finally:
@@ -112,8 +147,7 @@ def packing_check(model) -> tuple[bool, str]:
     if err > tol:
         return False, (f"packed sequences do not match separate forwards (relative error "
                        f"{err:.2g} > {tol:g}): its attention does not keep them apart")
-    attn = getattr(model.config, "_attn_implementation", None) or "default"
-    return True, f"packed forwards match separate ones (attention: {attn})"
+    return True, f"packed forwards match separate ones (attention: {attention_of(model)})"
 
 
 def choose_packing(setting: str, *models) -> bool:

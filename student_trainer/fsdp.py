@@ -80,7 +80,8 @@ def settle_root(root: nn.Module, device: torch.device) -> None:
     root.reshard()
 
 
-def load_for_sharding(weights: str | Path, *, rank: int, trust_remote_code: bool = False
+def load_for_sharding(weights: str | Path, *, rank: int, trust_remote_code: bool = False,
+                      attn_implementation: str | None = None
                       ) -> tuple[nn.Module, Any, dict[str, torch.Tensor] | None]:
     """``(model, tokenizer, full weights)`` for :func:`shard` without a whole copy per GPU.
 
@@ -97,15 +98,17 @@ def load_for_sharding(weights: str | Path, *, rank: int, trust_remote_code: bool
     if rank == 0:
         model, tokenizer = load_model_and_tokenizer(weights, device=torch.device("cpu"),
                                                     train=True,
-                                                    trust_remote_code=trust_remote_code)
+                                                    trust_remote_code=trust_remote_code,
+                                                    attn_implementation=attn_implementation)
         return model, tokenizer, {k: v for k, v in model.state_dict().items()}
     path = check_model_dir(weights, "--model", trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, flag="--model")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
                                         local_files_only=True)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     check_vocab(model, tokenizer, "--model", path)
     return model.train(), tokenizer, None
 

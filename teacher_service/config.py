@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
+from causal_lm.options import AttentionOptions
 from storage.datasets import DatasetOptions, require_data
 from storage.hub import HubOptions
 from storage.errors import ConfigError
@@ -31,7 +32,7 @@ def saved_config_name(worker: int) -> str:
 
 
 @dataclass(kw_only=True)
-class TeacherOptions(HubOptions):
+class TeacherOptions(HubOptions, AttentionOptions):
     MODEL_FIELDS = ("dpo_model", "reverse_model", "reference_model")
     dpo_model: Annotated[str, "the DPO-trained teacher: a Hugging Face folder or a Hub id "
                          "(owner/name[@revision])"]

@@ -203,7 +203,8 @@ def build_engine(options) -> TeacherEngine:
                              device=options.device, dtype=options.dtype,
                              trust_remote_code=options.trust_remote_code,
                              dpo_devices=options.dpo_devices,
-                             other_devices=options.reverse_devices)
+                             other_devices=options.reverse_devices,
+                             attn_implementation=options.attn_implementation)
     max_seq_len = options.max_seq_len
     if max_seq_len is None and options.DEFAULT_MAX_SEQ_LEN is not None:
         model_max = getattr(pair.dpo.config, "max_position_embeddings", None)

@@ -87,7 +87,8 @@ def _device_map(path: Path, devices: str | None, flag: str, trust_remote_code: b
 def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str = "adaptive",
                       device: str = "auto", dtype: str = "auto",
                       trust_remote_code: bool = False, dpo_devices: str | None = None,
-                      other_devices: str | None = None) -> TeacherPair:
+                      other_devices: str | None = None,
+                      attn_implementation: str | None = None) -> TeacherPair:
     """Load both teachers and their tokenizer(s); refuse a pair that does not share a vocabulary."""
     other_role = "reference" if mode in REFERENCE_MODES else "reverse"
     other_flag = "--reference-model" if mode in REFERENCE_MODES else "--reverse-model"
@@ -108,11 +109,13 @@ def load_teacher_pair(dpo_path: str | Path, other_path: str | Path, *, mode: str
 
     dpo = load_causal_lm(dpo_path, device=dev, dtype=dt, trust_remote_code=trust_remote_code,
                          flag="--dpo-model", device_map=_device_map(
-                             dpo_path, dpo_devices, "--dpo-devices", trust_remote_code))
+                             dpo_path, dpo_devices, "--dpo-devices", trust_remote_code),
+                         attn_implementation=attn_implementation)
     other = load_causal_lm(other_path, device=dev, dtype=dt,
                            trust_remote_code=trust_remote_code, flag=other_flag,
                            device_map=_device_map(other_path, other_devices,
-                                                  "--reverse-devices", trust_remote_code))
+                                                  "--reverse-devices", trust_remote_code),
+                           attn_implementation=attn_implementation)
     rows_dpo = output_rows(dpo)
     rows_other = output_rows(other)
     if rows_dpo != rows_other:

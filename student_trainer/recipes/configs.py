@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal
 
+from causal_lm.options import AttentionOptions
 from storage.datasets import DatasetOptions, require_data
 from storage.hub import HubOptions
 from storage.errors import ConfigError
@@ -65,7 +66,7 @@ def check_sampling(config: SamplingOptions) -> None:
 
 
 @dataclass(kw_only=True)
-class TrainConfig(SamplingOptions, DatasetOptions, HubOptions):
+class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions):
     """``aligndistil train``: AlignDistil, off-policy from a store or on-policy via a server."""
     MODEL_FIELDS = ("model",)
     mode: Annotated[Literal["off-policy", "on-policy"], "where the targets come from"]
@@ -286,7 +287,7 @@ RESUME_FIXED = (
 
 
 @dataclass(kw_only=True)
-class DPOConfig(DatasetOptions, HubOptions):
+class DPOConfig(DatasetOptions, HubOptions, AttentionOptions):
     """``aligndistil dpo``: a teacher by sigmoid DPO (``--reverse``: the reverse teacher)."""
     MODEL_FIELDS = ("model",)
     model: Annotated[str, "the initial model (and the reference)"]
@@ -351,7 +352,7 @@ DPO_RESUME_FIXED = ("model", "data", "split", "data_config", "reverse", "beta", 
 
 
 @dataclass(kw_only=True)
-class SFTConfig(DatasetOptions, HubOptions):
+class SFTConfig(DatasetOptions, HubOptions, AttentionOptions):
     """``aligndistil sft``: cross-entropy on the assistant's response tokens."""
     MODEL_FIELDS = ("model",)
     model: Annotated[str, "the initial model"]
@@ -381,7 +382,7 @@ class SFTConfig(DatasetOptions, HubOptions):
 
 
 @dataclass(kw_only=True)
-class EvalConfig(SamplingOptions, DatasetOptions, HubOptions):
+class EvalConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions):
     """``aligndistil eval``: sample a model on prompts and measure the samples."""
     MODEL_FIELDS = ("model",)
     model: Annotated[str, "the model to evaluate"]
@@ -421,7 +422,7 @@ class EvalConfig(SamplingOptions, DatasetOptions, HubOptions):
 
 
 @dataclass(kw_only=True)
-class RewardAccuracyConfig(HubOptions):
+class RewardAccuracyConfig(HubOptions, AttentionOptions):
     """``aligndistil reward-accuracy``: how often each reward ranks chosen above rejected
     (the paper's Table 2)."""
     MODEL_FIELDS = ("dpo_model", "reverse_model", "reference_model")

@@ -98,11 +98,13 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
     full_weights = None
     if sharded:
         model, tokenizer, full_weights = fsdp.load_for_sharding(
-            config.model, rank=env.rank, trust_remote_code=config.trust_remote_code)
+            config.model, rank=env.rank, trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation)
     else:
         model, tokenizer = load_model_and_tokenizer(
             resume_from or config.model, device=device, train=True,
-            trust_remote_code=config.trust_remote_code)
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = pad_token_id(tokenizer)

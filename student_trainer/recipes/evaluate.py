@@ -87,7 +87,8 @@ def run_eval(config: EvalConfig) -> dict:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config.model,
-                                                device=resolve_device(config.device))
+                                                device=resolve_device(config.device),
+                                                attn_implementation=config.attn_implementation)
     sampling = RolloutConfig(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                              temperature=config.temperature, top_p=config.top_p,
                              top_k=config.sampling_top_k)

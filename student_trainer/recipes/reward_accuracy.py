@@ -49,7 +49,8 @@ def run_reward_accuracy(config: RewardAccuracyConfig) -> dict:
     for role, path in paths.items():
         models[role], tokenizers[role] = load_model_and_tokenizer(
             path, device=device, flag=f"--{role}-model",
-            trust_remote_code=config.trust_remote_code)
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation)
     shas = {role: tokenizer_sha256(tok) for role, tok in tokenizers.items()}
     if len(set(shas.values())) != 1:
         raise TokenizerMismatch(f"the three models do not share a tokenizer: "

@@ -65,7 +65,8 @@ def run_sft(config: SFTConfig) -> dict:
     if config.overwrite:
         clear_folder(out, keep=(SAVED_CONFIG["sft"],))
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(config.model, device=device, train=True)
+    model, tokenizer = load_model_and_tokenizer(config.model, device=device, train=True,
+                                                attn_implementation=config.attn_implementation)
     pad_id = pad_token_id(tokenizer)
     seqs = load_sequences(data_source(config.data, split=config.split,
                                       config_name=config.data_config),

@@ -287,11 +287,13 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
     full_weights = None
     if sharded:
         model, tokenizer, full_weights = fsdp.load_for_sharding(
-            config.model, rank=env.rank, trust_remote_code=config.trust_remote_code)
+            config.model, rank=env.rank, trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation)
     else:
         model, tokenizer = load_model_and_tokenizer(
             resume_from or config.model, device=device, train=True,
-            trust_remote_code=config.trust_remote_code)
+            trust_remote_code=config.trust_remote_code,
+            attn_implementation=config.attn_implementation)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # the packing probe runs forwards: under FSDP on rank 0's whole model, its answer for all
