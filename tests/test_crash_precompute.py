@@ -4,6 +4,9 @@ The real CLI runs as a subprocess over a tiny teacher pair and is killed with SI
 several seeded-random points (after a random number of committed shards, plus a random
 fraction of a shard's write time, so the kill lands anywhere in scoring, array writes, fsyncs,
 the checksum file or the manifest rename), then resumed with the very same command. The
+process runs only in short bursts the harness grants it (SIGCONT, 10 ms, SIGSTOP) while the
+harness watches for its kill point, so a busy machine that starves the harness cannot let the
+process run past that point: each kill is checked to land before the work is done. The
 finished store must equal one written without interruption: every record, the store metadata
 and the manifest (shard names, sizes and per-shard checksums, hence every byte of every
 shard). Meanwhile a reader thread keeps opening the store and reading every committed record:
@@ -195,13 +198,11 @@ def crash_resume_harness(pair_dirs, tmp_path: Path, *, n_examples: int, group_si
             log = tmp_path / f"precompute-{len(kills) + 1}.log"
             with log.open("wb") as fh:   # a file, not a pipe: a full pipe would stall it
                 proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=fh, stderr=fh)
-            launched = time.monotonic()
             try:
                 if kind == "time":
                     delay = float(rng.uniform(0.5, 8.0))
                     target = None
-                    while time.monotonic() - launched < delay and proc.poll() is None:
-                        time.sleep(0.01)
+                    _run_for(proc, delay)
                 else:
                     target = max(int(rng.integers(window[0], window[1] + 1)), before + 2)
                     delay = _wait_for_commit(crashed, proc, target, rng)
@@ -209,8 +210,12 @@ def crash_resume_harness(pair_dirs, tmp_path: Path, *, n_examples: int, group_si
                     f"precompute exited (rc {proc.returncode}) before kill {len(kills) + 1} "
                     f"(target {target} shards, {_committed(crashed)} committed):\n"
                     f"{log.read_text()[-3000:]}")
-                os.kill(proc.pid, signal.SIGKILL)
+                at_kill = _manifest(crashed) if _committed(crashed) else {"shards": []}
+                os.kill(proc.pid, signal.SIGKILL)  # it is stopped: it dies where it stands
                 proc.wait(timeout=60)
+                assert not at_kill.get("finished") and len(at_kill["shards"]) < n_shards, (
+                    f"kill {len(kills) + 1} landed after the work was done "
+                    f"({len(at_kill['shards'])} of {n_shards} shards committed)")
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -259,24 +264,43 @@ def crash_resume_harness(pair_dirs, tmp_path: Path, *, n_examples: int, group_si
             "reader_polls": len(sizes), "reader_records": reader.records_read}
 
 
+BURST = 0.01  #: seconds the process runs between two looks of the harness
+
+
+def _burst(proc: subprocess.Popen) -> float:
+    """Let the (stopped) process run for one burst, then stop it; returns the seconds it ran
+    (more than BURST when the harness itself was kept waiting)."""
+    started = time.monotonic()
+    os.kill(proc.pid, signal.SIGCONT)
+    time.sleep(BURST)
+    os.kill(proc.pid, signal.SIGSTOP)
+    return time.monotonic() - started
+
+
+def _run_for(proc: subprocess.Popen, seconds: float) -> None:
+    """Let the process run for about ``seconds`` in bursts; it is stopped on return."""
+    ran = 0.0
+    while ran < seconds and proc.poll() is None:
+        ran += _burst(proc)
+
+
 def _wait_for_commit(store: Path, proc: subprocess.Popen, target: int, rng) -> float:
-    """Wait until ``target`` shards are committed, then a random 0-1.5 of the last interval
-    between two commits (so the kill falls at a random phase of writing the next shard).
-    Returns that extra delay in seconds."""
+    """Run the process in bursts until ``target`` shards are committed, then for a random
+    0-1.5 of the running time between two commits (so the kill falls at a random phase of
+    writing the next shard). Returns that extra time in seconds; the process is stopped."""
     deadline = time.monotonic() + 240
-    last_count, last_time, interval = _committed(store), None, 0.2
+    last_count, ran, last_ran, interval = _committed(store), 0.0, None, 0.2
     while proc.poll() is None and time.monotonic() < deadline:
         count = _committed(store)
         if count != last_count:
-            now = time.monotonic()
-            if last_time is not None:
-                interval = (now - last_time) / (count - last_count)
-            last_count, last_time = count, now
+            if last_ran is not None:
+                interval = (ran - last_ran) / (count - last_count)
+            last_count, last_ran = count, ran
             if count >= target:
                 delay = float(rng.uniform(0.0, 1.5)) * interval
-                time.sleep(delay)
+                _run_for(proc, delay)
                 return delay
-        time.sleep(0.005)
+        ran += _burst(proc)
     raise AssertionError(f"precompute never reached {target} committed shards "
                          f"(rc {proc.poll()}, {_committed(store)} committed)")
 
