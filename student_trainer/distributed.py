@@ -50,7 +50,22 @@ def init_distributed(device: torch.device, *, group_of_one: bool = False) -> Dis
     return DistEnv(rank=rank, world_size=world, local_rank=local)
 
 
+def finish(env: DistEnv) -> None:
+    """The end of a run that succeeded on every rank, before :func:`shutdown`: wait until every
+    rank is done with every collective (none is still sending when a peer tears down), then
+    free what the run left that holds the group (DDP's reducer, FSDP's units), so that the
+    group is destroyed in :func:`shutdown` with nothing in flight and nothing left to free at
+    interpreter exit."""
+    import gc
+
+    if dist.is_initialized():
+        dist.barrier()
+    gc.collect()
+
+
 def shutdown(env: DistEnv) -> None:
+    """Leave the process group (after :func:`finish` on success; on a failure, at once: a
+    barrier could wait forever for a rank that died)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -46,6 +46,7 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
          "-m", "aligndistil.cli", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
         timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr, done.stderr[-3000:]
     return done
 
 
@@ -207,3 +208,20 @@ def test_unequal_shares_and_micro_batch_counts_give_the_one_process_step(world, 
             assert scale > 0, (strategy, objective, name)
             worst = float((grad_got - grad_want).abs().max())
             assert worst <= 1e-4 * scale, (strategy, objective, name, worst, scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_finished_two_rank_runs_exit_0_every_time(world, tmp_path, strategy):
+    """A scheduler reads a non-zero exit as a failed job: a 2-rank run that finished its work
+    must exit 0 every time (no abort while the process group is torn down), train and dpo."""
+    from test_dpo import _write_prefs
+
+    prefs = _write_prefs(tmp_path / "prefs.jsonl", n=11)
+    for i in range(5):
+        _torchrun([*_train_args(world["store"], world["student"], tmp_path / f"train-{i}"),
+                   "--strategy", strategy, "--max-steps", "2", "--save-every", "0"])
+        _torchrun(["dpo", "--model", str(world["student"]), "--data", str(prefs), "--out",
+                   str(tmp_path / f"dpo-{i}"), "--batch-size", "5", "--max-tokens", "96",
+                   "--epochs", "1", "--strategy", strategy, "--no-progress", "--report-to",
+                   "none", "--device", "cpu", "--log-level", "warning"])

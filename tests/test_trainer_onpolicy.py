@@ -244,6 +244,8 @@ def test_fsdp_on_policy_samples_and_learns_what_ddp_does(world, objective, sampl
     fsdp_rows, fsdp_w = run(f"fsdp-{objective}-{sampling}", "--strategy", "fsdp",
                             "--fsdp-sampling", sampling)
     assert [r["step"] for r in fsdp_rows] == [1, 2, 3]
+    # counted over both ranks (each rank samples 2 of a step's 4): above 2 only when summed
+    assert max(r["responses_without_eos"] for r in ddp_rows) > 2
     for a, b in zip(fsdp_rows, ddp_rows):
         assert a["sequences"] == b["sequences"] == 4
         assert a["response_tokens"] == b["response_tokens"]  # the same samples

@@ -35,7 +35,7 @@ from student_trainer.checkpoint import (CheckpointError, capture_rng_state, chec
                                         load_state, prune_checkpoints, resolve_resume,
                                         restore_rng_state, save_checkpoint)
 from student_trainer.distributed import (DistEnv, all_reduce_max, all_reduce_sum, barrier,
-                                         gather_objects, init_distributed, shutdown)
+                                         finish, gather_objects, init_distributed, shutdown)
 from student_trainer.errors import ConfigError
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward
@@ -70,7 +70,9 @@ def run_dpo(config: DPOConfig) -> dict:
     device = resolve_device(config.device)  # under torchrun: the GPU of $LOCAL_RANK
     env = init_distributed(device)
     try:
-        return _run_dpo(config, env, device)
+        summary = _run_dpo(config, env, device)  # its models are gone once it returns
+        finish(env)
+        return summary
     finally:
         shutdown(env)
 

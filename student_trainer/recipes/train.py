@@ -44,7 +44,8 @@ from student_trainer.client import (TARGET_FIELDS, TeacherUnavailable, target_di
                                     teacher_models)
 from student_trainer.collate import Batch, micro_batches
 from student_trainer.distributed import (
-    DistEnv, all_reduce_max, all_reduce_sum, barrier, gather_objects, init_distributed, shutdown)
+    DistEnv, all_reduce_max, all_reduce_sum, barrier, finish, gather_objects, init_distributed,
+    shutdown)
 from student_trainer.errors import ConfigError
 from student_trainer.metrics import JSONL_NAME, PNG_NAME, MetricsLogger, plot_curves
 from student_trainer.modeling import StudentForward
@@ -249,10 +250,13 @@ def run_train(config: TrainConfig) -> dict[str, Any]:
     try:
         run = setup(config, env, device)
         try:
-            return train(run)
+            summary = train(run)
         finally:
             run.source.close()
             run.metrics.close()
+        del run  # the wrapped student goes while the group is whole
+        finish(env)
+        return summary
     finally:
         shutdown(env)
 
