@@ -30,6 +30,8 @@ from student_trainer.modeling import StudentForward, load_student
 from teacher_service.engine import ScoreRequest, TeacherEngine
 from teacher_service.models import load_teacher_pair
 from teacher_service.targets import TargetConfig
+from test_engine import _requests
+from test_trainer_components import _step_loss_and_grads
 from tiny_models import build_tokenizer
 from trainer_support import dense_records, random_sequences
 
@@ -115,21 +117,11 @@ def test_the_probe_packs_several_rows_and_the_packed_layout_keeps_them_apart(pai
     assert not ok and "do not match separate forwards" in why
 
 
-def _requests(tokenizer, n=15, seed=3):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        length = int(rng.integers(3, 40))
-        ids = rng.integers(0, len(tokenizer), size=length).tolist()
-        out.append(ScoreRequest(ids, int(rng.integers(1, length)), example_index=i))
-    return out
-
-
 @pytest.mark.parametrize("attention", ["eager", FLASH])
 def test_engine_packed_records_equal_padded_ones(pairs, teacher_pair, attention):
     pair = pairs.get(attention) or load_teacher_pair(*teacher_pair, device="cpu",
                                                      attn_implementation=attention)
-    reqs = _requests(pair.tokenizer)
+    reqs = _requests(pair.tokenizer, n=15, seed=3)
     config = TargetConfig(top_k=8, chunk_size=16)
     padded = TeacherEngine(pair, config, max_batch_tokens=80).score(reqs)
     packed = TeacherEngine(pair, config, max_batch_tokens=80, packing=True).score(reqs)
@@ -152,16 +144,7 @@ def test_trainer_packed_loss_and_gradients_equal_padded_ones(teacher_pair, atten
         batches = micro_batches(records, max_tokens=72, pad_id=0, packing=packing)
         if packing:
             assert any(b.input_ids.shape[0] > 1 for b in batches)  # several rows in a batch
-        model.zero_grad(set_to_none=True)
-        total = 0.0
-        for b in batches:
-            kl = forward(b.input_ids, b.attention_mask, b.row_idx, b.col_idx,
-                         topk_ids=b.topk_ids, topk_logprobs=b.topk_logprobs,
-                         tail_logmass=b.tail_logmass, position_ids=b.position_ids)
-            loss = kl.sum()
-            loss.backward()
-            total += float(loss.detach())
-        results.append((total, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        results.append(_step_loss_and_grads(model, forward, batches, len(records)))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for name in grads_a:  # float32 rounding: within 1e-4 of each tensor's largest entry
