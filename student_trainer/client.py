@@ -205,8 +205,8 @@ class TeacherClient:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
-        if self._prober is not None:
-            self._prober.join(timeout=60)
+        if self._prober is not None:  # at most one probe's timeout away from noticing
+            self._prober.join(timeout=self._probe_timeout.read + 1)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         for server in self._servers:
@@ -308,9 +308,10 @@ class TeacherClient:
 
     def _ask_info(self, server: _Server) -> tuple[dict | None, str, float | None]:
         """One ``GET /v1/info``: ``(info, "", None)``, or ``(None, problem, retry_after)`` for
-        a failure worth retrying; a refusal (401, ...) raises at once."""
+        a failure worth retrying; a refusal (401, ...) raises at once. A hung server costs the
+        probe timeout, not a request's."""
         try:
-            response = server.http.get("/v1/info")
+            response = server.http.get("/v1/info", timeout=self._probe_timeout)
         except httpx.TransportError as exc:
             return None, f"{type(exc).__name__}: {exc}", None
         if response.status_code < 400:
