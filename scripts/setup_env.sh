@@ -20,3 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# Azurite (the Azure Storage emulator) for tests/test_object_store.py's az:// cases, kept in
+# .venv; without npm those tests fail and say what to install.
+if [ ! -x .venv/node/node_modules/.bin/azurite-blob ] && command -v npm > /dev/null; then
+  npm install --prefix .venv/node --no-save --no-package-lock --no-audit --no-fund \
+      --loglevel=error azurite@3.37.0
+fi

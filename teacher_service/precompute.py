@@ -166,7 +166,9 @@ def run_precompute(config: PrecomputeConfig) -> dict:
                             + (f", --limit {config.limit}" if config.limit else ""))
         writer.close()
     except BaseException:
-        writer.close(finished=False)  # keep every committed shard; the rerun resumes
+        # Keep every committed shard; the rerun resumes. A writer that lost its worker to
+        # another (StoreLockedError) writes nothing here: no shard, no manifest.
+        writer.close(finished=False)
         raise
     finally:
         bar.close()

@@ -1,5 +1,6 @@
 """A real S3-compatible server on loopback for the object-storage tests: moto's standalone
-server (``moto_server``, from the ``dev`` extra) in its own process.
+server (``moto_server``, from the ``dev`` extra) in its own process. (``gcs_server.py`` and
+``azure_server.py`` are its GCS and Azure counterparts, with the same methods.)
 
 ``S3Server.env`` is what a user sets for any S3 tool: ``AWS_ENDPOINT_URL``, the access keys,
 ``AWS_DEFAULT_REGION`` (and ``AWS_ALLOW_HTTP`` for a plain-http endpoint).
@@ -25,6 +26,8 @@ def _free_port() -> int:
 
 
 class S3Server:
+    scheme = "s3"
+
     def __init__(self, log_dir: Path):
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -56,6 +59,26 @@ class S3Server:
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+    # the same small interface as gcs_server.GCSServer and azure_server.AzureServer
+    def objects(self, bucket: str, prefix: str) -> dict[str, int]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                        Prefix=prefix)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+    def read(self, bucket: str, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError when there is none."""
+        client = self.client()
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"{bucket}/{key}") from None
+
+    def write(self, bucket: str, key: str, data: bytes) -> None:
+        self.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+    def delete(self, bucket: str, key: str) -> None:
+        self.client().delete_object(Bucket=bucket, Key=key)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -5,13 +5,16 @@ to the store's root (``"manifest-w0000.json"``, ``"shards/w0000-s000000/zarr.jso
 
 - :class:`LocalLocation` (a folder): atomic writes by temp file + rename, fsync for
   durability, an exclusive ``flock`` per worker for the writer's lifetime;
-- :class:`ObjectLocation` (``s3://bucket/prefix``; ``gs://`` and ``az://`` through the same
-  library, untested here): objects through ``obstore``, configured by each cloud's standard
+- :class:`ObjectLocation` (``s3://bucket/prefix``, ``gs://bucket/prefix``,
+  ``az://container/prefix``): objects through ``obstore``, configured by each cloud's standard
   environment variables (S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-  ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``; ``AWS_ALLOW_HTTP=true`` for a plain-http
-  endpoint). A PUT replaces an object atomically, so there is no rename; a worker's ownership is
-  an owner token in its manifest, and every manifest write is conditional on the manifest's
-  ETag (:class:`ObjectLease`), so two writers of one worker can never both commit.
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``AWS_ALLOW_HTTP=true`` for a plain-http
+  endpoint; GCS: ``GOOGLE_APPLICATION_CREDENTIALS`` or ``GOOGLE_SERVICE_ACCOUNT``; Azure:
+  ``AZURE_STORAGE_ACCOUNT_NAME``, ``AZURE_STORAGE_ACCOUNT_KEY``, ``AZURE_STORAGE_ENDPOINT``,
+  ``AZURE_ALLOW_HTTP``). A PUT replaces an object atomically, so there is no rename; a worker's
+  ownership is an owner token in its manifest, and every manifest write is conditional on the
+  manifest's version as this writer last wrote it (:class:`ObjectLease`), so two writers of
+  one worker can never both commit.
 
 The commit protocol is the same on both (see :mod:`.manifest`): a shard's files, then its
 ``checksums.json``, then one write of its worker's manifest, which makes it visible.
@@ -19,6 +22,7 @@ The commit protocol is the same on both (see :mod:`.manifest`): a shard's files,
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -110,6 +114,9 @@ class StoreLocation:
 
 class Lease:
     """A writer's hold on one worker; all its manifest writes go through :meth:`commit`."""
+
+    def check(self) -> None:
+        """Raise :class:`StoreLockedError` if this writer no longer holds the worker."""
 
     def commit(self, data: bytes, *, durable: bool = True) -> None:
         raise NotImplementedError
@@ -350,7 +357,9 @@ class ObjectLocation(StoreLocation):
                     after_group(group)
 
     def remove_tree(self, rel: str) -> None:
-        """Delete the object ``rel`` and every object under ``rel/``."""
+        """Delete the object ``rel`` and every object under ``rel/``. An object that is gone
+        already is fine (another process may be deleting the same leftovers): S3 deletes a
+        missing key quietly, but GCS and Azure answer 404, which fails the whole batch."""
         import obstore
 
         paths = [f"{rel}/{name}" for name in self.list_files(rel)]
@@ -360,7 +369,13 @@ class ObjectLocation(StoreLocation):
         except FileNotFoundError:
             pass
         for start in range(0, len(paths), 1000):
-            self._call(rel, obstore.delete, self.store, paths[start:start + 1000])
+            batch = paths[start:start + 1000]
+            try:
+                self._call(rel, obstore.delete, self.store, batch)
+            except FileNotFoundError:
+                for path in batch:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._call(path, obstore.delete, self.store, path)
 
     def acquire(self, worker: int, manifest_rel: str) -> "Lease":
         return ObjectLease(self, worker, manifest_rel)
@@ -372,12 +387,17 @@ OWNER_KEY = "owner"
 
 class ObjectLease(Lease):
     """Ownership of a worker on object storage, without locks: the writer stamps an owner token
-    into the worker's manifest, and each later manifest write is conditional on the ETag of the
-    writer's own previous write. A newer writer for the same worker (a restart after a crash, or
-    a second process by mistake) takes over by its own stamp; the older one's next commit then
-    fails its condition and stops with :class:`StoreLockedError`, so two writers never both
-    commit. (Unlike ``flock``, object storage cannot tell a live writer from a dead one, so the
-    newer writer wins.)"""
+    into the worker's manifest, and each later manifest write is conditional on the version of
+    the writer's own previous write. A newer writer for the same worker (a restart after a
+    crash, or a second process by mistake) takes over by its own stamp; the older one's next
+    commit then fails its condition and stops with :class:`StoreLockedError`, so two writers
+    never both commit. (Unlike ``flock``, object storage cannot tell a live writer from a dead
+    one, so the newer writer wins.)
+
+    The condition names the object's version in every form obstore knows, because each cloud
+    checks a different one: S3 and Azure compare the ETag, GCS the object generation (obstore's
+    ``version``; with an ETag alone it refuses a conditional GCS write outright).
+    """
 
     def __init__(self, location: ObjectLocation, worker: int, manifest_rel: str):
         import obstore
@@ -388,10 +408,11 @@ class ObjectLease(Lease):
                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         #: the manifest as this writer found it (None: the worker has none yet)
         self.initial: bytes | None = None
-        self.etag: str | None = None
+        #: the manifest's version as this writer last saw or wrote it ({}: none yet)
+        self.version: dict[str, str] = {}
         try:
             got = location._call(manifest_rel, obstore.get, location.store, manifest_rel)
-            self.initial, self.etag = bytes(got.bytes()), got.meta["e_tag"]
+            self.initial, self.version = bytes(got.bytes()), _version_of(got.meta)
         except FileNotFoundError:
             pass
 
@@ -400,6 +421,19 @@ class ObjectLease(Lease):
 
         return json.dumps({**document, OWNER_KEY: self.owner}, indent=1).encode()
 
+    def check(self) -> None:
+        """One HEAD of the manifest: refuse before a shard is written, rather than after, when
+        a newer writer has taken the worker over."""
+        import obstore
+
+        try:
+            meta = self.location._call(self.manifest_rel, obstore.head, self.location.store,
+                                       self.manifest_rel)
+        except FileNotFoundError:
+            meta = None
+        if not _same_version(self.version, _version_of(meta) if meta is not None else {}):
+            raise self._taken_over()
+
     def commit(self, data: bytes, *, durable: bool = True) -> None:
         import json
 
@@ -407,17 +441,34 @@ class ObjectLease(Lease):
         from obstore.exceptions import AlreadyExistsError, PreconditionError
 
         body = self.stamp(json.loads(data))
-        mode = {"e_tag": self.etag} if self.etag else "create"
+        mode = dict(self.version) if self.version else "create"
         try:
             result = self.location._call(self.manifest_rel, obstore.put, self.location.store,
                                          self.manifest_rel, body, mode=mode)
         except (AlreadyExistsError, PreconditionError):
-            raise StoreLockedError(
-                f"{self.location}: worker {self.worker} was taken over by another writer since "
-                f"this one started (its manifest changed under it); one writer per worker: this "
-                f"writer stops, its uncommitted shard is left for the other to discard") from None
-        self.etag = result["e_tag"]
+            raise self._taken_over() from None
+        self.version = _version_of(result)
+
+    def _taken_over(self) -> StoreLockedError:
+        return StoreLockedError(
+            f"{self.location}: worker {self.worker} was taken over by another writer since "
+            f"this one started (its manifest changed under it); one writer per worker: this "
+            f"writer stops and writes nothing more")
 
     def release(self) -> None:
         pass
 
+
+def _version_of(meta) -> dict[str, str]:
+    """An object's version as obstore's conditional put takes it (``e_tag`` and/or
+    ``version``), from a get's ``meta``, a head or a put's result; absent fields left out
+    (obstore refuses ``None`` there)."""
+    return {key: meta[key] for key in ("e_tag", "version") if meta.get(key) is not None}
+
+
+def _same_version(mine: dict[str, str], found: dict[str, str]) -> bool:
+    """Whether two versions name the same object state, by the fields both carry (a field that
+    only one side reports can't tell; the conditional commit then decides)."""
+    if not mine or not found:
+        return mine == found
+    return all(mine[k].strip('"') == found[k].strip('"') for k in mine.keys() & found.keys())

@@ -9,9 +9,12 @@ One writer per worker, ever. On a local disk an exclusive ``flock`` on ``locks/w
 is held for the writer's lifetime (the kernel drops it when the process dies, even by SIGKILL),
 so a second live process for the same worker is refused instead of deleting its in-progress
 shard. On object storage (``s3://...``) the writer stamps its owner token into its manifest and
-every manifest write is conditional on the ETag of its own last one, so of two writers the
-older is refused at its next commit (:class:`.location.ObjectLease`); its shards carry its
-token in their names, so the two never write into one shard's objects.
+every manifest write is conditional on the version of its own last one, so of two writers
+the older is refused at its next commit (:class:`.location.ObjectLease`); its shards carry its
+token in their names, so the two never write into one shard's objects. A writer that has lost
+its worker writes nothing more: it checks ownership before writing a shard, removes the shard
+whose commit was refused (its own, by its token), and its close writes neither shard nor
+manifest.
 
 Resume: opening a worker that already committed shards continues after its last committed
 shard. Shard directories of this worker that no manifest lists are leftovers of a crash and
@@ -30,6 +33,7 @@ import numpy as np
 
 from ..record import RecordError, TargetRecord
 from .batch import TargetBatch
+from .errors import StoreError, StoreLockedError
 from .layout import get_layout
 from .location import open_location
 from .manifest import (CHECKSUMS_FILE, ShardEntry, WorkerManifest, checksums_blob,
@@ -69,6 +73,8 @@ class TargetStoreWriter:
         self._hook = _hook
         self._lease = self.location.acquire(worker_index, manifest_name(worker_index))
         self._closed = False
+        #: why this writer lost its worker to a newer writer (None while it holds it)
+        self._lost: StoreLockedError | None = None
         #: on object storage, this writer's shards carry its token (see the module docstring)
         self._writer_tag = None if self.location.is_local else self._lease.token[:8]
         try:
@@ -79,7 +85,7 @@ class TargetStoreWriter:
                 initial = self._lease.initial
                 self._manifest = (parse_manifest(initial, worker_index)
                                   if initial is not None else WorkerManifest(worker_index))
-                self._lease.commit(manifest_bytes(self._manifest))
+                self._as_owner(self._lease.commit, manifest_bytes(self._manifest))
             self._discard_uncommitted()
         except BaseException:
             self._release()
@@ -133,6 +139,7 @@ class TargetStoreWriter:
         self._check_open()
         if not self._buffer:
             return None
+        self._as_owner(self._lease.check)
         batch = TargetBatch.from_records(self._buffer)
         name = shard_name(self.worker_index, self._next_seq, self._writer_tag)
         relpath = shard_relpath(name)
@@ -147,9 +154,12 @@ class TargetStoreWriter:
         self._manifest.shards.append(entry)
         self._manifest.finished = False
         try:
-            self._lease.commit(manifest_bytes(self._manifest), durable=self.durable)
+            self._as_owner(self._lease.commit, manifest_bytes(self._manifest),
+                           durable=self.durable)
         except BaseException:
             self._manifest.shards.pop()
+            if self._lost is not None:  # taken over while writing: take the shard back
+                self._remove_refused(relpath)
             raise
         if self._committed_indices is not None:
             self._committed_indices.append(batch.example_index.copy())
@@ -164,14 +174,19 @@ class TargetStoreWriter:
         self._manifest.skipped = {k: int(v) for k, v in counts.items() if v}
 
     def close(self, *, finished: bool = True) -> None:
-        """Commit the buffer; with ``finished`` also mark this worker complete in its manifest."""
+        """Commit the buffer; with ``finished`` also mark this worker complete in its manifest.
+
+        A writer that lost its worker to a newer writer only lets go: it writes nothing."""
         if self._closed:
             return
         try:
+            if self._lost is not None:
+                return
             self.flush()
             if finished and not self._manifest.finished:
                 self._manifest.finished = True
-                self._lease.commit(manifest_bytes(self._manifest), durable=self.durable)
+                self._as_owner(self._lease.commit, manifest_bytes(self._manifest),
+                               durable=self.durable)
         finally:
             self._release()
 
@@ -191,6 +206,26 @@ class TargetStoreWriter:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("writer is closed")
+        if self._lost is not None:
+            raise StoreLockedError(str(self._lost))
+
+    def _as_owner(self, call, *args, **kwargs):
+        """A call on the lease; a :class:`StoreLockedError` from it marks this writer as having
+        lost its worker, for good."""
+        try:
+            return call(*args, **kwargs)
+        except StoreLockedError as exc:
+            self._lost = exc
+            raise
+
+    def _remove_refused(self, relpath: str) -> None:
+        """Delete the shard whose commit was refused. It is this writer's own (its token is in
+        the name), so no other writer's objects are touched; if the delete fails too, the
+        worker's next writer to start discards it as a crash's leftover."""
+        try:
+            self.location.remove_tree(relpath)
+        except (OSError, StoreError):
+            pass
 
     def _release(self) -> None:
         if not self._closed:
