@@ -8,6 +8,7 @@ off unless asked. Every failure is a :class:`ModelLoadError` naming the flag and
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import torch
 
 from storage.errors import UserError
 from storage.hub import MODEL_FILES, is_hub_id, resolve_snapshot
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -80,6 +83,13 @@ def load_causal_lm(path: str | Path, *, device: torch.device, dtype: torch.dtype
     placed = {"device_map": device_map} if device_map is not None else {}
     if attn_implementation is not None:
         placed["attn_implementation"] = attn_implementation
+        if "flash" in attn_implementation and not train and dtype == torch.float32 \
+                and device.type == "cuda":
+            # FlashAttention kernels take half precision only; a frozen model has no float32
+            # master weights to keep (a trained one runs its forwards under bf16 autocast)
+            log.info("%s: --attn-implementation %s runs in half precision: loading %s in "
+                     "bfloat16", flag, attn_implementation, path)
+            dtype = torch.bfloat16
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,

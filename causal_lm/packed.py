@@ -70,13 +70,35 @@ def attention_of(model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
-def packed_hidden(model, input_ids: Tensor, position_ids: Tensor) -> Tensor:
+def is_flash(model) -> bool:
+    """A FlashAttention kernel (``flash_attention_2``/``_3``/``_4``, or a kernels-hub
+    ``.../flash-attn...``): it runs in half precision only, on CUDA only."""
+    return "flash" in attention_of(model)
+
+
+def flash_precision(model):
+    """The context every forward of ``model`` needs outside training's autocast: bf16 autocast
+    for a float32 model whose attention is a FlashAttention kernel (the kernels take fp16/bf16
+    only, and transformers casts to the autocast dtype), else nothing."""
+    import contextlib
+
+    param = next(model.parameters())
+    if is_flash(model) and param.dtype == torch.float32 and param.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def packed_hidden(model, input_ids: Tensor, position_ids: Tensor, *,
+                  one_row: bool | None = None) -> Tensor:
     """The decoder's last hidden states ``[R, C, H]`` for packed rows ``[R, C]`` (no attention
     mask): as they are for :data:`ROW_AWARE` attention, else as one row ``[1, R * C]`` (every
-    row's positions restart at 0, so the boundaries between rows are sequence boundaries too)."""
+    row's positions restart at 0, so the boundaries between rows are sequence boundaries too).
+    ``one_row`` forces the choice."""
     decoder = model.get_decoder()
     rows, width = input_ids.shape
-    if rows > 1 and attention_of(model) not in ROW_AWARE:
+    if one_row is None:
+        one_row = attention_of(model) not in ROW_AWARE
+    if rows > 1 and one_row:
         out = decoder(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1),
                       use_cache=False).last_hidden_state
         return out.reshape(rows, width, -1)
@@ -120,34 +142,49 @@ def packing_check(model) -> tuple[bool, str]:
     every packed forward uses), must give the hidden states each gives alone (within the
     model's dtype's rounding); a model that attends across them (within a row, or across rows
     as flash-attention kernels do when a batch has several rows), ignores the restarted
-    positions or refuses position ids without a mask fails."""
+    positions or refuses position ids without a mask fails.
+
+    A FlashAttention model runs it in bf16 (:func:`flash_precision`). On the CPU, where
+    FlashAttention cannot run (rank 0 of an FSDP run holds the whole model there), the probe
+    runs sdpa in the one-row layout the kernel would get, and says so."""
     decoder = model.get_decoder()
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 5, 6, 4)]
     packed = pack_rows(seqs, [[0, 1], [2, 3]], pad_id=0)
+    attention = attention_of(model)
+    stand_in = is_flash(model) and device.type != "cuda"
+    one_row = attention not in ROW_AWARE
     was_training = model.training
     model.eval()
+    if stand_in:
+        model.set_attn_implementation("sdpa")
+    low_precision = next(model.parameters()).dtype != torch.float32 or is_flash(model)
     try:
-        hidden = packed_hidden(model, packed.input_ids.to(device),
-                               packed.position_ids.to(device)).float()
+        with flash_precision(model):
+            hidden = packed_hidden(model, packed.input_ids.to(device),
+                                   packed.position_ids.to(device), one_row=one_row).float()
+            alone = [decoder(input_ids=torch.tensor([s], device=device),
+                             use_cache=False).last_hidden_state[0].float() for s in seqs]
         together = torch.cat([hidden[packed.seq_row[i], packed.seq_start[i]:
                                      packed.seq_start[i] + len(s)] for i, s in enumerate(seqs)])
-        alone = [decoder(input_ids=torch.tensor([s], device=device),
-                         use_cache=False).last_hidden_state[0].float() for s in seqs]
     except Exception as exc:  # noqa: BLE001 - any failure means: do not pack this model
         return False, f"a packed forward fails ({type(exc).__name__}: {exc})"[:300]
     finally:
         model.train(was_training)
+        if stand_in:
+            model.set_attn_implementation(attention)
     expected = torch.cat(alone)
     scale = float(expected.abs().max()) or 1.0
-    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    tol = 2e-2 if low_precision else 1e-4
     err = float((together - expected).abs().max()) / scale
     if err > tol:
         return False, (f"packed sequences do not match separate forwards (relative error "
                        f"{err:.2g} > {tol:g}): its attention does not keep them apart")
-    return True, f"packed forwards match separate ones (attention: {attention_of(model)})"
+    how = f" (probed with sdpa on the {device.type}, in {attention}'s one-row layout)" \
+        if stand_in else ""
+    return True, f"packed forwards match separate ones (attention: {attention}){how}"
 
 
 def choose_packing(setting: str, *models) -> bool:

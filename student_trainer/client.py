@@ -15,20 +15,23 @@
 Several servers (``TeacherClient(["http://a:8000", "http://b:8000"])``, or one comma-separated
 string), as users deploy them: on several hosts, started and stopped on their own.
 
-- What must agree is what decides the targets (:func:`target_differences`): each teacher's
-  fingerprint (and Hub revision, where both servers name one), the tokenizer and every target
-  setting. Paths may differ: two hosts keep the same weights in different folders.
+- What must agree (:func:`pool_differences`) is what decides the targets
+  (:func:`target_differences`: each teacher's fingerprint, and Hub revision where both servers
+  name one, the tokenizer and every target setting) and ``max_seq_len`` (so the limit a run
+  cuts prompts to does not depend on which servers happened to be up). Paths may differ: two
+  hosts keep the same weights in different folders.
 - ``check_compatible`` starts on the servers that answer ``/v1/info``; the others are out of
   rotation, with a warning, and are probed in the background until they join. It refuses only
   when no server answers (after the retry policy's rounds) or when servers that answer
-  disagree. The pool's ``max_seq_len`` is the smallest of theirs; a server that joins later
-  must allow at least that much.
+  disagree; a server that joins later and disagrees stays out.
 - ``score`` splits a batch into at least one request per live server and sends them at once;
   each request goes to the live server with the fewest requests outstanding. A server that
   fails, times out or sheds (429/503) is taken out of rotation and the request moves to
   another at once. A background thread asks each server out of rotation ``/readyz`` and
   ``/v1/info`` (which must still agree) when its backoff is over, whether or not the others
-  are up, so a server that hiccuped once comes back and the run keeps its capacity.
+  are up, so a server that hiccuped once comes back and the run keeps its capacity. The
+  backoff is reset only by an answered request: a server that passes its probes but keeps
+  failing requests is tried less and less often.
 - Only when every server is out does a request wait; it gives up with
   :class:`TeacherUnavailable` once every server has failed more than ``max_retries`` times in a
   row. Each sequence's targets come from exactly one answered request.
@@ -87,6 +90,16 @@ def target_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> li
         if "fingerprint" not in x or "fingerprint" not in y:
             diffs.append(f"{role}: no fingerprint to compare")
     diffs += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in TARGET_FIELDS if a.get(k) != b.get(k)]
+    return diffs
+
+
+def pool_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> list[str]:
+    """:func:`target_differences`, and ``max_seq_len``: what every server of a pool (and a
+    resumed run's servers) must share."""
+    diffs = target_differences(a, b)
+    x, y = (a or {}).get("max_seq_len"), (b or {}).get("max_seq_len")
+    if x != y:
+        diffs.append(f"max_seq_len: {x!r} vs {y!r}")
     return diffs
 
 
@@ -185,7 +198,6 @@ class TeacherClient:
         self._pool = ThreadPoolExecutor(max_workers=len(urls), thread_name_prefix="teacher") \
             if len(urls) > 1 else None
         self._reference: dict[str, Any] | None = None  # the set's /v1/info (what must agree)
-        self.max_seq_len: int | None = None  #: the pool's limit (the smallest server's)
         self._prober: threading.Thread | None = None
         self._closed = False
         self.retries_done = 0  #: requests sent again after a failure (for metrics and tests)
@@ -205,8 +217,8 @@ class TeacherClient:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
-        if self._prober is not None:  # at most one probe's timeout away from noticing
-            self._prober.join(timeout=self._probe_timeout.read + 1)
+        if self._prober is not None:  # at most one probe (two requests) from noticing
+            self._prober.join(timeout=2 * self._probe_timeout.read + 1)
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         for server in self._servers:
@@ -228,7 +240,7 @@ class TeacherClient:
                          student: str = "--model") -> dict[str, Any]:
         """Refuse a server whose tokenizer is not the student's, or servers whose targets would
         differ; start on those that answer (see the module docstring). Returns the first
-        answering server's info, with ``max_seq_len`` the pool's."""
+        answering server's info."""
         if len(self._servers) == 1:
             server = self._servers[0]
             answered = {server.url: self._request("GET", "/v1/info", only=server).json()}
@@ -248,18 +260,12 @@ class TeacherClient:
         live = [s for s in self._servers if s.info is not None]
         first = live[0]
         for server in live[1:]:
-            diffs = target_differences(first.info, server.info)
+            diffs = pool_differences(first.info, server.info)
             if diffs:
                 raise TeacherMismatch(
-                    f"the teacher servers disagree on what shapes the targets: {first.url} vs "
-                    f"{server.url}: {'; '.join(diffs)}. Start every server with the same "
-                    f"teachers and settings")
-        limits = [s.info["max_seq_len"] for s in live if s.info.get("max_seq_len")]
-        self.max_seq_len = min(limits) if limits else None
-        if len(set(limits)) > 1:
-            log.warning("the teacher servers allow different --max-seq-len (%s): the run uses "
-                        "the smallest, %d", ", ".join(f"{s.url}: {s.info.get('max_seq_len')}"
-                                                      for s in live), self.max_seq_len)
+                    f"the teacher servers disagree on what shapes the targets or their limits: "
+                    f"{first.url} vs {server.url}: {'; '.join(diffs)}. Start every server "
+                    f"with the same teachers and settings")
         self._reference = dict(first.info)
         self._vocab_size = vocab_size  # from now on, every served top-k id is checked against it
         for server in self._servers:  # now that the prober knows what they must agree with
@@ -268,7 +274,7 @@ class TeacherClient:
         if silent:
             log.warning("starting on %d of %d teacher servers; %s join when they answer and "
                         "agree", len(live), len(self._servers), ", ".join(silent))
-        return {**first.info, "max_seq_len": self.max_seq_len}
+        return dict(first.info)
 
     def score(self, sequences: Sequence[tuple[Sequence[int], int]], *, top_k: int | None = None
               ) -> list[TargetRecord]:
@@ -408,10 +414,18 @@ class TeacherClient:
                     self._lock.wait(timeout=min(max(wait, 0.0), 3600))
                     continue
             for server in due:
-                problem = self._probe(server)
+                if self._closed:
+                    return
+                try:
+                    problem = self._probe(server)
+                except Exception as exc:  # noqa: BLE001 - the prober must outlive any answer
+                    problem = f"{type(exc).__name__}: {exc}"
                 with self._lock:
                     if problem is None:
-                        server.down, server.failures = False, 0
+                        # back in rotation; its failure count (the backoff) is cleared only by
+                        # a request it answers, so a server that passes probes but fails
+                        # requests is tried less and less often
+                        server.down = False
                         self.rejoined += 1
                     else:
                         server.last_problem = problem
@@ -434,17 +448,15 @@ class TeacherClient:
             if response.status_code != 200:
                 return f"/v1/info answered {response.status_code}"
             info = response.json()
-        except (httpx.TransportError, ValueError) as exc:
+        except (httpx.HTTPError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
-        diffs = target_differences(self._reference, info)
-        if diffs:
-            problem = f"its targets differ from the pool's ({'; '.join(diffs)})"
-        elif self.max_seq_len and (info.get("max_seq_len") or 0) < self.max_seq_len:
-            problem = (f"its max_seq_len {info.get('max_seq_len')} is below the pool's "
-                       f"{self.max_seq_len}")
-        else:
+        if not isinstance(info, dict):
+            return "/v1/info is not a JSON object"
+        diffs = pool_differences(self._reference, info)
+        if not diffs:
             server.info = info
             return None
+        problem = f"it differs from the pool ({'; '.join(diffs)})"
         if problem != server.last_problem:
             log.warning("teacher server %s answers but stays out of rotation: %s", server.url,
                         problem)

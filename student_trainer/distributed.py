@@ -16,6 +16,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  #: this process set the group up (and tears it down)
 
     @property
     def is_main(self) -> bool:
@@ -35,19 +36,20 @@ def init_distributed(device: torch.device, *, group_of_one: bool = False) -> Dis
     ``group_of_one``: a single process (no torchrun) still gets a process group of one, for
     code that needs collectives (FSDP on one process, e.g. to resume a sharded run there)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    owns = not dist.is_initialized()  # a caller's own group is left to the caller
     if world <= 1:
-        if group_of_one and not dist.is_initialized():
+        if group_of_one and owns:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                     store=dist.HashStore(), rank=0, world_size=1)
-        return DistEnv()
+        return DistEnv(owns_group=group_of_one and owns)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    if owns:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank=rank, world_size=world, local_rank=local)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, owns_group=owns)
 
 
 def finish(env: DistEnv) -> None:
@@ -64,9 +66,9 @@ def finish(env: DistEnv) -> None:
 
 
 def shutdown(env: DistEnv) -> None:
-    """Leave the process group (after :func:`finish` on success; on a failure, at once: a
-    barrier could wait forever for a rank that died)."""
-    if dist.is_initialized():
+    """Leave the process group this process set up (after :func:`finish` on success; on a
+    failure, at once: a barrier could wait forever for a rank that died)."""
+    if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -86,8 +88,11 @@ def all_reduce_sum(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(env: DistEnv, value: int) -> int:
     """The largest of one integer over ranks."""
-    if not env.enabled:
-        return value
+    return max_over_group(value) if env.enabled else value
+
+
+def max_over_group(value: int) -> int:
+    """The largest of one integer over the default process group's ranks (collective)."""
     buf = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(buf, op=dist.ReduceOp.MAX)
     return int(buf.item())

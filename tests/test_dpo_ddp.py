@@ -108,11 +108,20 @@ def test_two_rank_fsdp_dpo_matches_one_process_and_resumes(one, tmp_path):
     assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl")] == [4, 5, 6]
 
 
-def test_dpo_fsdp_needs_torchrun_and_resume_keeps_the_strategy(one, tmp_path, capsys):
+def test_dpo_fsdp_on_one_process_and_resume_keeps_the_strategy(one, tmp_path, capsys):
+    """--strategy fsdp on one process is a world of one (as for train): the same weights as
+    the DDP run; a resume under the other strategy is refused."""
     from aligndistil.cli import main
 
-    assert main([*_args(one["model"], one["prefs"], tmp_path / "x"), "--strategy", "fsdp"]) == 2
-    assert "--strategy fsdp shards the model over torchrun" in capsys.readouterr().err
+    import torch.distributed as dist
+
+    assert main([*_args(one["model"], one["prefs"], tmp_path / "x"), "--strategy", "fsdp"]) == 0
+    assert not dist.is_initialized()  # its own group, torn down
+    want, got = load_file(one["out"] / "model.safetensors"), \
+        load_file(tmp_path / "x" / "model.safetensors")
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-4), name
+    capsys.readouterr()
     assert main([*_args(one["model"], one["prefs"], one["out"]), "--resume", "--strategy",
                  "fsdp"]) == 2
     assert "--strategy 'ddp' -> 'fsdp'" in capsys.readouterr().err

@@ -205,3 +205,30 @@ def test_precompute_with_eager_attention_writes_the_default_records(teacher_pair
         np.testing.assert_allclose(a[i].dpo_logprobs, b[i].dpo_logprobs, atol=1e-4)
     saved = (tmp_path / "eager" / "precompute-w0000.config.yaml").read_text()
     assert "attn_implementation: eager" in saved
+
+
+def test_on_the_cpu_a_flash_models_probe_runs_sdpa_in_the_one_row_layout(pairs, monkeypatch):
+    """Rank 0 of an FSDP run holds the whole model on the CPU, where FlashAttention cannot run:
+    the probe stands in sdpa, in the layout the kernel would get, and puts the model back."""
+    import causal_lm.packed as packed
+
+    model = pairs[FLASH].dpo
+    monkeypatch.setattr(packed, "is_flash", lambda m: packed.attention_of(m) == FLASH)
+    seen = []
+    real = packed.packed_hidden
+    monkeypatch.setattr(packed, "packed_hidden", lambda m, i, p, one_row=None: (
+        seen.append((packed.attention_of(m), one_row)), real(m, i, p, one_row=one_row))[1])
+    ok, why = packed.packing_check(model)
+    assert ok and "probed with sdpa on the cpu" in why, why
+    assert seen == [("sdpa", True)]
+    assert packed.attention_of(model) == FLASH
+
+
+def test_flash_attention_with_bf16_off_is_refused_before_any_work(tmp_path, capsys):
+    from aligndistil.cli import main
+
+    rc = main(["train", "--mode", "off-policy", "--store", str(tmp_path), "--model",
+               str(tmp_path), "--out", str(tmp_path / "out"), "--attn-implementation",
+               "flash_attention_2", "--bf16", "off"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "runs in half precision only; keep --bf16 auto or on" in err, err

@@ -5,8 +5,10 @@ servers on loopback in threads; the process-level variants are in test_teacher_s
 - a server that is down at the start: the pool starts on the others and it joins later;
 - no server answering: refused, naming every URL;
 - a server taken out by one 429 comes back while the others serve;
-- servers with different ``--max-seq-len``: the pool uses the smallest, and a server that
-  joins later with less stays out;
+- servers with different ``--max-seq-len`` are refused, and one that joins later with another
+  limit stays out (the limit a run cuts prompts to must not depend on who was up);
+- every server gone: a request gives up after the retry policy, naming each server;
+- the prober outlives a server that answers garbage;
 - an on-policy ``--resume`` against the same teachers at other paths goes on.
 """
 
@@ -114,24 +116,57 @@ def test_one_429_does_not_drop_a_server_for_the_rest_of_the_run(hosts, student_t
         assert flaky.seen > before, "A is back in rotation but got no request"
 
 
-def test_the_pool_uses_the_smallest_max_seq_len(hosts, student_tokenizer, caplog):
+def test_servers_with_different_max_seq_len_are_refused(hosts, student_tokenizer):
     with ThreadedServer(teacher_app(*hosts[0], max_seq_len=64)) as a, \
             ThreadedServer(teacher_app(*hosts[1], max_seq_len=48)) as b, \
-            _client([a.url, b.url]) as client:
-        info = client.check_compatible(**student_tokenizer)
-        assert info["max_seq_len"] == client.max_seq_len == 48
-        assert "the run uses the smallest, 48" in caplog.text
+            _client([a.url, b.url]) as client, pytest.raises(TeacherMismatch) as err:
+        client.check_compatible(**student_tokenizer)
+    assert "max_seq_len: 64 vs 48" in str(err.value)
 
 
-def test_a_server_that_joins_with_a_smaller_limit_stays_out(hosts, student_tokenizer, caplog):
+def test_a_server_that_joins_with_another_limit_stays_out(hosts, student_tokenizer, caplog):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with ThreadedServer(teacher_app(*hosts[0], max_seq_len=64)) as a, \
             _client([a.url, url]) as client:
         client.check_compatible(**student_tokenizer)
         with ThreadedServer(teacher_app(*hosts[1], max_seq_len=32), port=port):
-            assert _until(lambda: "below the pool's 64" in caplog.text)
+            assert _until(lambda: "max_seq_len: 64 vs 32" in caplog.text)
             assert client.live_urls == [a.url]
+
+
+def test_when_every_server_is_gone_a_request_gives_up_naming_each(hosts, student_tokenizer):
+    sequences = random_sequences(student_tokenizer["vocab_size"], 4, seed=5)
+    a, b = ThreadedServer(teacher_app(*hosts[0])), ThreadedServer(teacher_app(*hosts[1]))
+    with a, b, _client([a.url, b.url]) as client:
+        client.check_compatible(**student_tokenizer)
+        client.score(sequences)
+        a.__exit__()
+        b.__exit__()
+        started = time.monotonic()
+        with pytest.raises(TeacherUnavailable) as err:
+            client.score(sequences)
+        assert time.monotonic() - started < 30
+    assert a.url in str(err.value) and b.url in str(err.value)
+
+
+def test_the_prober_outlives_a_server_that_answers_garbage(hosts, student_tokenizer):
+    """A server whose /v1/info is not an object stays out; the prober keeps running and brings
+    a good server back afterwards."""
+    from fastapi import FastAPI
+
+    junk = FastAPI()
+    junk.get("/readyz")(lambda: {"status": "ready"})
+    junk.get("/v1/info")(lambda: [1, 2, 3])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ThreadedServer(teacher_app(*hosts[0])) as a, _client([a.url, url]) as client:
+        client.check_compatible(**student_tokenizer)
+        with ThreadedServer(junk, port=port):
+            assert _until(lambda: "not a JSON object" in client._servers[1].last_problem)
+        assert client._prober.is_alive()
+        with ThreadedServer(teacher_app(*hosts[1]), port=port):
+            assert _until(lambda: url in client.live_urls), "the prober died"
 
 
 def test_servers_with_other_teachers_are_refused_even_at_the_same_path(tmp_path, hosts,

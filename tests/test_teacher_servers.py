@@ -276,3 +276,17 @@ def test_a_set_of_servers_with_different_settings_is_refused(world, tmp_path, ca
     assert "r: 30.0 vs 7.0" in err, err[-2000:]
     assert "Traceback" not in err
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_a_max_seq_len_above_the_servers_is_refused_before_the_first_step(world, tmp_path,
+                                                                          capsys):
+    """A longer --max-seq-len than the servers allow would end the run at its first long
+    sequence (413, never retried): refused up front."""
+    from aligndistil.cli import main
+    from trainer_support import ThreadedServer, teacher_app
+
+    with ThreadedServer(teacher_app(*world["pair"], max_seq_len=64)) as a:
+        rc = main([*_train_argv(world, a.url, tmp_path / "out")[3:], "--max-seq-len", "128"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--max-seq-len 128 exceeds the teacher servers' max_seq_len 64" in err
+    assert not (tmp_path / "out" / "final").exists()

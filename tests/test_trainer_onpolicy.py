@@ -60,7 +60,7 @@ def _expected_first_step_response_tokens(world) -> int:
     model, tok = load_student(world["student"], device=torch.device("cpu"))
     prompts = load_prompts(world["prompts"], tok, max_prompt_len=63)
     source = OnPolicySource(prompts, model=model, rollouts=None, scorer=None, seed=42)
-    _, first = source.prompts_for(0, 4)
+    _, first, _, _ = source.prompts_for(0, 4)
     seqs = generate_responses(model, first, pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id,
                               config=RolloutConfig(max_new_tokens=6), seed=42 * 1_000_003,
@@ -202,7 +202,7 @@ def test_resume_against_a_server_with_other_settings_is_refused(world, tmp_path,
         assert main([*resumed, "--resume"]) == 2
         err = capsys.readouterr().err
         assert "the teacher server changed since this run started" in err
-        assert "r: 30.0 -> 10.0" in err
+        assert "r: 30.0 vs 10.0" in err
     finally:
         stop_server(proc)
 
@@ -254,3 +254,25 @@ def test_fsdp_on_policy_samples_and_learns_what_ddp_does(world, objective, sampl
     assert any(not torch.equal(ddp_w[name], initial[name]) for name in ddp_w)
     for name in ddp_w:
         assert torch.allclose(fsdp_w[name], ddp_w[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_fsdp_per_layer_sampling_with_unequal_blocks_keeps_the_ranks_in_step(world):
+    """3 prompts a step on 2 ranks, one prompt per generate call: rank 0 samples 1 prompt and
+    rank 1 samples 2, yet every rank must run as many (collective) generate calls; the run
+    completes and samples and learns what DDP does."""
+    from safetensors.torch import load_file
+
+    rows, weights = {}, {}
+    for strategy in ("ddp", "fsdp"):
+        out = world["root"] / f"unequal-{strategy}"
+        _torchrun(_args(world, out, "--strategy", strategy, "--top-k", "8", "--global-batch-size",
+                        "3", "--rollout-batch-size", "1", "--max-steps", "2"))
+        rows[strategy] = read_jsonl(out / "metrics.jsonl")
+        weights[strategy] = load_file(out / "final" / "model.safetensors")
+    assert [r["sequences"] for r in rows["fsdp"]] == [3, 3]
+    for a, b in zip(rows["fsdp"], rows["ddp"]):
+        assert a["response_tokens"] == b["response_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+    for name in weights["ddp"]:
+        assert torch.allclose(weights["fsdp"][name], weights["ddp"][name], atol=1e-5,
+                              rtol=1e-4), name

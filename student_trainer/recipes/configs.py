@@ -44,6 +44,16 @@ class JoinRepeated(argparse.Action):
 SEVERAL_URLS = {"action": JoinRepeated}
 
 
+def refuse_flash_without_bf16(config) -> None:
+    """FlashAttention kernels take half precision only, and the student's float32 weights reach
+    them in bf16 only under autocast: ``--bf16 off`` with one could only fail at the first
+    forward on the GPU."""
+    kernel = getattr(config, "attn_implementation", None) or ""
+    if "flash" in kernel and config.bf16 == "off":
+        raise ConfigError(f"--attn-implementation {kernel} runs in half precision only; keep "
+                          f"--bf16 auto or on (the weights stay float32)")
+
+
 @dataclass(kw_only=True)
 class SamplingOptions:
     """How a command samples responses (train on-policy, eval, pairs): exactly these settings
@@ -165,6 +175,7 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
     log_level: Annotated[str, "logging level"] = "info"
 
     def validate(self) -> None:
+        refuse_flash_without_bf16(self)
         if self.mode == "off-policy" and not self.store:
             raise ConfigError("--mode off-policy needs --store")
         if self.mode == "on-policy" and not (self.teacher_url and self.prompts):
@@ -331,6 +342,7 @@ class DPOConfig(DatasetOptions, HubOptions, AttentionOptions):
     overwrite: Annotated[bool, "replace what another run left in --out"] = False
 
     def validate(self) -> None:
+        refuse_flash_without_bf16(self)
         parse_report_to(self.report_to)
         require_data(self.data, "--data")
         refuse_output_on_inputs(self.out, {"--model": self.model, "--data": self.data})

@@ -68,7 +68,7 @@ def run_dpo(config: DPOConfig) -> dict:
     whole batch, and the reference and final log-probs are split over the ranks the same way.
     """
     device = resolve_device(config.device)  # under torchrun: the GPU of $LOCAL_RANK
-    env = init_distributed(device)
+    env = init_distributed(device, group_of_one=config.strategy == "fsdp")
     try:
         summary = _run_dpo(config, env, device)  # its models are gone once it returns
         finish(env)
@@ -82,10 +82,7 @@ def _run_dpo(config: DPOConfig, env: DistEnv, device: torch.device) -> dict:
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    sharded = config.strategy == "fsdp"
-    if sharded and not env.enabled:
-        raise ConfigError("--strategy fsdp shards the model over torchrun's processes; with "
-                          "one process use --strategy ddp (the default)")
+    sharded = config.strategy == "fsdp"  # on one process too: a world of one
     out = Path(config.out)
     if config.overwrite and env.is_main:
         clear_folder(out, keep=(SAVED_CONFIG["dpo"],))

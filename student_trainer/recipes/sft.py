@@ -54,6 +54,7 @@ def run_sft(config: SFTConfig) -> dict:
     from tqdm.auto import tqdm
 
     from causal_lm.loading import load_model_and_tokenizer, pad_token_id, resolve_device
+    from causal_lm.packed import flash_precision
     from student_trainer.metrics import MetricsLogger, plot_curves
     from student_trainer.optim import (build_optimizer, build_scheduler, clip_grad_norm,
                                        warmup_steps_for)
@@ -93,7 +94,8 @@ def run_sft(config: SFTConfig) -> dict:
                 break
             batch = collate([seqs[i] for i in order[start:start + config.batch_size]], pad_id)
             ids, mask, labels = (t.to(device) for t in batch)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            with flash_precision(model):  # a FlashAttention kernel needs half precision
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_grad_norm(model.parameters(), config.max_grad_norm)

@@ -40,7 +40,7 @@ from student_trainer import fsdp, losses, reinforce
 from student_trainer.checkpoint import (
     CheckpointError, capture_rng_state, checkpoint_name,
     load_state, prune_checkpoints, resolve_resume, restore_rng_state, save_checkpoint)
-from student_trainer.client import (TARGET_FIELDS, TeacherUnavailable, target_differences,
+from student_trainer.client import (TARGET_FIELDS, TeacherUnavailable, pool_differences,
                                     teacher_models)
 from student_trainer.collate import Batch, micro_batches
 from student_trainer.distributed import (
@@ -494,10 +494,7 @@ def _check_same_teacher(source: BatchSource, out: Path, *, resuming: bool, env: 
     if resuming and path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved = {"dpo_top": 0, **saved}  # recorded before the setting existed: 0
-        diffs = target_differences(saved, fixed)
-        if saved.get("max_seq_len") != fixed["max_seq_len"]:
-            diffs.append(f"max_seq_len: {saved.get('max_seq_len')!r} vs "
-                         f"{fixed['max_seq_len']!r}")
+        diffs = pool_differences(saved, fixed)
         if diffs:
             raise CheckpointError(f"--resume: the teacher server changed since this run started "
                                   f"({'; '.join(diffs)}; then vs now); resume against the same "
@@ -531,6 +528,11 @@ def _restore_rng(saved: list, env: DistEnv, seed: int, *, start_step: int) -> No
 
 def _check_resumable(state: dict, run_info: dict, path: Path) -> None:
     saved = state.get("run", {})
+    if saved.get("world_size", 1) > 1:  # recorded only by versions whose ranks read other data
+        raise CheckpointError(
+            f"{path}: written on {saved['world_size']} ranks by an older aligndistil, whose "
+            f"ranks read other records per step than this version's; it cannot continue the "
+            f"same run: start a new --out (or finish it with the older version)")
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run_info.items()
              if saved.get(k) != v]
     if diffs:

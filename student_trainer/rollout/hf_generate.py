@@ -22,10 +22,14 @@ untouched.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from causal_lm.packed import flash_precision
+from student_trainer.distributed import max_over_group
 
 
 @dataclass(frozen=True)
@@ -91,15 +95,16 @@ def _model_generation_config_hidden(model):
 
 def generate_responses(model, prompts: Sequence[Sequence[int]], *, pad_token_id: int,
                        eos_token_id: int | Sequence[int] | None, config: RolloutConfig,
-                       seed: int, max_seq_len: int | None = None, synced_gpus: bool = False
-                       ) -> list[tuple[list[int], int]]:
+                       seed: int, max_seq_len: int | None = None, synced_gpus: bool = False,
+                       calls: int | None = None) -> list[tuple[list[int], int]]:
     """Sample one response per prompt: ``[(prompt + response ids, len(prompt)), ...]``.
 
     ``model`` is a plain Hugging Face causal LM (not a DDP wrapper); it is put in eval mode for
     the call and restored afterwards. ``synced_gpus``: every rank runs ``generate``'s forward
     passes until all ranks are done (FSDP-sharded layers gather their weights in each forward,
     a collective); a rank that finished early draws nothing more, so its samples are those of
-    an unsynced call.
+    an unsynced call. ``calls``: run ``generate`` this many times (every rank as many), the
+    calls beyond this rank's own chunks on its first prompt, their samples dropped.
     """
     config.validate()
     eos_ids = eos_id_set(eos_token_id)
@@ -111,10 +116,14 @@ def generate_responses(model, prompts: Sequence[Sequence[int]], *, pad_token_id:
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
-            for start in range(0, len(prompts), config.batch_size):
+            starts = range(0, len(prompts), config.batch_size)
+            for start in starts:
                 chunk = [list(map(int, p)) for p in prompts[start:start + config.batch_size]]
                 results.extend(_generate_chunk(model, chunk, pad_token_id, eos_ids, config,
                                                device, max_seq_len, synced_gpus))
+            for _ in range((calls or 0) - len(starts)):  # keep step with the other ranks
+                _generate_chunk(model, [list(map(int, prompts[0]))], pad_token_id, eos_ids,
+                                config, device, max_seq_len, synced_gpus)
     finally:
         model.train(was_training)
     return results
@@ -135,7 +144,7 @@ def _generate_chunk(model, prompts, pad_id, eos_ids, config, device, max_seq_len
         mask[i, longest - len(p):] = 1
     settings = neutral_generation_config(config, max_new_tokens=new_tokens, pad_token_id=pad_id,
                                          eos_ids=eos_ids)
-    with _model_generation_config_hidden(model):
+    with _model_generation_config_hidden(model), flash_precision(model):
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              generation_config=settings, synced_gpus=synced_gpus)
     generated = out[:, longest:].tolist()
@@ -192,8 +201,12 @@ class HFRollouts:
         for unit in (units if self.gathered else [root]):
             unit.unshard()
         try:
-            # gathered: no forward runs a collective, so the ranks need not step together
-            return self._generate(model, prompts, seed, synced_gpus=not self.gathered)
+            # gathered: no forward runs a collective, so the ranks need not step together;
+            # per-layer: every rank makes as many generate calls (blocks may differ by one)
+            if self.gathered:
+                return self._generate(model, prompts, seed, synced_gpus=False)
+            calls = max_over_group(math.ceil(len(prompts) / self.config.batch_size))
+            return self._generate(model, prompts, seed, synced_gpus=True, calls=calls)
         finally:
             for unit in (units if self.gathered else [root]):
                 unit.reshard()
@@ -201,10 +214,11 @@ class HFRollouts:
                 root.set_reshard_after_forward(True)
                 root.set_reshard_after_forward(False, recurse=False)
 
-    def _generate(self, model, prompts, seed, *, synced_gpus: bool):
+    def _generate(self, model, prompts, seed, *, synced_gpus: bool, calls: int | None = None):
         return generate_responses(model, prompts, pad_token_id=self.pad_token_id,
                                   eos_token_id=self.eos_token_id, config=self.config, seed=seed,
-                                  max_seq_len=self.max_seq_len, synced_gpus=synced_gpus)
+                                  max_seq_len=self.max_seq_len, synced_gpus=synced_gpus,
+                                  calls=calls)
 
     def close(self) -> None:
         pass

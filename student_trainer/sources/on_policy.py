@@ -174,7 +174,12 @@ class OnPolicySource:
             info = client.check_compatible(tokenizer_sha256=tokenizer_sha256(tokenizer),
                                            vocab_size=len(tokenizer),
                                            student=f"--model {config.model}")
-            max_seq_len = config.max_seq_len or info.get("max_seq_len")
+            served = info.get("max_seq_len")
+            if config.max_seq_len and served and config.max_seq_len > served:
+                raise ConfigError(f"--max-seq-len {config.max_seq_len} exceeds the teacher "
+                                  f"servers' max_seq_len {served}: every sequence longer than "
+                                  f"that would be refused (413); use at most {served}")
+            max_seq_len = config.max_seq_len or served
             max_prompt_len = config.max_prompt_len
             if max_seq_len:  # leave room for at least one response token
                 max_prompt_len = min(max_prompt_len, max_seq_len - 1)
