@@ -2,9 +2,10 @@
 tests/test_trainer_ddp.py: ``torchrun --nproc-per-node 2 tests/dist_train_step.py STORE MODEL
 OUT``.
 
-The step's records are the store's first ``N``: rank 0 takes most of them in several small
+The step's records are the store's first ``N``: rank 0 takes ``share`` of them in several small
 micro-batches, rank 1 the rest in one, so the ranks run unequal micro-batch counts (FSDP pads
-the shorter rank with weight-0 passes). For each (strategy, objective) the weights after one
+the shorter rank with weight-0 passes); with ``share = N`` rank 1 has none and runs a filler
+record with weight 0. For each (strategy, objective) the weights after one
 SGD step (initial minus LR times the gradient) go to
 ``OUT/<strategy>-<objective>.safetensors``; the test compares them with one process taking the
 whole step.
@@ -27,22 +28,27 @@ from student_trainer.modeling import StudentForward
 from student_trainer.recipes.configs import TrainConfig
 from student_trainer.recipes.train import train_step
 
-N, RANK0 = 10, 7  # the step's sequences; rank 0's share
+N = 10  # the step's sequences
 LR = 1e4
-CASES = [("fsdp", "reinforce-sentence"), ("fsdp", "reinforce-token"),
-         ("ddp", "reinforce-token"), ("fsdp", "aligndistil"), ("ddp", "aligndistil")]
+#: (strategy, objective, rank 0's share of the N)
+CASES = [("fsdp", "reinforce-sentence", 7), ("fsdp", "reinforce-token", 7),
+         ("ddp", "reinforce-token", 7), ("fsdp", "aligndistil", 7), ("ddp", "aligndistil", 7),
+         ("fsdp", "reinforce-token", N), ("ddp", "aligndistil", N)]
 
 
-def step_batches(store: str, rank: int, world_size: int):
+def step_batches(store: str, rank: int, world_size: int, share: int):
+    """This rank's micro-batches of the step, and whether they are a weight-0 filler."""
     records = [TargetStore.open(store)[i] for i in range(N)]
     if world_size == 1:
-        return micro_batches(records, max_tokens=64, pad_id=0)
-    mine = records[:RANK0] if rank == 0 else records[RANK0:]
-    return micro_batches(mine, max_tokens=24 if rank == 0 else 4096, pad_id=0)
+        return micro_batches(records, max_tokens=64, pad_id=0), False
+    mine = records[:share] if rank == 0 else records[share:]
+    if not mine:
+        return micro_batches(records[:1], max_tokens=4096, pad_id=0), True
+    return micro_batches(mine, max_tokens=24 if rank == 0 else 4096, pad_id=0), False
 
 
-def one_step(model_dir: str, store: str, strategy: str, objective: str, env, device
-             ) -> dict[str, torch.Tensor]:
+def one_step(model_dir: str, store: str, strategy: str, objective: str, share: int, env,
+             device) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     config = TrainConfig(mode="on-policy", model=model_dir, out="/unused",
                          teacher_url="http://unused", prompts="/unused", objective=objective,
@@ -61,10 +67,10 @@ def one_step(model_dir: str, store: str, strategy: str, objective: str, env, dev
     # move well above the weights' float32 rounding
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    batches = step_batches(store, env.rank, env.world_size)
+    batches, filler = step_batches(store, env.rank, env.world_size, share)
     stats = train_step(module, batches, optimizer=optimizer, scheduler=scheduler,
                        params=list(model.parameters()), config=config, step_sequences=N,
-                       env=env, device=device, amp=False)
+                       env=env, device=device, amp=False, filler=filler)
     assert stats["sequences"] == N, stats
     state = fsdp.full_model_state(model) if strategy == "fsdp" else model.state_dict()
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
@@ -74,13 +80,14 @@ def main(store: str, model_dir: str, out: str) -> None:
     device = torch.device("cpu")
     env = init_distributed(device)
     try:
-        # one process: each objective once, the reference for both strategies
-        cases = CASES if env.enabled else [("ddp", o) for o in dict.fromkeys(o for _, o in CASES)]
-        for strategy, objective in cases:
-            weights = one_step(model_dir, store, strategy, objective, env, device)
+        # one process: each objective once, the reference for both strategies and shares
+        cases = CASES if env.enabled else \
+            [("ddp", o, N) for o in dict.fromkeys(o for _, o, _ in CASES)]
+        for strategy, objective, share in cases:
+            weights = one_step(model_dir, store, strategy, objective, share, env, device)
             if env.is_main:
-                name = strategy if env.enabled else "one"
-                save_file(weights, str(Path(out) / f"{name}-{objective}.safetensors"))
+                name = f"{strategy}-{objective}-{share}" if env.enabled else f"one-{objective}"
+                save_file(weights, str(Path(out) / f"{name}.safetensors"))
     finally:
         shutdown(env)
 

@@ -182,10 +182,11 @@ def test_fsdp_refuses_async_rollouts_and_a_resume_under_the_other_strategy(world
 
 
 def test_unequal_shares_and_micro_batch_counts_give_the_one_process_step(world, tmp_path):
-    """One step with the ranks holding 7 and 3 of its 10 sequences in 4 and 1 micro-batches:
-    under FSDP (weight-0 passes on the shorter rank) and DDP, for AlignDistil and both
-    REINFORCE objectives (whose baseline is the whole step's, over both ranks), the weights
-    after the step equal one process's over all 10."""
+    """One step with the ranks holding 7 and 3 of its 10 sequences in 4 and 1 micro-batches,
+    or 10 and none (a weight-0 filler): under FSDP (weight-0 passes on the shorter rank) and
+    DDP, for AlignDistil and both REINFORCE objectives (whose baseline is the whole step's,
+    over both ranks), the weights after the step equal one process's over all 10."""
+    from dist_train_step import CASES
     worker = str(REPO / "tests" / "dist_train_step.py")
     args = [str(world["store"]), str(world["student"]), str(tmp_path)]
     alone = subprocess.run([sys.executable, worker, *args], cwd=REPO, env=ENV,
@@ -197,11 +198,9 @@ def test_unequal_shares_and_micro_batch_counts_give_the_one_process_step(world, 
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     initial = load_file(world["student"] / "model.safetensors")
-    for strategy, objective in [("fsdp", "reinforce-sentence"), ("fsdp", "reinforce-token"),
-                                ("ddp", "reinforce-token"), ("fsdp", "aligndistil"),
-                                ("ddp", "aligndistil")]:
+    for strategy, objective, share in CASES:
         want = load_file(tmp_path / f"one-{objective}.safetensors")
-        got = load_file(tmp_path / f"{strategy}-{objective}.safetensors")
+        got = load_file(tmp_path / f"{strategy}-{objective}-{share}.safetensors")
         for name in want:  # SGD: the moves are LR times the gradients
             grad_want, grad_got = initial[name] - want[name], initial[name] - got[name]
             scale = float(grad_want.abs().max())
