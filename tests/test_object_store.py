@@ -168,6 +168,8 @@ def _kill_once_grown(server, name: str, cmd: list[str], past: int) -> int:
     return len(manifest["shards"])
 
 
+@pytest.mark.parametrize("server", ["s3", pytest.param("gs", marks=pytest.mark.slow),
+                                    pytest.param("az", marks=pytest.mark.slow)], indirect=True)
 def test_sigkilled_twice_then_resumed_equals_uninterrupted(server, world, local):
     name = "crashed"
     cmd = [sys.executable, "-m", "aligndistil.cli", *_precompute(world, url(server, name))]
