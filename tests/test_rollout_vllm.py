@@ -287,7 +287,7 @@ def test_on_policy_training_with_vllm_rollouts(world, server, mode):
     engine.sync_weights(model)
     source = OnPolicySource(load_prompts(server["prompts"], tok, max_prompt_len=63),
                             model=model, rollouts=None, scorer=None, seed=42)
-    _, first = source.prompts_for(0, 4)
+    _, first, _, _ = source.prompts_for(0, 4)
     saved = engine.config
     engine.config = dataclasses.replace(saved, max_new_tokens=6)
     try:
