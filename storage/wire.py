@@ -37,6 +37,14 @@ Arrow IPC stream (media type :data:`ARROW_STREAM_MEDIA_TYPE`)
     version does not know are ignored (as are unknown keys in JSON results), so that a newer
     writer's additions do not break an older reader.
 
+Named ids (``POST /v1/score`` with ``extra_ids``)
+    A request that names ids per response position gets, per result, ``extra_logprobs``: log pi*
+    at those ids, ``[T, m_t]`` (JSON: lists of float32 reprs, ``null`` for ``-inf``, which pads a
+    row the client padded with ``-1``; Arrow: a ``list<list<float>>`` column after the record's,
+    ``-inf`` as itself). It is not part of :class:`~storage.record.TargetRecord` (a store never
+    holds it): :func:`encode_json` / :func:`encode_arrow` take it beside the records, and
+    :func:`decode_arrow_named` reads it back. Readers that do not know the column ignore it.
+
 Encoding builds every Arrow column from one concatenated numpy buffer plus offsets, no
 per-element Python.
 """
@@ -76,9 +84,14 @@ class WireError(UserError, ValueError):
 
 
 # ====================================================================== JSON
-def encode_json(records: Sequence[TargetRecord], *, include_example_index: bool = False) -> bytes:
-    """``{"results": [...]}`` as UTF-8 bytes; see the module docstring for number formats."""
+def encode_json(records: Sequence[TargetRecord], *, include_example_index: bool = False,
+                extra_logprobs: Sequence[np.ndarray] | None = None) -> bytes:
+    """``{"results": [...]}`` as UTF-8 bytes; see the module docstring for number formats.
+    ``extra_logprobs``: one ``[T, m]`` float32 array per record (named ids)."""
     parts = [_record_json(r, include_example_index) for r in records]
+    if extra_logprobs is not None:
+        parts = [part[:-1] + ',"extra_logprobs":' + _json_f32_rows(named) + "}"
+                 for part, named in zip(parts, extra_logprobs)]
     return ('{"results":[' + ",".join(parts) + "]}").encode("utf-8")
 
 
@@ -149,6 +162,10 @@ def _json_f32(arr: np.ndarray, *, neg_inf_as_null: bool = False) -> str:
     return json.dumps(values, separators=(",", ":"), allow_nan=False)
 
 
+def _json_f32_rows(arr: np.ndarray) -> str:
+    return "[" + ",".join(_json_f32(row, neg_inf_as_null=True) for row in arr) + "]"
+
+
 def _json_f16_rows(arr: np.ndarray) -> str:
     table = _float16_strings()
     strings = table[np.ascontiguousarray(arr, dtype=np.float16).view(np.uint16)]
@@ -201,11 +218,15 @@ def arrow_schema(*, include_example_index: bool = False) -> pa.Schema:
                      metadata={WIRE_VERSION_KEY: str(WIRE_VERSION).encode()})
 
 
-def encode_arrow(records: Sequence[TargetRecord], *, include_example_index: bool = False
-                 ) -> bytes:
-    """An Arrow IPC stream with one row per record (one record batch)."""
+def encode_arrow(records: Sequence[TargetRecord], *, include_example_index: bool = False,
+                 extra_logprobs: Sequence[np.ndarray] | None = None) -> bytes:
+    """An Arrow IPC stream with one row per record (one record batch); ``extra_logprobs``
+    (one ``[T, m]`` float32 array per record) adds that column."""
     schema = arrow_schema(include_example_index=include_example_index)
     columns = [_encode_column(name, records) for name in schema.names]
+    if extra_logprobs is not None:
+        columns.append(_named_column(extra_logprobs))
+        schema = schema.append(pa.field(NAMED_COLUMN, _NAMED_TYPE))
     batch = pa.RecordBatch.from_arrays(columns, schema=schema)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, schema) as writer:
@@ -247,6 +268,35 @@ def decode_arrow(payload: bytes | pa.Buffer, *, vocab_size: int | None = None
         except RecordError as exc:
             raise WireError(f"arrow row {i}: {exc}") from None
     return records
+
+
+#: The column of log pi* at the ids a request named (see the module docstring).
+NAMED_COLUMN = "extra_logprobs"
+_NAMED_TYPE = pa.list_(pa.list_(pa.float32()))
+
+
+def decode_arrow_named(payload: bytes | pa.Buffer) -> list[np.ndarray]:
+    """The ``extra_logprobs`` column of a stream from :func:`encode_arrow`: one float32
+    ``[T, m]`` array per row. Raises :class:`WireError` when it is missing or mistyped."""
+    try:
+        table = pa.ipc.open_stream(payload).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise WireError(f"not a readable Arrow IPC stream: {exc}") from None
+    if NAMED_COLUMN not in table.schema.names:
+        raise WireError(f"arrow column '{NAMED_COLUMN}': missing (the request named no ids?)")
+    column = table.column(NAMED_COLUMN)
+    if column.type != _NAMED_TYPE:
+        raise WireError(f"arrow column '{NAMED_COLUMN}': expected {_NAMED_TYPE}, got "
+                        f"{column.type}")
+    out = []
+    for row in column.to_pylist():
+        width = max((len(r) for r in row), default=0)
+        out.append(np.array([r for r in row], dtype=np.float32).reshape(len(row), width))
+    return out
+
+
+def _named_column(arrays: Sequence[np.ndarray]) -> pa.Array:
+    return pa.array([np.asarray(a, dtype=np.float32).tolist() for a in arrays], type=_NAMED_TYPE)
 
 
 # ---------------------------------------------------------------- Arrow encode helpers

@@ -49,10 +49,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import httpx
+import numpy as np
 
 from storage.errors import UserError
 from storage.record import TargetRecord
-from storage.wire import ARROW_STREAM_MEDIA_TYPE, WireError, decode_arrow
+from storage.wire import ARROW_STREAM_MEDIA_TYPE, WireError, decode_arrow, decode_arrow_named
 from student_trainer.errors import check_same_tokenizer
 
 log = logging.getLogger(__name__)
@@ -280,12 +281,22 @@ class TeacherClient:
               ) -> list[TargetRecord]:
         """Teacher targets for ``(input_ids, prompt_len)`` pairs, in order, over Arrow IPC;
         with several servers, the requests go out at once."""
+        return [record for record, _ in self._score_all(list(sequences), top_k)]
+
+    def score_named(self, sequences: Sequence[tuple[Sequence[int], int, Sequence[Sequence[int]]]],
+                    *, top_k: int | None = None) -> list[tuple[TargetRecord, np.ndarray]]:
+        """As :meth:`score`, for ``(input_ids, prompt_len, extra_ids)``: ``extra_ids`` names, per
+        response position, ids whose log pi* comes back too (``/v1/score``'s ``extra_ids``):
+        ``(record, [T, m] float32 log pi*, -inf where a row was shorter)`` per sequence."""
+        return self._score_all(list(sequences), top_k)
+
+    def _score_all(self, sequences: list, top_k: int | None) -> list:
         chunks = list(self._chunks(sequences))
         if self._pool is None or len(chunks) == 1:
             results = [self._score_chunk(c, top_k) for c in chunks]
         else:
             results = list(self._pool.map(lambda c: self._score_chunk(c, top_k), chunks))
-        return [record for got in results for record in got]
+        return [item for got in results for item in got]
 
     # ------------------------------------------------------------------ start-up
     def _first_answers(self) -> tuple[dict[str, dict], dict[str, tuple[str, float | None]]]:
@@ -332,9 +343,12 @@ class TeacherClient:
         return None, f"{response.status_code} {error_type}: {message}", _retry_after(response)
 
     # ------------------------------------------------------------------ internals
-    def _score_chunk(self, chunk, top_k: int | None) -> list[TargetRecord]:
+    def _score_chunk(self, chunk, top_k: int | None) -> list[tuple[TargetRecord, Any]]:
+        named = len(chunk[0]) == 3
         body: dict[str, Any] = {"sequences": [
-            {"input_ids": [int(t) for t in ids], "prompt_len": int(p)} for ids, p in chunk]}
+            {"input_ids": [int(t) for t in item[0]], "prompt_len": int(item[1]),
+             **({"extra_ids": [[int(t) for t in row] for row in item[2]]} if named else {})}
+            for item in chunk]}
         if top_k is not None:
             body["top_k"] = int(top_k)
         response = self._request("POST", "/v1/score", json=body,
@@ -345,17 +359,18 @@ class TeacherClient:
                                f"{ARROW_STREAM_MEDIA_TYPE}")
         try:
             got = decode_arrow(response.content, vocab_size=self._vocab_size)
+            extra = decode_arrow_named(response.content) if named else [None] * len(got)
         except WireError as exc:
             raise TeacherError(f"teacher server sent an unreadable Arrow stream: {exc}"
                                ) from None
-        if len(got) != len(chunk):
+        if len(got) != len(chunk) or len(extra) != len(chunk):
             raise TeacherError(f"teacher server returned {len(got)} results for "
                                f"{len(chunk)} sequences")
-        for record, (ids, p) in zip(got, chunk):
-            if record.prompt_len != p or record.input_ids.tolist() != list(ids):
+        for record, item in zip(got, chunk):
+            if record.prompt_len != item[1] or record.input_ids.tolist() != list(item[0]):
                 raise TeacherError("teacher server returned results out of order or for "
                                    "other sequences")
-        return got
+        return list(zip(got, extra))
 
     def _chunks(self, sequences):
         # With several live servers, at least one request per server, so all of them work.
@@ -364,12 +379,12 @@ class TeacherClient:
         if live > 1 and sequences:
             per_request = min(per_request, math.ceil(len(sequences) / live))
         chunk, tokens = [], 0
-        for ids, p in sequences:
-            n = len(ids)
+        for item in sequences:
+            n = len(item[0])
             if chunk and (len(chunk) >= per_request or tokens + n > self.max_request_tokens):
                 yield chunk
                 chunk, tokens = [], 0
-            chunk.append((ids, p))
+            chunk.append(item)
             tokens += n
         if chunk:
             yield chunk

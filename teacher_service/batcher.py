@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from storage.record import TargetRecord
 from teacher_service.engine import ScoreRequest, TeacherEngine
 
 
@@ -36,6 +35,12 @@ class _Pending:
     tokens: int
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
+    detailed: bool = False  #: records with their PositionDetail (the scoring protocols)
+
+    @property
+    def kind(self) -> tuple[int | None, bool]:
+        """Requests of one kind share an engine pass."""
+        return self.top_k, self.detailed
 
 
 class MicroBatcher:
@@ -79,24 +84,36 @@ class MicroBatcher:
                 pass
         self._executor.shutdown(wait=True)
 
-    async def submit(self, requests: Sequence[ScoreRequest], top_k: int | None
-                     ) -> list[TargetRecord]:
+    async def submit(self, requests: Sequence[ScoreRequest], top_k: int | None, *,
+                     detailed: bool = False) -> list:
+        """Each request's record (with ``detailed``: ``(record, PositionDetail)``), in order;
+        :class:`QueueFull` at once when the queue is at capacity."""
         tokens = sum(len(r.input_ids) for r in requests)
         if (len(self._queue) >= self.max_queue_requests
                 or (self._queue and self._queued_tokens + tokens > self.max_queue_tokens)):
             backlog = self._queued_tokens + tokens
             raise QueueFull(max(1.0, backlog * self._seconds_per_token))
-        pending = _Pending(requests, top_k, tokens, asyncio.get_running_loop().create_future())
+        pending = _Pending(requests, top_k, tokens, asyncio.get_running_loop().create_future(),
+                           detailed=detailed)
         self._queue.append(pending)
         self._queued_tokens += tokens
         self._wakeup.set()
         return await pending.future
 
+    async def call(self, fn: Callable, *args):
+        """``fn(*args)`` on the engine's thread, between the passes (the engine is used by one
+        thread at a time); counted as in flight, so :meth:`stop` waits for it."""
+        self.in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self.in_flight -= 1
+
     def _take_batch(self) -> list[_Pending]:
         batch, tokens = [], 0
         while self._queue:
             nxt = self._queue[0]
-            if batch and (tokens + nxt.tokens > self.max_batch_tokens or nxt.top_k != batch[0].top_k):
+            if batch and (tokens + nxt.tokens > self.max_batch_tokens or nxt.kind != batch[0].kind):
                 break
             batch.append(self._queue.pop(0))
             tokens += nxt.tokens
@@ -120,8 +137,9 @@ class MicroBatcher:
             self.in_flight += len(batch)
             started = time.perf_counter()
             try:
+                score = self.engine.score_detailed if batch[0].detailed else self.engine.score
                 records = await loop.run_in_executor(
-                    self._executor, lambda: self.engine.score(flat, top_k=batch[0].top_k))
+                    self._executor, lambda: score(flat, top_k=batch[0].top_k))
             except Exception as exc:  # engine failure: every caller in the pass gets it
                 for p in batch:
                     if not p.future.done():

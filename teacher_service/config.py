@@ -134,6 +134,8 @@ class ServeConfig(TeacherOptions):
     max_connections: Annotated[int, "open connections (more get 503 from uvicorn at once)",
                                ">=1"] = 512
     max_request_tokens: Annotated[int, "most tokens in one request", ">=2"] = 65536
+    served_model_name: Annotated[str, "the model id of the vLLM-compatible endpoints "
+                                 "(/v1/models, /v1/completions)"] = "aligndistil-pi-star"
     log_level: Annotated[str, "logging level"] = "info"
 
     POLICY = "on"

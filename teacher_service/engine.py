@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from causal_lm.head import Float32Head, response_hidden
@@ -25,7 +26,8 @@ from storage.errors import ConfigError, UserError
 from storage.packing import batch_plan
 from storage.record import TargetRecord
 from teacher_service.models import TeacherPair, describe
-from teacher_service.targets import SparseTargets, TargetConfig, compute_targets
+from teacher_service.targets import (SparseTargets, TargetConfig, compute_targets,
+                                     teacher_logprobs)
 
 
 class InvalidSequenceError(UserError, ValueError):
@@ -45,6 +47,21 @@ class ScoreRequest:
     input_ids: Sequence[int]
     prompt_len: int
     example_index: int = -1
+    #: ids whose log pi* the client wants at each response position: ``[T, m]`` ints, -1 for
+    #: padding (:meth:`TeacherEngine.score_detailed` only)
+    extra_ids: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PositionDetail:
+    """Per response position of one sequence, beyond its record (for the scoring protocols):
+    log pi* of the actual next token and its 1-based rank over the vocabulary, and log pi* at
+    the ids the request named (``None`` without them; -inf where an id was padding)."""
+    next_logprobs: np.ndarray            # float32 [T]
+    next_ranks: np.ndarray               # int64 [T]
+    extra_logprobs: np.ndarray | None    # float32 [T, m]
+    topk_ids: np.ndarray                 # int64 [T, k] pi*'s own top-k (whatever dpo_top keeps)
+    topk_logprobs: np.ndarray            # float32 [T, k] their log pi*, unrounded
 
 
 class TeacherEngine:
@@ -97,23 +114,69 @@ class TeacherEngine:
             raise InvalidSequenceError(index, f"token id {bad} outside the vocabulary "
                                               f"[0, {self.pair.vocab_size})")
 
+    def validate_extra_ids(self, index: int, req: ScoreRequest) -> None:
+        """``extra_ids``: one row per response position, ids in the vocabulary or -1."""
+        named = req.extra_ids
+        t = len(req.input_ids) - req.prompt_len
+        if named.ndim != 2 or named.shape[0] != t:
+            raise InvalidSequenceError(index, f"extra_ids has {named.shape[0]} rows; the "
+                                              f"sequence has {t} response positions")
+        if named.size and (named.min() < -1 or named.max() >= self.pair.vocab_size):
+            bad = int(named.min()) if named.min() < -1 else int(named.max())
+            raise InvalidSequenceError(index, f"extra_ids: token id {bad} outside the "
+                                              f"vocabulary [0, {self.pair.vocab_size})")
+
     # ------------------------------------------------------------------ scoring
     def score(self, requests: Sequence[ScoreRequest], *, top_k: int | None = None
               ) -> list[TargetRecord]:
         """Targets for every request, in input order. ``top_k`` (<= the engine's) truncates the
         top-k lists, folding the dropped entries into the tail mass exactly."""
+        return [record for record, _ in self._score(requests, top_k, detail=False)]
+
+    def score_detailed(self, requests: Sequence[ScoreRequest], *, top_k: int | None = None
+                       ) -> list[tuple[TargetRecord, PositionDetail]]:
+        """As :meth:`score`, with each sequence's :class:`PositionDetail` (and log pi* at the
+        requests' ``extra_ids``)."""
+        return self._score(requests, top_k, detail=True)
+
+    def _score(self, requests: Sequence[ScoreRequest], top_k: int | None, *, detail: bool
+               ) -> list[tuple[TargetRecord, PositionDetail | None]]:
         k = self.config.top_k if top_k is None else top_k
         if not 1 <= k <= self.config.top_k:
             raise ValueError(f"top_k must be in [1, {self.config.top_k}], got {k}")
         for i, req in enumerate(requests):
             self.validate(i, req.input_ids, req.prompt_len)
-        results: list[TargetRecord | None] = [None] * len(requests)
+            if req.extra_ids is not None:
+                if not detail:
+                    raise ValueError("extra_ids need score_detailed")
+                self.validate_extra_ids(i, req)
+        results: list[Any] = [None] * len(requests)
         lengths = [len(r.input_ids) for r in requests]
         for members, rows in batch_plan(lengths, self.max_batch_tokens, packing=self.packing):
-            for i, record in zip(members, self._score_batch([requests[i] for i in members], k,
-                                                            rows)):
-                results[i] = record
-        return results  # type: ignore[return-value]
+            scored = self._score_batch([requests[i] for i in members], k, rows, detail)
+            for i, result in zip(members, scored):
+                results[i] = result
+        return results
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """log pi* ``[B, V]`` (float32, CPU) of the token after each sequence: what sampling a
+        completion from the composite teacher draws from. One padded forward of each teacher
+        over the batch (no cache: each call scores the sequences afresh)."""
+        if not sequences:
+            return torch.zeros((0, self.pair.vocab_size))
+        for i, ids in enumerate(sequences):
+            # a placeholder after the last token: its row is the distribution of the next one
+            self.validate(i, [*ids, 0], len(ids))
+        device = self.pair.device
+        batch = [ScoreRequest([*ids, 0], len(ids)) for ids in sequences]
+        ids, mask, _, rows, cols = self._layout(batch, None)
+        ids, mask = ids.to(device), mask.to(device)
+        row_idx, col_idx = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
+        dpo = self.dpo_head(response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx))
+        other = self.other_head(response_hidden(self.pair.other, ids, mask, row_idx, col_idx))
+        log_star, _ = teacher_logprobs(dpo, other.to(dpo.device), self.config)
+        return log_star.float().cpu()
 
     @staticmethod
     def _layout(batch: list[ScoreRequest], rows: list[list[int]] | None):
@@ -137,7 +200,8 @@ class TeacherEngine:
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[ScoreRequest], k: int,
-                     packed_rows: list[list[int]] | None = None) -> list[TargetRecord]:
+                     packed_rows: list[list[int]] | None = None, detail: bool = False
+                     ) -> list[tuple[TargetRecord, PositionDetail | None]]:
         device = self.pair.device
         ids, mask, positions, rows, cols = self._layout(batch, packed_rows)
         ids, mask = ids.to(device), mask.to(device)
@@ -148,6 +212,7 @@ class TeacherEngine:
 
         hidden_dpo = response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx, positions)
         hidden_other = response_hidden(self.pair.other, ids, mask, row_idx, col_idx, positions)
+        extra = _named_ids(batch) if detail else None
         parts: list[SparseTargets] = []
         chunk = self.config.chunk_size
         for start in range(0, hidden_dpo.shape[0], chunk):
@@ -156,18 +221,30 @@ class TeacherEngine:
             # the target math runs where the dpo teacher's head is (teachers may be split)
             parts.append(compute_targets(
                 dpo_logits, self.other_head(hidden_other[sl]).to(dpo_logits.device),
-                next_ids[sl].to(dpo_logits.device), self.config))
-        targets = SparseTargets(*(torch.cat(field_parts).cpu() for field_parts in zip(*parts)))
+                next_ids[sl].to(dpo_logits.device), self.config, detail=detail,
+                extra_ids=extra[sl] if extra is not None else None))
+        targets = SparseTargets(*(torch.cat(field_parts).cpu() if field_parts[0] is not None
+                                  else None for field_parts in zip(*parts)))
         if k < self.config.top_k:
             targets = truncate_topk(targets, k)
 
-        records = []
+        results = []
         offset = 0
         for req in batch:
             t = len(req.input_ids) - req.prompt_len
             sl = slice(offset, offset + t)
             offset += t
-            records.append(TargetRecord.create(
+            position_detail = None
+            if detail:
+                named = None
+                if req.extra_ids is not None:
+                    named = targets.extra_logprobs[sl, :req.extra_ids.shape[1]].float().numpy()
+                position_detail = PositionDetail(
+                    next_logprobs=targets.next_logprobs[sl].float().numpy(),
+                    next_ranks=targets.next_ranks[sl].numpy(), extra_logprobs=named,
+                    topk_ids=targets.pi_topk_ids[sl].numpy(),
+                    topk_logprobs=targets.pi_topk_logprobs[sl].float().numpy())
+            results.append((TargetRecord.create(
                 example_index=req.example_index,
                 input_ids=list(req.input_ids), prompt_len=req.prompt_len,
                 alpha=targets.alpha[sl].numpy(),
@@ -176,8 +253,24 @@ class TeacherEngine:
                 tail_logmass=targets.tail_logmass[sl].numpy(),
                 dpo_logprobs=targets.dpo_logprobs[sl].numpy(),
                 reverse_logprobs=targets.reverse_logprobs[sl].numpy(),
-            ))
-        return records
+            ), position_detail))
+        return results
+
+
+def _named_ids(batch: list[ScoreRequest]) -> torch.Tensor | None:
+    """The batch's ``extra_ids`` as one ``[positions, m]`` tensor in response-position order
+    (-1 padded; rows of a request without any are all -1), or None when no request names ids."""
+    widths = [r.extra_ids.shape[1] for r in batch if r.extra_ids is not None]
+    if not widths:
+        return None
+    rows = []
+    for req in batch:
+        t = len(req.input_ids) - req.prompt_len
+        block = np.full((t, max(widths)), -1, dtype=np.int64)
+        if req.extra_ids is not None:
+            block[:, :req.extra_ids.shape[1]] = req.extra_ids
+        rows.append(block)
+    return torch.from_numpy(np.concatenate(rows))
 
 def truncate_topk(targets: SparseTargets, k: int) -> SparseTargets:
     """Keep the first ``k`` entries; the dropped log-probs join the tail by a logsumexp. The
@@ -185,8 +278,12 @@ def truncate_topk(targets: SparseTargets, k: int) -> SparseTargets:
     with the highest log pi*: with ``dpo_top`` the dpo model's favourites are the first to go."""
     dropped = targets.topk_logprobs[:, k:]
     tail = torch.logsumexp(torch.cat([targets.tail_logmass[:, None], dropped], dim=1), dim=1)
-    return targets._replace(topk_ids=targets.topk_ids[:, :k],
-                            topk_logprobs=targets.topk_logprobs[:, :k], tail_logmass=tail)
+    truncated = targets._replace(topk_ids=targets.topk_ids[:, :k],
+                                 topk_logprobs=targets.topk_logprobs[:, :k], tail_logmass=tail)
+    if targets.pi_topk_ids is not None:  # pi*'s own top-k, sorted: its first k are the top k
+        truncated = truncated._replace(pi_topk_ids=targets.pi_topk_ids[:, :k],
+                                       pi_topk_logprobs=targets.pi_topk_logprobs[:, :k])
+    return truncated
 
 
 def build_engine(options) -> TeacherEngine:

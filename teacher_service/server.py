@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Callable, Union
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -40,8 +41,10 @@ from storage.datasets import Example
 from storage.errors import UserError
 from storage.tokenization import TokenizationError, tokenize_example
 from teacher_service.batcher import MicroBatcher, QueueFull
+from teacher_service import vllm_protocol as vp
 from teacher_service.engine import (InvalidSequenceError, ScoreRequest, SequenceTooLongError,
                                     TeacherEngine)
+from teacher_service.vllm_protocol import DEFAULT_MODEL_ID, CompletionRequest, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +73,14 @@ class Message(BaseModel):
 
 
 class TokenSequence(BaseModel):
-    """A pre-tokenised sequence: prompt + response ids and where the response starts."""
+    """A pre-tokenised sequence: prompt + response ids and where the response starts; with
+    ``extra_ids``, the ids whose log pi* to return at each response position as well (one list
+    per position, any length up to the server's top_k; the result's ``extra_logprobs``)."""
     model_config = ConfigDict(extra="forbid")
     input_ids: list[StrictInt] = Field(min_length=2)
     #: the engine also needs prompt_len < len(input_ids), which a JSON Schema cannot state
     prompt_len: StrictInt = Field(ge=1)
+    extra_ids: list[list[StrictInt]] | None = None
 
 
 class TextSequence(BaseModel):
@@ -139,6 +145,7 @@ class ServerSettings:
     max_queue_tokens: int | None = None
     max_bodies: int = 64
     api_key: str | None = None
+    served_model_name: str = DEFAULT_MODEL_ID
 
 
 class Metrics:
@@ -179,6 +186,7 @@ class ServerState:
         #: that can never serve must not look like one that is still loading)
         self.on_load_failure: Callable[[], None] | None = None
         self.metrics = Metrics()
+        self.started = time.time()  #: when the server came up (``/v1/models``' ``created``)
         self._loaded = threading.Event()
         #: bodies being read at once (each up to max_body_bytes); created in the server's loop
         self.body_slots: asyncio.Semaphore | None = None
@@ -222,6 +230,18 @@ class Status(BaseModel):
     status: str
 
 
+class VLLMErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class VLLMErrorResponse(BaseModel):
+    """The error body of the vLLM-compatible endpoints (vLLM's own shape)."""
+    error: VLLMErrorInfo
+
+
 class TeacherInfo(BaseModel):
     """``GET /v1/info``: the models, the vocabulary and tokenizer, and every target setting."""
     models: dict[str, dict[str, str]]
@@ -239,6 +259,10 @@ class TeacherInfo(BaseModel):
     beta: float
     dpo_top: int  #: 0: the kept ids are pi*'s top-k; N: they include the dpo model's top N
     max_seq_len: int
+    #: the vLLM-compatible endpoints: the model id they answer as, and the largest
+    #: ``prompt_logprobs`` / ``logprobs`` K (vLLM's --max-logprobs; the server's top_k)
+    served_model_name: str
+    max_logprobs: int
 
 
 class ScoreResult(BaseModel):
@@ -351,6 +375,30 @@ def require_ready(state: Annotated[ServerState, Depends(get_state)]) -> TeacherE
 async def read_score_body(request: Request,
                           state: Annotated[ServerState, Depends(get_state)]) -> ScoreBody:
     """The body, read by hand: bounded, strictly UTF-8 JSON, no NaN/Infinity, then validated."""
+    data = await _read_json_body(request, state)
+    try:
+        return ScoreBody.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", _format_errors(exc.errors())) from None
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+
+
+async def read_completion_body(request: Request,
+                               state: Annotated[ServerState, Depends(get_state)]
+                               ) -> CompletionRequest:
+    """``POST /v1/completions``' body, read as ``/v1/score``'s is; refused in vLLM's shape."""
+    try:
+        data = await _read_json_body(request, state)
+    except ApiError as exc:
+        if exc.status in (429, 413):
+            raise
+        raise ProtocolError(exc.message, None, 415 if exc.status == 415 else 400) from None
+    return vp.parse_request(data)
+
+
+async def _read_json_body(request: Request, state: ServerState) -> Any:
+    """A request body, read by hand: bounded, strictly UTF-8 JSON, no NaN/Infinity."""
     _require_json_content_type(request)
     if state.body_slots is None:
         state.body_slots = asyncio.Semaphore(state.settings.max_bodies)
@@ -360,10 +408,10 @@ async def read_score_body(request: Request,
                        f"being read already; retry later", {"Retry-After": "1"})
     async with state.body_slots:  # held while the body and its parsed form are in memory
         raw = await _read_bounded(request, state.settings.max_body_bytes)
-        return _parse_score_body(raw)
+        return _parse_json(raw)
 
 
-def _parse_score_body(raw: bytes) -> ScoreBody:
+def _parse_json(raw: bytes) -> Any:
     try:
         # Strictly UTF-8 (RFC 8259 §8.1): json.loads(bytes) would also guess UTF-16/32.
         text = raw.decode("utf-8")
@@ -376,12 +424,7 @@ def _parse_score_body(raw: bytes) -> ScoreBody:
         raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, "malformed_json", f"body is not valid JSON: {exc}") from None
-    try:
-        return ScoreBody.model_validate(data)
-    except ValidationError as exc:
-        raise ApiError(422, "invalid_request", _format_errors(exc.errors())) from None
-    except RecursionError:
-        raise ApiError(400, "malformed_json", "JSON nested too deeply") from None
+    return data
 
 
 # ---------------------------------------------------------------------------- routes
@@ -409,8 +452,10 @@ async def metrics(state: Annotated[ServerState, Depends(get_state)]):
 
 @router.get("/v1/info", response_model=TeacherInfo, dependencies=[Depends(require_key)],
             responses={401: _ERRORS[401], 503: _ERRORS[503]})
-async def v1_info(engine: Annotated[TeacherEngine, Depends(require_ready)]):
-    return engine.info()
+async def v1_info(state: Annotated[ServerState, Depends(get_state)],
+                  engine: Annotated[TeacherEngine, Depends(require_ready)]):
+    return {**engine.info(), "served_model_name": state.settings.served_model_name,
+            "max_logprobs": engine.config.top_k}
 
 
 @router.post("/v1/score", dependencies=[Depends(require_key)],
@@ -437,21 +482,195 @@ async def v1_score(request: Request, state: Annotated[ServerState, Depends(get_s
     if total > settings.max_request_tokens:
         raise ApiError(413, "too_many_tokens", f"{total} tokens in one request; the limit is "
                                                f"{settings.max_request_tokens}")
+    named = any(r.extra_ids is not None for r in requests)
+    results = await _submit(state, requests, top_k, detailed=named)
+    state.metrics.latency.observe(time.perf_counter() - started)
+    records = [r for r, _ in results] if named else results
+    extra = [_named_logprobs(req, detail) for req, (_, detail) in zip(requests, results)] \
+        if named else None
+    if wire.ARROW_STREAM_MEDIA_TYPE in request.headers.get("accept", ""):
+        return Response(wire.encode_arrow(records, extra_logprobs=extra),
+                        media_type=wire.ARROW_STREAM_MEDIA_TYPE)
+    return Response(wire.encode_json(records, extra_logprobs=extra),
+                    media_type="application/json")
+
+
+async def _submit(state: ServerState, requests: list[ScoreRequest], top_k: int | None, *,
+                  detailed: bool = False) -> list:
     try:
-        records = await state.batcher.submit(requests, top_k)
+        return await state.batcher.submit(requests, top_k, detailed=detailed)
     except QueueFull as exc:
         state.metrics.rejected.inc()
         raise ApiError(429, "overloaded", str(exc),
                        {"Retry-After": str(int(exc.retry_after_s + 0.999))}) from None
+
+
+def _named_logprobs(req: ScoreRequest, detail) -> np.ndarray:
+    """log pi* at a sequence's named ids, ``[T, m]`` (``[T, 0]`` when it named none)."""
+    if req.extra_ids is None:
+        return np.zeros((len(req.input_ids) - req.prompt_len, 0), dtype=np.float32)
+    return detail.extra_logprobs
+
+
+# ---------------------------------------------------------------------------- vLLM's protocol
+@router.get("/health", response_class=Response,
+            responses={200: {"description": "the teachers are loaded (an empty body, as vLLM's)",
+                             "content": {}},
+                       503: {"model": ErrorResponse}})
+async def health(state: Annotated[ServerState, Depends(get_state)]):
+    """vLLM's health check (TRL's client waits for its 200): 200 once the teachers are loaded,
+    503 while they load."""
+    if state.engine is None:
+        return error_response(503, "not_ready", state.load_error or "the teachers are still loading")
+    return Response(status_code=200)
+
+
+@router.get("/v1/models", dependencies=[Depends(require_key)],
+            responses={401: _ERRORS[401], 503: _ERRORS[503]})
+async def v1_models(state: Annotated[ServerState, Depends(get_state)],
+                    engine: Annotated[TeacherEngine, Depends(require_ready)]):
+    """vLLM's model list: the one model id this server scores as (``--served-model-name``)."""
+    return vp.models_list(state.settings.served_model_name, engine.max_seq_len,
+                          int(state.started))
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_key)],
+             responses={200: {"description": "vLLM's CompletionResponse: per prompt a choice with "
+                                             "its text, finish_reason, prompt_logprobs and "
+                                             "logprobs; usage (teacher_service/vllm_protocol.py)",
+                              "content": {"application/json": {}}},
+                        400: {"model": VLLMErrorResponse}, 404: {"model": VLLMErrorResponse},
+                        **{s: _ERRORS[s] for s in (401, 413, 415, 429, 503)}},
+             openapi_extra=json_body_openapi(CompletionRequest))
+async def v1_completions(state: Annotated[ServerState, Depends(get_state)],
+                         engine: Annotated[TeacherEngine, Depends(require_ready)],
+                         body: Annotated[CompletionRequest, Depends(read_completion_body)]):
+    """vLLM's ``/v1/completions`` over pi*: ``prompt_logprobs`` of every prompt and a completion
+    sampled from pi* (:mod:`teacher_service.vllm_protocol` says what follows vLLM and how)."""
+    settings, started = state.settings, time.perf_counter()
+    if body.model is not None and body.model != settings.served_model_name:
+        raise ProtocolError(f"The model `{body.model}` does not exist.", "model", 404)
+    tokenizer, vocab, cap = engine.pair.tokenizer, engine.pair.vocab_size, engine.config.top_k
+    prompts = vp.prompts_of(body, tokenizer)
+    k = vp.requested_k(body.prompt_logprobs, vocab, cap, "prompt_logprobs")
+    sample_k = vp.requested_k(body.logprobs, vocab, cap, "logprobs")
+    if len(prompts) > settings.max_sequences:
+        raise ApiError(413, "too_many_sequences",
+                       f"{len(prompts)} prompts; the limit is {settings.max_sequences}")
+    total = sum(len(p) for p in prompts)
+    if total > settings.max_request_tokens:
+        raise ApiError(413, "too_many_tokens", f"{total} tokens in one request; the limit is "
+                                               f"{settings.max_request_tokens}")
+    for p in prompts:
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ProtocolError(f"Token id {bad} is out of vocabulary (size {vocab})", "prompt")
+        if len(p) > engine.max_seq_len:
+            raise ProtocolError(f"Input length ({len(p)}) exceeds model's maximum context "
+                                f"length ({engine.max_seq_len}).", "prompt")
+    max_new = min(body.max_tokens or vp.DEFAULT_MAX_TOKENS,
+                  engine.max_seq_len - max(len(p) for p in prompts))
+    if max_new < 1:
+        raise ProtocolError("max_tokens must be at least 1, got 0: the prompt leaves no room "
+                            f"under the maximum context length ({engine.max_seq_len}).",
+                            "max_tokens")
+    details: list = [None] * len(prompts)
+    if k is not None or body.prompt_logprob_token_ids is not None or body.prompt_logprobs_alpha:
+        scored = [i for i, p in enumerate(prompts) if len(p) >= 2]
+        requests = [ScoreRequest(prompts[i], 1, extra_ids=vp.named_rows(body, len(prompts[i]),
+                                                                          cap))
+                    for i in scored]
+        results = await _submit(state, requests, max(k or 1, 1), detailed=True)
+        for i, result in zip(scored, results):
+            details[i] = result
+    completions = await _sample(state, engine, prompts, body, max_new, sample_k)
+    decode = _decoder(tokenizer)
+    choices = []
+    for i, (prompt, (tokens, rows, finish, stop)) in enumerate(zip(prompts, completions)):
+        choice: dict[str, Any] = {
+            "index": i, "text": tokenizer.decode(tokens, skip_special_tokens=
+                                                 body.skip_special_tokens),
+            "logprobs": vp.completion_logprobs(tokens, rows, sample_k, decode,
+                                               bool(body.return_tokens_as_token_ids))
+            if sample_k is not None else None,
+            "finish_reason": finish, "stop_reason": stop,
+            "prompt_logprobs": None, "prompt_token_ids": None, "token_ids": None}
+        if body.return_token_ids:
+            choice.update(prompt_token_ids=list(prompt), token_ids=list(tokens))
+        record, detail = details[i] if details[i] is not None else (None, None)
+        if k is not None:
+            choice["prompt_logprobs"] = [None] if detail is None else \
+                vp.prompt_logprobs_entries(prompt, detail, k, decode)
+        if body.prompt_logprob_token_ids is not None and detail is not None:
+            start = body.prompt_logprob_start or 0
+            rows_named = detail.extra_logprobs[start:start + len(body.prompt_logprob_token_ids)]
+            choice["prompt_token_id_logprobs"] = vp.npy_base64(rows_named.astype(np.float32))
+        if body.prompt_logprobs_alpha:
+            alpha = [] if record is None else record.alpha.tolist()
+            choice["prompt_logprobs_alpha"] = [None, *alpha]
+            choice["prompt_logprobs_beta"] = [None, *(engine.config.beta0 / a for a in alpha)]
+        choices.append(choice)
     state.metrics.latency.observe(time.perf_counter() - started)
-    if wire.ARROW_STREAM_MEDIA_TYPE in request.headers.get("accept", ""):
-        return Response(wire.encode_arrow(records), media_type=wire.ARROW_STREAM_MEDIA_TYPE)
-    return Response(wire.encode_json(records), media_type="application/json")
+    payload = vp.response(settings.served_model_name, choices, total,
+                          sum(len(c[0]) for c in completions))
+    # json.dumps directly: FastAPI's encoder walks every one of the (K + 1) x T entries
+    return Response(json.dumps(payload, separators=(",", ":"), allow_nan=False),
+                    media_type="application/json")
+
+
+async def _sample(state: ServerState, engine: TeacherEngine, prompts: list[list[int]],
+                  body: CompletionRequest, max_new: int, keep_rows: int | None):
+    """A completion of each prompt sampled from pi*, one engine pass per new token for the
+    prompts still going: ``[(tokens, log pi* rows or [], finish_reason, stop_reason)]``."""
+    sampling = vp.Sampling.of(body)
+    eos = set() if body.ignore_eos else _eos_ids(engine.pair.tokenizer)
+    stops = set(body.stop_token_ids or ())
+    out = [([], [], "length", None) for _ in prompts]
+    going = list(range(len(prompts)))
+    for _ in range(max_new):
+        if not going:
+            break
+        rows = await state.batcher.call(engine.next_token_logprobs,
+                                        [prompts[i] + out[i][0] for i in going])
+        drawn = sampling.draw(rows).tolist()
+        still = []
+        for i, row, tok in zip(going, rows, drawn):
+            tokens, kept, _, _ = out[i]
+            tokens.append(int(tok))
+            if keep_rows is not None:
+                kept.append(row)
+            if tok in stops or tok in eos:
+                out[i] = (tokens, kept, "stop", int(tok) if tok in stops else None)
+            else:
+                still.append(i)
+        going = still
+    return out
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    eos = tokenizer.eos_token_id
+    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+
+
+def _decoder(tokenizer):
+    """A token id as vLLM's ``decoded_token`` shows it (the tokenizer's token string), from
+    the vocabulary's strings, listed once per tokenizer."""
+    table = getattr(tokenizer, "_aligndistil_tokens", None)
+    if table is None:
+        table = [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        tokenizer._aligndistil_tokens = table
+    return table.__getitem__
 
 
 # ---------------------------------------------------------------------------- errors
 async def _api_error(request: Request, exc: ApiError):
     return error_response(exc.status, exc.type, exc.message, exc.headers)
+
+
+async def _protocol_error(request: Request, exc: ProtocolError):
+    return JSONResponse({"error": {"message": exc.message, "type": exc.type,
+                                   "param": exc.param, "code": exc.status}},
+                        status_code=exc.status)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):
@@ -504,6 +723,7 @@ def create_app(engine_factory: Callable[[], TeacherEngine],
     app = FastAPI(title="aligndistil teacher", version="1", lifespan=_lifespan)
     app.state.server = ServerState(engine_factory, settings)
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ProtocolError, _protocol_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.middleware("http")(_count_requests)
@@ -521,7 +741,8 @@ def create_app(engine_factory: Callable[[], TeacherEngine],
     return app
 
 
-_PATHS = {"/v1/score", "/v1/info", "/healthz", "/readyz", "/metrics"}
+_PATHS = {"/v1/score", "/v1/info", "/healthz", "/readyz", "/metrics", "/health", "/v1/models",
+          "/v1/completions"}
 
 
 def _to_request(engine: TeacherEngine, index: int, seq: TokenSequence | TextSequence
@@ -541,13 +762,34 @@ def _to_request(engine: TeacherEngine, index: int, seq: TokenSequence | TextSequ
             ids, prompt_len = tokenize_example(engine.pair.tokenizer, example)
         except TokenizationError as exc:
             raise ApiError(422, "invalid_request", f"sequences[{index}]: {exc}") from None
+    named = _extra_ids(engine, index, seq.extra_ids) \
+        if isinstance(seq, TokenSequence) and seq.extra_ids is not None else None
+    request = ScoreRequest(list(ids), int(prompt_len), extra_ids=named)
     try:
         engine.validate(index, ids, prompt_len)
+        if named is not None:
+            engine.validate_extra_ids(index, request)
     except SequenceTooLongError as exc:
         raise ApiError(413, "invalid_sequence", str(exc)) from None
     except InvalidSequenceError as exc:
         raise ApiError(422, "invalid_sequence", str(exc)) from None
-    return ScoreRequest(list(ids), int(prompt_len))
+    return request
+
+
+def _extra_ids(engine: TeacherEngine, index: int, rows: list[list[int]]) -> np.ndarray:
+    """A sequence's ``extra_ids`` (one list per response position, of any lengths up to the
+    server's top_k) as a ``[T, m]`` array padded with -1."""
+    width = max((len(r) for r in rows), default=0)
+    if width > engine.config.top_k:
+        raise ApiError(422, "invalid_sequence", f"sequences[{index}].extra_ids: {width} ids at "
+                       f"one position; the limit is the server's top_k {engine.config.top_k}")
+    if any(t < 0 for r in rows for t in r):
+        raise ApiError(422, "invalid_sequence",
+                       f"sequences[{index}].extra_ids: token ids must be >= 0")
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    for t, row in enumerate(rows):
+        out[t, :len(row)] = row
+    return out
 
 
 def _require_json_content_type(request: Request) -> None:
@@ -620,6 +862,7 @@ def run_serve(config) -> int:
         max_body_bytes=config.max_body_bytes, max_request_tokens=config.max_request_tokens,
         max_batch_tokens=config.max_batch_tokens, batch_wait_s=config.batch_wait_ms / 1000,
         max_queue_requests=config.max_queue, max_bodies=config.max_bodies,
+        served_model_name=config.served_model_name,
         api_key=config.api_key or os.environ.get(API_KEY_ENV) or None)
     app = create_app(partial(build_engine, config), settings)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,

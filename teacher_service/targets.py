@@ -108,16 +108,30 @@ class SparseTargets(NamedTuple):
     tail_logmass: Tensor      # [N] log of pi*'s mass outside the kept ids; -inf when k == V
     dpo_logprobs: Tensor      # [N] log softmax(z_dpo)[next_id]
     reverse_logprobs: Tensor  # [N] log softmax(z_other)[next_id]
+    #: with ``detail``: log pi* of the actual next token, and its 1-based rank over the whole
+    #: vocabulary (how many ids have log pi* >= it, itself included: vLLM's rank)
+    next_logprobs: Tensor | None = None  # [N]
+    next_ranks: Tensor | None = None     # [N] int64
+    #: with ``extra_ids`` ``[N, m]``: log pi* at those ids (-inf where an id is -1: padding)
+    extra_logprobs: Tensor | None = None  # [N, m]
+    #: with ``detail``: pi*'s own top-k, whatever ids are kept (``dpo_top``), in float32
+    pi_topk_ids: Tensor | None = None       # [N, k]
+    pi_topk_logprobs: Tensor | None = None  # [N, k]
 
 
 def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
-                    config: TargetConfig) -> SparseTargets:
+                    config: TargetConfig, *, detail: bool = False,
+                    extra_ids: Tensor | None = None) -> SparseTargets:
     """Sparse teacher targets for N positions.
 
     ``dpo_logits`` and ``other_logits`` are ``[N, V]`` logits (any float dtype) at the response
     positions; ``other`` is the reverse model (modes ``adaptive``/``constant``) or the reference
     model (``vanilla``, ``vanilla-adaptive``). ``next_ids`` ``[N]`` are the tokens those positions predict. Outputs
     live on the logits' device.
+
+    ``detail`` adds the actual next token's log pi* and rank; ``extra_ids`` ``[N, m]`` (int, -1
+    for padding) adds log pi* at ids a client named (both for the scoring protocols of
+    :mod:`teacher_service.protocol`; precompute asks for neither).
     """
     n, vocab, dtype = _check_logits(dpo_logits, other_logits)
     if config.top_k > vocab:
@@ -131,6 +145,18 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
     tail_logmass = torch.full((n,), -math.inf, dtype=dtype, device=device)
     dpo_logprobs = torch.empty(n, dtype=dtype, device=device)
     reverse_logprobs = torch.empty(n, dtype=dtype, device=device)
+    next_logprobs = torch.empty(n, dtype=dtype, device=device) if detail else None
+    next_ranks = torch.empty(n, dtype=torch.int64, device=device) if detail else None
+    pi_ids = torch.empty(n, k, dtype=torch.int64, device=device) if detail else None
+    pi_logprobs = torch.empty(n, k, dtype=dtype, device=device) if detail else None
+    if extra_ids is not None:
+        extra_ids = torch.as_tensor(extra_ids, dtype=torch.int64, device=device)
+        if extra_ids.ndim != 2 or extra_ids.shape[0] != n:
+            raise ValueError(f"extra_ids: expected shape [{n}, m], got {tuple(extra_ids.shape)}")
+        if extra_ids.numel() and (extra_ids.max() >= vocab or extra_ids.min() < -1):
+            raise ValueError(f"extra_ids: ids must lie in [0, {vocab}) (or be -1: padding)")
+    extra_logprobs = torch.empty(extra_ids.shape, dtype=dtype, device=device) \
+        if extra_ids is not None else None
 
     for start in range(0, n, config.chunk_size):
         rows = slice(start, start + config.chunk_size)
@@ -140,10 +166,22 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
         ids = next_ids[rows].unsqueeze(-1)
         dpo_logprobs[rows] = log_d.gather(-1, ids).squeeze(-1)
         reverse_logprobs[rows] = log_o.gather(-1, ids).squeeze(-1)
+        if detail:
+            actual = log_star.gather(-1, ids)
+            next_logprobs[rows] = actual.squeeze(-1)
+            next_ranks[rows] = (log_star >= actual).sum(dim=-1)
+        if extra_ids is not None:
+            named = extra_ids[rows]
+            extra_logprobs[rows] = log_star.gather(-1, named.clamp_min(0)).masked_fill(
+                named < 0, -math.inf)
         if config.dpo_top:
             values, indices = _kept_with_dpo_top(log_star, log_d, k, config.dpo_top)
+            if detail:
+                pi_logprobs[rows], pi_ids[rows] = torch.topk(log_star, k, dim=-1)
         else:
             values, indices = torch.topk(log_star, k, dim=-1, largest=True, sorted=True)
+            if detail:
+                pi_logprobs[rows], pi_ids[rows] = values, indices
         del log_d, log_o
         topk_logprobs[rows] = values
         topk_ids[rows] = indices
@@ -153,7 +191,8 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
             # a mass, so <= 0: logsumexp may round a near-1 tail a hair above it
             tail_logmass[rows] = torch.logsumexp(log_star, dim=-1).clamp_(max=0.0)
     return SparseTargets(alpha, topk_ids, topk_logprobs, tail_logmass,
-                         dpo_logprobs, reverse_logprobs)
+                         dpo_logprobs, reverse_logprobs, next_logprobs, next_ranks,
+                         extra_logprobs, pi_ids, pi_logprobs)
 
 
 def teacher_logprobs(dpo_logits: Tensor, other_logits: Tensor,

@@ -334,3 +334,45 @@ def test_bad_device_lists_are_refused():
     for bad in ("", "gpu0,gpu1"):
         with pytest.raises(PlacementError, match="--dpo-devices"):
             parse_devices(bad, "--dpo-devices")
+
+
+def test_score_detailed_gives_the_actual_tokens_log_pi_star_rank_and_named_ids(pair):
+    """The protocols' extras against the float64 dense reference: log pi* of each actual next
+    token and its 1-based rank over the vocabulary (ids with log pi* >= it, as vLLM counts),
+    and log pi* at the ids a request names (-1: padding, -inf)."""
+    reqs = _requests(pair.tokenizer, n=5, seed=11)
+    rng = np.random.default_rng(3)
+    named = []
+    for i, r in enumerate(reqs):
+        t = len(r.input_ids) - r.prompt_len
+        ids = rng.integers(0, pair.vocab_size, size=(t, 3 + i % 2))
+        ids[0, -1] = -1
+        named.append(ids)
+    detailed = TeacherEngine(pair, TargetConfig(top_k=8), max_batch_tokens=60).score_detailed(
+        [ScoreRequest(r.input_ids, r.prompt_len, r.example_index, extra_ids=ids)
+         for r, ids in zip(reqs, named)])
+    plain = TeacherEngine(pair, TargetConfig(top_k=8), max_batch_tokens=60).score(reqs)
+    for (record, detail), req, ids, same in zip(detailed, reqs, named, plain):
+        assert record.equals(same)  # the records are the ones score() gives
+        p, n = req.prompt_len, len(req.input_ids)
+        log_pi = dense_targets(full_logits(pair.dpo, req.input_ids)[p - 1:n - 1],
+                               full_logits(pair.other, req.input_ids)[p - 1:n - 1],
+                               req.input_ids[p:], top_k=8)["log_pi"]
+        actual = log_pi[np.arange(n - p), req.input_ids[p:]]
+        np.testing.assert_allclose(detail.next_logprobs, actual, rtol=1e-4, atol=1e-4)
+        want_rank = (log_pi >= actual[:, None] - 1e-6).sum(-1)  # ties within float32
+        assert (np.abs(detail.next_ranks - want_rank) <= 1).all()
+        assert (detail.next_ranks[actual > np.sort(log_pi, -1)[:, -2] + 1e-4] == 1).all()
+        want = np.where(ids >= 0, np.take_along_axis(log_pi, np.maximum(ids, 0), -1), -np.inf)
+        np.testing.assert_allclose(detail.extra_logprobs, want, rtol=1e-4, atol=1e-4)
+
+
+def test_named_ids_outside_the_vocabulary_or_of_the_wrong_shape_are_refused(pair):
+    from teacher_service.engine import InvalidSequenceError
+
+    engine = TeacherEngine(pair, TargetConfig(top_k=8))
+    req = ScoreRequest([5, 6, 7, 8], 2)
+    with pytest.raises(InvalidSequenceError, match="outside the vocabulary"):
+        engine.score_detailed([ScoreRequest(req.input_ids, 2, extra_ids=np.array([[1], [10**6]]))])
+    with pytest.raises(InvalidSequenceError, match="extra_ids has 3 rows"):
+        engine.score_detailed([ScoreRequest(req.input_ids, 2, extra_ids=np.zeros((3, 1), int))])
