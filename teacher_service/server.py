@@ -574,12 +574,11 @@ async def v1_completions(state: Annotated[ServerState, Depends(get_state)],
         raise ProtocolError("max_tokens must be at least 1, got 0: the prompt leaves no room "
                             f"under the maximum context length ({engine.max_seq_len}).",
                             "max_tokens")
+    named = [vp.named_rows(body, len(p), cap) for p in prompts]  # refused before any work
     details: list = [None] * len(prompts)
     if k is not None or body.prompt_logprob_token_ids is not None or body.prompt_logprobs_alpha:
         scored = [i for i, p in enumerate(prompts) if len(p) >= 2]
-        requests = [ScoreRequest(prompts[i], 1, extra_ids=vp.named_rows(body, len(prompts[i]),
-                                                                          cap))
-                    for i in scored]
+        requests = [ScoreRequest(prompts[i], 1, extra_ids=named[i]) for i in scored]
         results = await _submit(state, requests, max(k or 1, 1), detailed=True)
         for i, result in zip(scored, results):
             details[i] = result

@@ -289,3 +289,10 @@ def test_aligndistils_client_scores_the_ids_it_names(server, models):
     log_pi = _log_pi(models, PROMPT)
     for t, row in enumerate(named):
         np.testing.assert_allclose(extra[t, :len(row)], log_pi[1 + t, row], atol=2e-5)
+
+
+def test_named_rows_beyond_the_prompt_are_refused(server):
+    r = _post(server, {"prompt": [[5, 6, 7], [8]], "max_tokens": 1,
+                       "prompt_logprob_token_ids": [[1], [2]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprob_token_ids"
+    assert "but the prompt has 0 scored rows" in r.json()["error"]["message"]
