@@ -39,11 +39,12 @@ Arrow IPC stream (media type :data:`ARROW_STREAM_MEDIA_TYPE`)
 
 Named ids (``POST /v1/score`` with ``extra_ids``)
     A request that names ids per response position gets, per result, ``extra_logprobs``: log pi*
-    at those ids, ``[T, m_t]`` (JSON: lists of float32 reprs, ``null`` for ``-inf``, which pads a
-    row the client padded with ``-1``; Arrow: a ``list<list<float>>`` column after the record's,
-    ``-inf`` as itself). It is not part of :class:`~storage.record.TargetRecord` (a store never
-    holds it): :func:`encode_json` / :func:`encode_arrow` take it beside the records, and
-    :func:`decode_arrow_named` reads it back. Readers that do not know the column ignore it.
+    at those ids, ``[T, m]`` with ``m`` the longest row the request named, shorter rows padded
+    with ``-inf`` (JSON: lists of float32 reprs, ``null`` for ``-inf``; Arrow: a
+    ``list<list<float>>`` column after the record's, ``-inf`` as itself). It is not part of
+    :class:`~storage.record.TargetRecord` (a store never holds it): :func:`encode_json` /
+    :func:`encode_arrow` take it beside the records, and :func:`decode_arrow_named` reads it
+    back. Readers that do not know the column ignore it.
 
 Encoding builds every Arrow column from one concatenated numpy buffer plus offsets, no
 per-element Python.

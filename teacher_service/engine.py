@@ -50,6 +50,8 @@ class ScoreRequest:
     #: ids whose log pi* the client wants at each response position: ``[T, m]`` ints, -1 for
     #: padding (:meth:`TeacherEngine.score_detailed` only)
     extra_ids: np.ndarray | None = None
+    #: keep the last position's whole log pi* row (:attr:`PositionDetail.last_row`)
+    keep_last_row: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class PositionDetail:
     extra_logprobs: np.ndarray | None    # float32 [T, m]
     topk_ids: np.ndarray                 # int64 [T, k] pi*'s own top-k (whatever dpo_top keeps)
     topk_logprobs: np.ndarray            # float32 [T, k] their log pi*, unrounded
+    last_row: torch.Tensor | None = None  # float32 [V] log pi* at the last position, on request
 
 
 class TeacherEngine:
@@ -161,22 +164,25 @@ class TeacherEngine:
     @torch.inference_mode()
     def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """log pi* ``[B, V]`` (float32, CPU) of the token after each sequence: what sampling a
-        completion from the composite teacher draws from. One padded forward of each teacher
-        over the batch (no cache: each call scores the sequences afresh)."""
-        if not sequences:
-            return torch.zeros((0, self.pair.vocab_size))
+        completion from the composite teacher draws from. Padded forwards of each teacher under
+        the engine's token budget (no cache: each call scores the sequences afresh)."""
+        out = torch.zeros((len(sequences), self.pair.vocab_size))
         for i, ids in enumerate(sequences):
             # a placeholder after the last token: its row is the distribution of the next one
             self.validate(i, [*ids, 0], len(ids))
         device = self.pair.device
-        batch = [ScoreRequest([*ids, 0], len(ids)) for ids in sequences]
-        ids, mask, _, rows, cols = self._layout(batch, None)
-        ids, mask = ids.to(device), mask.to(device)
-        row_idx, col_idx = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
-        dpo = self.dpo_head(response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx))
-        other = self.other_head(response_hidden(self.pair.other, ids, mask, row_idx, col_idx))
-        log_star, _ = teacher_logprobs(dpo, other.to(dpo.device), self.config)
-        return log_star.float().cpu()
+        lengths = [len(s) + 1 for s in sequences]
+        for members, _ in batch_plan(lengths, self.max_batch_tokens, packing=False):
+            batch = [ScoreRequest([*sequences[i], 0], len(sequences[i])) for i in members]
+            ids, mask, _, rows, cols = self._layout(batch, None)
+            ids, mask = ids.to(device), mask.to(device)
+            row_idx = torch.from_numpy(rows).to(device)
+            col_idx = torch.from_numpy(cols).to(device)
+            dpo = self.dpo_head(response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx))
+            other = self.other_head(response_hidden(self.pair.other, ids, mask, row_idx, col_idx))
+            log_star, _ = teacher_logprobs(dpo, other.to(dpo.device), self.config)
+            out[members] = log_star.float().cpu()
+        return out
 
     @staticmethod
     def _layout(batch: list[ScoreRequest], rows: list[list[int]] | None):
@@ -213,6 +219,11 @@ class TeacherEngine:
         hidden_dpo = response_hidden(self.pair.dpo, ids, mask, row_idx, col_idx, positions)
         hidden_other = response_hidden(self.pair.other, ids, mask, row_idx, col_idx, positions)
         extra = _named_ids(batch) if detail else None
+        last = None
+        if detail and any(r.keep_last_row for r in batch):
+            ends = np.cumsum([len(r.input_ids) - r.prompt_len for r in batch]) - 1
+            last = torch.zeros(int(ends[-1]) + 1, dtype=torch.bool)
+            last[[int(e) for e, r in zip(ends, batch) if r.keep_last_row]] = True
         parts: list[SparseTargets] = []
         chunk = self.config.chunk_size
         for start in range(0, hidden_dpo.shape[0], chunk):
@@ -222,7 +233,8 @@ class TeacherEngine:
             parts.append(compute_targets(
                 dpo_logits, self.other_head(hidden_other[sl]).to(dpo_logits.device),
                 next_ids[sl].to(dpo_logits.device), self.config, detail=detail,
-                extra_ids=extra[sl] if extra is not None else None))
+                extra_ids=extra[sl] if extra is not None else None,
+                dense_rows=last[sl] if last is not None else None))
         targets = SparseTargets(*(torch.cat(field_parts).cpu() if field_parts[0] is not None
                                   else None for field_parts in zip(*parts)))
         if k < self.config.top_k:
@@ -230,6 +242,7 @@ class TeacherEngine:
 
         results = []
         offset = 0
+        rows = iter(targets.dense_logprobs.float()) if last is not None else iter(())
         for req in batch:
             t = len(req.input_ids) - req.prompt_len
             sl = slice(offset, offset + t)
@@ -243,7 +256,8 @@ class TeacherEngine:
                     next_logprobs=targets.next_logprobs[sl].float().numpy(),
                     next_ranks=targets.next_ranks[sl].numpy(), extra_logprobs=named,
                     topk_ids=targets.pi_topk_ids[sl].numpy(),
-                    topk_logprobs=targets.pi_topk_logprobs[sl].float().numpy())
+                    topk_logprobs=targets.pi_topk_logprobs[sl].float().numpy(),
+                    last_row=next(rows) if req.keep_last_row else None)
             results.append((TargetRecord.create(
                 example_index=req.example_index,
                 input_ids=list(req.input_ids), prompt_len=req.prompt_len,

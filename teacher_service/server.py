@@ -25,6 +25,7 @@ from functools import partial
 from typing import Annotated, Any, Callable, Union
 
 import numpy as np
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -551,66 +552,69 @@ async def v1_completions(state: Annotated[ServerState, Depends(get_state)],
     if body.model is not None and body.model != settings.served_model_name:
         raise ProtocolError(f"The model `{body.model}` does not exist.", "model", 404)
     tokenizer, vocab, cap = engine.pair.tokenizer, engine.pair.vocab_size, engine.config.top_k
+    limit = engine.max_seq_len
     prompts = vp.prompts_of(body, tokenizer)
     k = vp.requested_k(body.prompt_logprobs, vocab, cap, "prompt_logprobs")
     sample_k = vp.requested_k(body.logprobs, vocab, cap, "logprobs")
     if len(prompts) > settings.max_sequences:
         raise ApiError(413, "too_many_sequences",
                        f"{len(prompts)} prompts; the limit is {settings.max_sequences}")
-    total = sum(len(p) for p in prompts)
-    if total > settings.max_request_tokens:
-        raise ApiError(413, "too_many_tokens", f"{total} tokens in one request; the limit is "
-                                               f"{settings.max_request_tokens}")
     for p in prompts:
         bad = next((t for t in p if not 0 <= t < vocab), None)
         if bad is not None:
             raise ProtocolError(f"Token id {bad} is out of vocabulary (size {vocab})", "prompt")
-        if len(p) > engine.max_seq_len:
+        if len(p) > limit:
             raise ProtocolError(f"Input length ({len(p)}) exceeds model's maximum context "
-                                f"length ({engine.max_seq_len}).", "prompt")
-    max_new = min(body.max_tokens or vp.DEFAULT_MAX_TOKENS,
-                  engine.max_seq_len - max(len(p) for p in prompts))
-    if max_new < 1:
-        raise ProtocolError("max_tokens must be at least 1, got 0: the prompt leaves no room "
-                            f"under the maximum context length ({engine.max_seq_len}).",
-                            "max_tokens")
-    named = [vp.named_rows(body, len(p), cap) for p in prompts]  # refused before any work
-    details: list = [None] * len(prompts)
-    if k is not None or body.prompt_logprob_token_ids is not None or body.prompt_logprobs_alpha:
-        scored = [i for i, p in enumerate(prompts) if len(p) >= 2]
-        requests = [ScoreRequest(prompts[i], 1, extra_ids=named[i]) for i in scored]
-        results = await _submit(state, requests, max(k or 1, 1), detailed=True)
-        for i, result in zip(scored, results):
-            details[i] = result
-    completions = await _sample(state, engine, prompts, body, max_new, sample_k)
+                                f"length ({limit}).", "prompt")
+        if len(p) == limit:
+            raise ProtocolError("max_tokens must be at least 1, got 0: the prompt fills the "
+                                f"maximum context length ({limit}).", "max_tokens")
+    # as vLLM: each prompt's completion is cut to the room left under the context length
+    max_new = [min(body.max_tokens or vp.DEFAULT_MAX_TOKENS, limit - len(p)) for p in prompts]
+    total = sum(len(p) + n for p, n in zip(prompts, max_new))
+    if total > settings.max_request_tokens:
+        raise ApiError(413, "too_many_tokens", f"{total} prompt and completion tokens in one "
+                                               f"request; the limit is "
+                                               f"{settings.max_request_tokens}")
+    # every prompt is scored with a placeholder after it: its positions give prompt_logprobs,
+    # and the placeholder's row is the first completion token's distribution (one pass)
+    requests = [ScoreRequest([*p, 0], 1, keep_last_row=True,
+                             extra_ids=vp.named_rows(body, len(p), cap, vocab, len(p)))
+                for p in prompts]
+    for i, req in enumerate(requests):
+        if req.extra_ids is not None:
+            engine.validate_extra_ids(i, req)
+    scored = await _submit(state, requests, max(k or 1, 1), detailed=True)
+    completions = await _sample(state, engine, prompts, body, max_new, sample_k,
+                                [detail.last_row for _, detail in scored])
     decode = _decoder(tokenizer)
     choices = []
-    for i, (prompt, (tokens, rows, finish, stop)) in enumerate(zip(prompts, completions)):
+    for i, (prompt, (record, detail), (drawn, finish, stop)) in enumerate(
+            zip(prompts, scored, completions)):
+        tokens = [d.token for d in drawn]
         choice: dict[str, Any] = {
             "index": i, "text": tokenizer.decode(tokens, skip_special_tokens=
                                                  body.skip_special_tokens),
-            "logprobs": vp.completion_logprobs(tokens, rows, sample_k, decode,
+            "logprobs": vp.completion_logprobs(drawn, decode,
                                                bool(body.return_tokens_as_token_ids))
             if sample_k is not None else None,
             "finish_reason": finish, "stop_reason": stop,
             "prompt_logprobs": None, "prompt_token_ids": None, "token_ids": None}
         if body.return_token_ids:
-            choice.update(prompt_token_ids=list(prompt), token_ids=list(tokens))
-        record, detail = details[i] if details[i] is not None else (None, None)
+            choice.update(prompt_token_ids=list(prompt), token_ids=tokens)
         if k is not None:
-            choice["prompt_logprobs"] = [None] if detail is None else \
-                vp.prompt_logprobs_entries(prompt, detail, k, decode)
-        if body.prompt_logprob_token_ids is not None and detail is not None:
+            choice["prompt_logprobs"] = vp.prompt_logprobs_entries(prompt, detail, k, decode)
+        if body.prompt_logprob_token_ids is not None:
             start = body.prompt_logprob_start or 0
             rows_named = detail.extra_logprobs[start:start + len(body.prompt_logprob_token_ids)]
             choice["prompt_token_id_logprobs"] = vp.npy_base64(rows_named.astype(np.float32))
         if body.prompt_logprobs_alpha:
-            alpha = [] if record is None else record.alpha.tolist()
+            alpha = record.alpha[:len(prompt) - 1].tolist()  # the placeholder's is not one
             choice["prompt_logprobs_alpha"] = [None, *alpha]
             choice["prompt_logprobs_beta"] = [None, *(engine.config.beta0 / a for a in alpha)]
         choices.append(choice)
     state.metrics.latency.observe(time.perf_counter() - started)
-    payload = vp.response(settings.served_model_name, choices, total,
+    payload = vp.response(settings.served_model_name, choices, sum(len(p) for p in prompts),
                           sum(len(c[0]) for c in completions))
     # json.dumps directly: FastAPI's encoder walks every one of the (K + 1) x T entries
     return Response(json.dumps(payload, separators=(",", ":"), allow_nan=False),
@@ -618,32 +622,34 @@ async def v1_completions(state: Annotated[ServerState, Depends(get_state)],
 
 
 async def _sample(state: ServerState, engine: TeacherEngine, prompts: list[list[int]],
-                  body: CompletionRequest, max_new: int, keep_rows: int | None):
-    """A completion of each prompt sampled from pi*, one engine pass per new token for the
-    prompts still going: ``[(tokens, log pi* rows or [], finish_reason, stop_reason)]``."""
+                  body: CompletionRequest, max_new: list[int], keep_k: int | None,
+                  first_rows: list[torch.Tensor]):
+    """A completion of each prompt sampled from pi*: the first token from the scoring pass's
+    rows, each later one from an engine pass over the prompts still going (on the engine's
+    thread; the draws in a worker thread, off the event loop). Each position keeps only what
+    ``logprobs`` needs. ``[(drawn, finish_reason, stop_reason)]``."""
     sampling = vp.Sampling.of(body)
     eos = set() if body.ignore_eos else _eos_ids(engine.pair.tokenizer)
     stops = set(body.stop_token_ids or ())
-    out = [([], [], "length", None) for _ in prompts]
+    drawn: list[list[vp.Drawn]] = [[] for _ in prompts]
+    ends: list[tuple[str, int | None]] = [("length", None)] * len(prompts)
     going = list(range(len(prompts)))
-    for _ in range(max_new):
-        if not going:
-            break
-        rows = await state.batcher.call(engine.next_token_logprobs,
-                                        [prompts[i] + out[i][0] for i in going])
-        drawn = sampling.draw(rows).tolist()
+    rows = torch.stack(first_rows)
+    while going:
+        new = await asyncio.to_thread(vp.draw_tokens, rows, sampling, keep_k)
         still = []
-        for i, row, tok in zip(going, rows, drawn):
-            tokens, kept, _, _ = out[i]
-            tokens.append(int(tok))
-            if keep_rows is not None:
-                kept.append(row)
-            if tok in stops or tok in eos:
-                out[i] = (tokens, kept, "stop", int(tok) if tok in stops else None)
-            else:
+        for i, d in zip(going, new):
+            drawn[i].append(d)
+            if d.token in stops or d.token in eos:
+                ends[i] = ("stop", d.token if d.token in stops else None)
+            elif len(drawn[i]) < max_new[i]:
                 still.append(i)
         going = still
-    return out
+        if going:
+            rows = await state.batcher.call(
+                engine.next_token_logprobs,
+                [prompts[i] + [d.token for d in drawn[i]] for i in going])
+    return [(d, finish, stop) for d, (finish, stop) in zip(drawn, ends)]
 
 
 def _eos_ids(tokenizer) -> set[int]:
@@ -652,11 +658,11 @@ def _eos_ids(tokenizer) -> set[int]:
 
 
 def _decoder(tokenizer):
-    """A token id as vLLM's ``decoded_token`` shows it (the tokenizer's token string), from
-    the vocabulary's strings, listed once per tokenizer."""
+    """A token id as vLLM's ``decoded_token`` shows it (:func:`vllm_protocol.token_strings`),
+    from a table built once per tokenizer."""
     table = getattr(tokenizer, "_aligndistil_tokens", None)
     if table is None:
-        table = [str(t) for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))]
+        table = vp.token_strings(tokenizer)
         tokenizer._aligndistil_tokens = table
     return table.__getitem__
 
@@ -782,9 +788,11 @@ def _extra_ids(engine: TeacherEngine, index: int, rows: list[list[int]]) -> np.n
     if width > engine.config.top_k:
         raise ApiError(422, "invalid_sequence", f"sequences[{index}].extra_ids: {width} ids at "
                        f"one position; the limit is the server's top_k {engine.config.top_k}")
-    if any(t < 0 for r in rows for t in r):
-        raise ApiError(422, "invalid_sequence",
-                       f"sequences[{index}].extra_ids: token ids must be >= 0")
+    vocab = engine.pair.vocab_size
+    bad = next((t for r in rows for t in r if not 0 <= t < vocab), None)
+    if bad is not None:  # before any array: a huge int would overflow it
+        raise ApiError(422, "invalid_sequence", f"sequences[{index}].extra_ids: token id "
+                       f"{bad} outside the vocabulary [0, {vocab})")
     out = np.full((len(rows), width), -1, dtype=np.int64)
     for t, row in enumerate(rows):
         out[t, :len(row)] = row

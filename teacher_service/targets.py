@@ -117,11 +117,15 @@ class SparseTargets(NamedTuple):
     #: with ``detail``: pi*'s own top-k, whatever ids are kept (``dpo_top``), in float32
     pi_topk_ids: Tensor | None = None       # [N, k]
     pi_topk_logprobs: Tensor | None = None  # [N, k]
+    #: with ``dense_rows`` (a bool mask over the N positions): the whole log pi* row of each
+    #: flagged position, in order (what sampling the next token draws from)
+    dense_logprobs: Tensor | None = None    # [flagged, V]
 
 
 def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
                     config: TargetConfig, *, detail: bool = False,
-                    extra_ids: Tensor | None = None) -> SparseTargets:
+                    extra_ids: Tensor | None = None,
+                    dense_rows: Tensor | None = None) -> SparseTargets:
     """Sparse teacher targets for N positions.
 
     ``dpo_logits`` and ``other_logits`` are ``[N, V]`` logits (any float dtype) at the response
@@ -157,12 +161,17 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
             raise ValueError(f"extra_ids: ids must lie in [0, {vocab}) (or be -1: padding)")
     extra_logprobs = torch.empty(extra_ids.shape, dtype=dtype, device=device) \
         if extra_ids is not None else None
+    dense: list[Tensor] = []
 
     for start in range(0, n, config.chunk_size):
         rows = slice(start, start + config.chunk_size)
         log_star, a, log_d, log_o = _teacher_chunk(dpo_logits[rows], other_logits[rows],
                                                    config, dtype)
         alpha[rows] = a
+        if dense_rows is not None:
+            flagged = torch.as_tensor(dense_rows[rows], dtype=torch.bool, device=device)
+            if flagged.any():
+                dense.append(log_star[flagged].clone())
         ids = next_ids[rows].unsqueeze(-1)
         dpo_logprobs[rows] = log_d.gather(-1, ids).squeeze(-1)
         reverse_logprobs[rows] = log_o.gather(-1, ids).squeeze(-1)
@@ -190,9 +199,13 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
             log_star.scatter_(-1, indices, -math.inf)
             # a mass, so <= 0: logsumexp may round a near-1 tail a hair above it
             tail_logmass[rows] = torch.logsumexp(log_star, dim=-1).clamp_(max=0.0)
+    dense_logprobs = None
+    if dense_rows is not None:
+        dense_logprobs = torch.cat(dense) if dense else torch.empty(0, vocab, dtype=dtype,
+                                                                      device=device)
     return SparseTargets(alpha, topk_ids, topk_logprobs, tail_logmass,
                          dpo_logprobs, reverse_logprobs, next_logprobs, next_ranks,
-                         extra_logprobs, pi_ids, pi_logprobs)
+                         extra_logprobs, pi_ids, pi_logprobs, dense_logprobs)
 
 
 def teacher_logprobs(dpo_logits: Tensor, other_logits: Tensor,

@@ -65,6 +65,8 @@ DEFAULT_MODEL_ID = "aligndistil-pi-star"
 DEFAULT_MAX_TOKENS = 16
 #: vLLM sends ``-inf`` log-probs as this (JSON has no infinities).
 NEG_INF_JSON = -9999.0
+#: vLLM raises a temperature in (0, 0.01) to this (lower ones overflow to NaN).
+MIN_TEMPERATURE = 1e-2
 
 #: Fields vLLM accepts that this server cannot honour, with the values that mean "off" (a
 #: client library may send defaults explicitly): any other value is a 400 naming the field.
@@ -169,6 +171,9 @@ def parse_request(data: Any) -> "_Honoured":
         value = getattr(request, name)
         if value is not None and value < 0 and value != -1:
             raise ProtocolError(f"`{name}` must be a positive value or -1.", name)
+    if request.temperature is not None and request.temperature > 2.0:
+        raise ProtocolError(f"temperature must be in [0, 2], got {request.temperature}.",
+                            "temperature")
     if request.top_k is not None and request.top_k < -1:
         raise ProtocolError(f"top_k must be -1 (off) or at least 1, got {request.top_k}",
                             "top_k")
@@ -211,10 +216,11 @@ def requested_k(value: int | None, vocab_size: int, cap: int, param: str) -> int
     return k
 
 
-def named_rows(request: CompletionRequest, prompt_len: int, cap: int) -> np.ndarray | None:
+def named_rows(request: CompletionRequest, prompt_len: int, cap: int, vocab_size: int,
+               rows_out: int | None = None) -> np.ndarray | None:
     """``prompt_logprob_token_ids`` as the engine's ``extra_ids`` for a prompt of
-    ``prompt_len`` tokens: ``[prompt_len - 1, m]``, its rows from ``prompt_logprob_start`` on,
-    -1 elsewhere (and where a ragged row is short)."""
+    ``prompt_len`` tokens: ``[rows_out or prompt_len - 1, m]``, its rows from
+    ``prompt_logprob_start`` on, -1 elsewhere (and where a ragged row is short)."""
     rows = request.prompt_logprob_token_ids
     if rows is None:
         return None
@@ -231,11 +237,13 @@ def named_rows(request: CompletionRequest, prompt_len: int, cap: int) -> np.ndar
         raise ProtocolError(f"prompt_logprob_token_ids has {len(rows)} rows from "
                             f"prompt_logprob_start {start}, but the prompt has "
                             f"{prompt_len - 1} scored rows", "prompt_logprob_token_ids")
-    out = np.full((prompt_len - 1, width), -1, dtype=np.int64)
+    bad = next((i for row in rows for i in row if not -1 <= i < vocab_size), None)
+    if bad is not None:
+        raise ProtocolError(f"prompt_logprob_token_ids: token id {bad} is out of vocabulary "
+                            f"(size {vocab_size}); pad a row with -1",
+                            "prompt_logprob_token_ids")
+    out = np.full((rows_out or prompt_len - 1, width), -1, dtype=np.int64)
     for r, ids in enumerate(rows):
-        if any(i < -1 for i in ids):
-            raise ProtocolError("prompt_logprob_token_ids: ids must be token ids, or -1 to pad",
-                                "prompt_logprob_token_ids")
         out[start + r, :len(ids)] = ids
     return out
 
@@ -282,6 +290,8 @@ class Sampling:
             int.from_bytes(uuid.uuid4().bytes[:8], "little") >> 1
         generator = torch.Generator().manual_seed(seed % (2 ** 63))
         temperature = 1.0 if request.temperature is None else float(request.temperature)
+        if 0 < temperature < MIN_TEMPERATURE:  # as vLLM: lower ones overflow to NaN
+            temperature = MIN_TEMPERATURE
         top_k = 0 if request.top_k in (None, -1, 0) else int(request.top_k)
         return cls(temperature, 1.0 if request.top_p is None else float(request.top_p),
                    top_k, generator)
@@ -305,25 +315,58 @@ class Sampling:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
 
-def completion_logprobs(tokens: list[int], rows: list[torch.Tensor], k: int, decode,
-                        as_ids: bool) -> dict[str, list]:
+@dataclass
+class Drawn:
+    """One sampled token, and what a completion's ``logprobs`` need of its position (kept
+    instead of the whole ``[V]`` row)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def draw_tokens(rows: torch.Tensor, sampling: "Sampling", keep_k: int | None) -> list[Drawn]:
+    """A token for each row of log pi* ``[B, V]``, with its raw log-prob and the top
+    ``keep_k`` (none without ``logprobs``)."""
+    tokens = sampling.draw(rows)
+    picked = rows.gather(-1, tokens[:, None])[:, 0].tolist()
+    tops: list[list] = [[] for _ in tokens]
+    if keep_k:
+        values, ids = torch.topk(rows, keep_k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    return [Drawn(int(t), lp, top) for t, lp, top in zip(tokens.tolist(), picked, tops)]
+
+
+def completion_logprobs(drawn: list[Drawn], decode, as_ids: bool) -> dict[str, list]:
     """vLLM's ``logprobs`` of a completion: each sampled token's raw log pi*, with the top
     ``k`` at its position."""
     name = (lambda t: f"token_id:{t}") if as_ids else decode
     out = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
     offset = 0
-    for tok, row in zip(tokens, rows):
-        text = name(tok)
+    for d in drawn:
+        text = name(d.token)
         out["text_offset"].append(offset)
         offset += len(text)
         out["tokens"].append(text)
-        out["token_logprobs"].append(_finite(float(row[tok])))
-        top = torch.topk(row, k) if k else None
-        entry = {text: _finite(float(row[tok]))}
-        if top is not None:
-            for lp, tid in zip(top.values.tolist(), top.indices.tolist()):
-                entry.setdefault(name(int(tid)), _finite(lp))
+        out["token_logprobs"].append(_finite(d.logprob))
+        entry = {text: _finite(d.logprob)}
+        for tid, lp in d.top:
+            entry.setdefault(name(int(tid)), _finite(lp))
         out["top_logprobs"].append(entry)
+    return out
+
+
+def token_strings(tokenizer) -> list[str]:
+    """Each id's ``decoded_token`` as vLLM 0.32 shows it: ``decode([id])``, with the leading
+    spaces a SentencePiece (Metaspace) piece had and ``decode`` dropped put back."""
+    ids = list(range(len(tokenizer)))
+    raw = tokenizer.convert_ids_to_tokens(ids)
+    out = []
+    for i, piece in zip(ids, raw):
+        text = tokenizer.decode([i]) or ""
+        piece = str(piece)
+        markers = len(piece) - len(piece.lstrip("\u2581"))
+        missing = markers - (len(text) - len(text.lstrip(" ")))
+        out.append(" " * missing + text if markers and missing > 0 else text)
     return out
 
 

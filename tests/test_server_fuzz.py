@@ -570,3 +570,58 @@ def test_bodies_over_the_limit_get_413(live, size, chunked, filler):
     what = f"{size} bytes of {filler!r} ({'chunked' if chunked else 'Content-Length'})"
     body: Any = (raw[i:i + 65536] for i in range(0, len(raw), 65536)) if chunked else raw
     assert_error(live.post(body, what=what), what, status=413, needle="limit")
+
+
+# ---------------------------------------------------------------------------- vLLM's protocol
+def _ids(lo: int = -3, hi: int = 200):
+    return st.lists(st.integers(lo, hi), max_size=12)
+
+
+COMPLETION_FIELDS = {
+    "model": st.sampled_from(["aligndistil-pi-star", "other", ""]) | st.none() | st.integers(),
+    "max_tokens": st.integers(-2, 6) | st.none() | st.text(max_size=3),
+    "prompt_logprobs": st.integers(-3, 40) | st.none() | st.booleans() | st.text(max_size=3),
+    "logprobs": st.integers(-3, 40) | st.none(),
+    "temperature": st.floats(-1, 3, allow_nan=False) | st.none() | st.sampled_from([1e-45, 0]),
+    "top_p": st.floats(-0.5, 1.5, allow_nan=False) | st.none(),
+    "top_k": st.integers(-3, 300) | st.none(),
+    "seed": st.integers(-2 ** 70, 2 ** 70) | st.none(),
+    "n": st.integers(0, 3),
+    "stream": st.booleans(),
+    "echo": st.booleans(),
+    "ignore_eos": st.booleans(),
+    "stop_token_ids": _ids(-2, 10 ** 6),
+    "prompt_logprob_token_ids": st.lists(_ids(-3, 2 ** 70), max_size=5),
+    "prompt_logprob_start": st.integers(-2, 12),
+    "prompt_logprobs_alpha": st.booleans() | st.integers(),
+    "frequency_penalty": st.floats(-1, 1, allow_nan=False),
+    "stop": st.lists(st.text(max_size=3), max_size=2),
+    "user": st.text(max_size=5),
+    "bogus": st.integers(),
+}
+
+
+@fuzz(120)
+@given(prompt=_ids(-3, 200) | st.lists(_ids(0, 150), max_size=3) | st.text(max_size=30)
+       | st.integers(),
+       extra=st.dictionaries(st.sampled_from(sorted(COMPLETION_FIELDS)), st.none(), max_size=6)
+       .flatmap(lambda keys: st.fixed_dictionaries({k: COMPLETION_FIELDS[k] for k in keys})))
+def test_completions_answer_or_refuse_in_vllms_error_shape(live, prompt, extra):
+    """``POST /v1/completions`` with arbitrary mixes of vLLM's fields: 200, or a 4xx in vLLM's
+    shape (``{"error": {"message", "type", "param", "code"}}``), never a 5xx or a drop."""
+    body = {"prompt": prompt, **extra}
+    what = show(json.dumps(body))
+    try:
+        resp = live.client.post("/v1/completions", json=body)
+    except httpx.TransportError as exc:
+        pytest.fail(f"connection dropped ({exc}) for {what}")
+    assert resp.status_code < 500, f"{what} got {resp.status_code}: {resp.text[:500]}"
+    doc = resp.json()
+    if resp.status_code == 200:
+        assert len(doc["choices"]) >= 1 and doc["usage"]["total_tokens"] >= 1, what
+        return
+    assert resp.status_code in {400, 404, 413}, f"{what}: {resp.status_code} {resp.text[:300]}"
+    err = doc["error"]
+    if resp.status_code in (400, 404):  # vLLM's shape (413: the server's limits' shape)
+        assert set(err) == {"message", "type", "param", "code"}, f"{what}: {err}"
+        assert err["code"] == resp.status_code and err["message"], what

@@ -144,12 +144,70 @@ def test_a_greedy_completion_is_pi_stars_argmax_token_by_token(server, models):
     assert choice["text"] == models[0].decode(tokens)
 
 
-def test_sampling_is_seeded_and_follows_temperature(server):
+def test_sampling_is_seeded(server):
     body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 1.0, "seed": 7,
             "ignore_eos": True, "return_token_ids": True}
     a = _post(server, body).json()["choices"][0]["token_ids"]
     b = _post(server, body).json()["choices"][0]["token_ids"]
     assert a == b and len(a) == 4
+
+
+def _first_tokens(server, **sampling) -> np.ndarray:
+    """The first completion token of 256 copies of PROMPT (one draw each)."""
+    body = {"prompt": [PROMPT] * 256, "max_tokens": 1, "seed": 3, "ignore_eos": True,
+            "return_token_ids": True, **sampling}
+    r = _post(server, body)
+    assert r.status_code == 200, r.text
+    return np.array([c["token_ids"][0] for c in r.json()["choices"]])
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.7},
+                                      {"temperature": 1.3, "top_k": 3},
+                                      {"temperature": 1.0, "top_p": 0.6}])
+def test_samples_follow_pi_star_at_the_requested_temperature_top_k_and_top_p(server, models,
+                                                                            sampling):
+    """Counts of the first sampled token against the target distribution: pi* after PROMPT
+    at the temperature, cut to the top-k or the top-p nucleus (ids outside never drawn; each
+    kept id within 4.5 binomial standard deviations)."""
+    row = _log_pi(models, [*PROMPT, 0])[-1] / sampling["temperature"]
+    probs = np.exp(row - row.max())
+    order = np.argsort(-probs, kind="stable")
+    keep = np.ones_like(probs, dtype=bool)
+    if "top_k" in sampling:
+        keep[order[sampling["top_k"]:]] = False
+    if "top_p" in sampling:
+        sorted_p = probs[order] / probs.sum()
+        outside = np.cumsum(sorted_p) - sorted_p > sampling["top_p"]
+        keep[order[outside]] = False
+    probs = np.where(keep, probs, 0.0)
+    probs /= probs.sum()
+    drawn = _first_tokens(server, **sampling)
+    assert keep[drawn].all(), "a token outside the top-k / top-p was drawn"
+    n = len(drawn)
+    for tid in order[:6]:
+        count, p = (drawn == tid).sum(), probs[tid]
+        assert abs(count - n * p) <= 4.5 * math.sqrt(n * p * (1 - p)) + 1, (tid, count, n * p)
+
+
+def test_temperature_zero_and_tiny_are_greedy_and_over_two_is_refused(server, models):
+    best = int(np.argmax(_log_pi(models, [*PROMPT, 0])[-1]))
+    assert (_first_tokens(server, temperature=0) == best).all()
+    assert (_first_tokens(server, temperature=1e-45) == best).all()  # raised to 0.01, as vLLM
+    r = _post(server, {"prompt": PROMPT, "temperature": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_prompt_logprobs_are_pi_stars_own_top_k_on_a_dpo_top_server(teacher_pair, models):
+    """--dpo-top keeps the dpo model's favourites among the store's ids; the protocol's top K
+    is still pi*'s own."""
+    with ThreadedServer(teacher_app(*teacher_pair, top_k=6, dpo_top=4)) as srv:
+        entries = _post(srv, {"prompt": PROMPT, "max_tokens": 1, "prompt_logprobs": 5}
+                        ).json()["choices"][0]["prompt_logprobs"]
+    log_pi = _log_pi(models, PROMPT)
+    for i in range(1, len(PROMPT)):
+        top = np.argsort(-log_pi[i - 1], kind="stable")[:5]
+        ranked = {int(t): v["rank"] for t, v in entries[i].items()}
+        assert [t for t, r in sorted(ranked.items(), key=lambda x: x[1])][:5] == top.tolist()
 
 
 def test_named_ids_per_prompt_row_as_vllms_prompt_logprob_token_ids(server, models):
@@ -189,8 +247,10 @@ def test_score_extra_ids_in_json_and_arrow(server, models):
     log_pi = _log_pi(models, ids)
     for t, row in enumerate(named):
         want = log_pi[p - 1 + t, row] if row else np.zeros(0)
-        got_json = [v for v in as_json[0]["extra_logprobs"][t] if v is not None][:len(row)]
-        np.testing.assert_allclose(got_json, want, atol=2e-5)
+        got_json = as_json[0]["extra_logprobs"][t]
+        assert len(got_json) == 3  # the widest row; shorter ones padded at their end
+        np.testing.assert_allclose(got_json[:len(row)], want, atol=2e-5)
+        assert all(v is None for v in got_json[len(row):])
         np.testing.assert_allclose(from_arrow[0][t, :len(row)], want, atol=2e-5)
         assert np.isneginf(from_arrow[0][t, len(row):]).all()  # padding
     assert from_arrow[1].shape == (3, 0) and as_json[1]["extra_logprobs"] == [[], [], []]
@@ -212,6 +272,10 @@ def test_score_extra_ids_in_json_and_arrow(server, models):
     ({"prompt": [1, 2], "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ({"prompt": [1, 2], "stop": ["x"]}, 400, "stop"),
     ({"prompt": [1, 2], "no_such_field": 1}, 400, "no_such_field"),
+    ({"prompt": [5, 6, 7], "prompt_logprob_token_ids": [[1], [10 ** 6]]}, 400,
+     "prompt_logprob_token_ids"),
+    ({"prompt": [5, 6, 7], "prompt_logprob_token_ids": [[2 ** 70]]}, 400,
+     "prompt_logprob_token_ids"),
 ])
 def test_bad_requests_get_4xx_in_vllms_error_shape(server, body, status, param):
     r = _post(server, body)
@@ -219,6 +283,20 @@ def test_bad_requests_get_4xx_in_vllms_error_shape(server, body, status, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
     assert err["param"] == param and err["type"] in ("BadRequestError", "NotFoundError")
+
+
+def test_score_extra_ids_outside_the_vocabulary_get_422(server):
+    for bad in (10 ** 6, 2 ** 70, -1):
+        r = httpx.post(server.url + "/v1/score", json={"sequences": [
+            {"input_ids": PROMPT, "prompt_len": 6, "extra_ids": [[1], [bad]]}]})
+        assert r.status_code == 422 and "extra_ids" in r.json()["error"]["message"], r.text
+
+
+def test_each_prompts_completion_is_cut_to_its_own_room(server):
+    """max_seq_len 48: a 46-token prompt gets 2 tokens, a 3-token one the 16 it asked for."""
+    r = _post(server, {"prompt": [list(range(5, 51)), [5, 6, 7]], "max_tokens": 16,
+                       "ignore_eos": True, "return_token_ids": True})
+    assert [len(c["token_ids"]) for c in r.json()["choices"]] == [2, 16]
 
 
 def test_fields_that_cannot_change_the_scores_are_accepted(server):
