@@ -236,12 +236,19 @@ def test_405_answers_carry_allow_listing_every_method_of_the_path(monkeypatch):
 #: with a 4xx, by rules JSON Schema cannot state: prompt_len < len(input_ids), token ids inside
 #: the loaded vocabulary, max_seq_len and the token limits, the chat template's roles. Those
 #: refusals are the contract (4xx naming the field; tests/test_server_fuzz.py checks each).
+#: The same on POST /v1/completions: ids inside the vocabulary, the cap on prompt_logprobs, the
+#: fields vLLM accepts that this server refuses unless neutral (`suffix`, `stop`, ...).
 SCHEMATHESIS_CONFIG = """\
 [checks]
 enabled = true
 
 [[operations]]
 include-path = "/v1/score"
+include-method = "POST"
+checks.positive_data_acceptance.enabled = false
+
+[[operations]]
+include-path = "/v1/completions"
 include-method = "POST"
 checks.positive_data_acceptance.enabled = false
 """
