@@ -405,10 +405,18 @@ def test_worker_processes_split_a_rank_without_loss_or_repeats(epoch_store, cont
     store[0]                       # the parent has used zarr before forking
     workers, rank, world = 2, 1, 2
     ctx = multiprocessing.get_context(context)
-    with ctx.Pool(workers) as pool:
+    pool = ctx.Pool(workers)
+    try:
         seen = [i for part in pool.starmap(
             _read_part, [(store, rank * workers + w, world * workers) for w in range(workers)])
             for i in part]
+        # let the workers finish and exit as a data loader's do: Pool's context manager would
+        # terminate() them instead, and a forked worker of this many-threaded test process was
+        # once seen never to die of that SIGTERM (the parent blocked in join for 600 s)
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
     want = [r.example_index for r in store.iter_records(epoch=1, seed=3, rank=rank,
                                                         world_size=world)]
     assert sorted(seen) == sorted(want) and len(seen) == len(set(seen))
