@@ -184,9 +184,10 @@ def report(res: dict) -> str:
                      f"{r['bytes_per_token']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x"
                      f" tokens/s, {r['bytes_per_token'] / base['bytes_per_token']:.1f}x bytes |")
     lines += ["", "vLLM's layout repeats each id as a JSON key with its `logprob`, `rank` and "
-              "`decoded_token` (K + 1 entries per position) and `/v1/completions` also samples "
-              "one token (one more forward); `/v1/score` sends ids and float16 log-probs in "
-              "arrays, and Arrow as binary.", "",
+              "`decoded_token` (K + 1 entries per position), and `/v1/completions` also draws "
+              "the one completion token `max_tokens: 1` asks for (from the scoring pass's last "
+              "row: no extra forward); `/v1/score` sends ids and float16 log-probs in arrays, "
+              "and Arrow as binary.", "",
               f"## TRL on-policy: the teacher behind the server vs in the trainer's process "
               f"({res['args']['steps']} steps, batch {res['args']['batch_train']}, "
               f"{res['args']['max_new_tokens']} new tokens)", "",
