@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 
 from live_server import REPO
+from process_control import burst, run_for
 from storage.store import StoreNotFoundError, TargetStore, read_metadata, summarize, verify_store
 
 #: One torch thread per process: the machines running the tests are small and shared, and the
@@ -202,7 +203,7 @@ def crash_resume_harness(pair_dirs, tmp_path: Path, *, n_examples: int, group_si
                 if kind == "time":
                     delay = float(rng.uniform(0.5, 8.0))
                     target = None
-                    _run_for(proc, delay)
+                    run_for(proc, delay)
                 else:
                     target = max(int(rng.integers(window[0], window[1] + 1)), before + 2)
                     delay = _wait_for_commit(crashed, proc, target, rng)
@@ -264,26 +265,6 @@ def crash_resume_harness(pair_dirs, tmp_path: Path, *, n_examples: int, group_si
             "reader_polls": len(sizes), "reader_records": reader.records_read}
 
 
-BURST = 0.01  #: seconds the process runs between two looks of the harness
-
-
-def _burst(proc: subprocess.Popen) -> float:
-    """Let the (stopped) process run for one burst, then stop it; returns the seconds it ran
-    (more than BURST when the harness itself was kept waiting)."""
-    started = time.monotonic()
-    os.kill(proc.pid, signal.SIGCONT)
-    time.sleep(BURST)
-    os.kill(proc.pid, signal.SIGSTOP)
-    return time.monotonic() - started
-
-
-def _run_for(proc: subprocess.Popen, seconds: float) -> None:
-    """Let the process run for about ``seconds`` in bursts; it is stopped on return."""
-    ran = 0.0
-    while ran < seconds and proc.poll() is None:
-        ran += _burst(proc)
-
-
 def _wait_for_commit(store: Path, proc: subprocess.Popen, target: int, rng) -> float:
     """Run the process in bursts until ``target`` shards are committed, then for a random
     0-1.5 of the running time between two commits (so the kill falls at a random phase of
@@ -298,9 +279,9 @@ def _wait_for_commit(store: Path, proc: subprocess.Popen, target: int, rng) -> f
             last_count, last_ran = count, ran
             if count >= target:
                 delay = float(rng.uniform(0.0, 1.5)) * interval
-                _run_for(proc, delay)
+                run_for(proc, delay)
                 return delay
-        ran += _burst(proc)
+        ran += burst(proc)
     raise AssertionError(f"precompute never reached {target} committed shards "
                          f"(rc {proc.poll()}, {_committed(store)} committed)")
 

@@ -162,8 +162,7 @@ def test_dpo_killed_and_resumed_gives_the_uninterrupted_weights(setup, tmp_path,
     import signal
     import subprocess
     import sys
-    import time
-
+    
     from safetensors.torch import load_file
 
     from live_server import REPO
@@ -184,12 +183,11 @@ def test_dpo_killed_and_resumed_gives_the_uninterrupted_weights(setup, tmp_path,
     out = tmp_path / "killed"
     proc = subprocess.Popen(argv(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint-00000003" / "trainer_state.pt").exists():
-        assert proc.poll() is None, "dpo ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    from process_control import run_until
+
+    run_until(proc, (out / "checkpoint-00000003" / "trainer_state.pt").exists, timeout=120,
+              what="checkpoint 3")
+    os.kill(proc.pid, signal.SIGKILL)  # stopped: it dies where it stands
     proc.wait()
     assert not (out / "model.safetensors").exists()
     resumed = subprocess.run([*argv(out), "--resume"], cwd=REPO, env=env, capture_output=True,

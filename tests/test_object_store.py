@@ -150,16 +150,20 @@ def _committed_shards(server, name: str) -> int:
 
 def _kill_once_grown(server, name: str, cmd: list[str], past: int) -> int:
     """Start ``cmd``, SIGKILL it as soon as the worker has committed more than ``past`` shards,
-    and check the kill landed while it was still working; returns the shards committed."""
+    and check the kill landed while it was still working; returns the shards committed. The
+    process runs in short bursts the test grants (test_crash_precompute's ``_burst``) and is
+    stopped whenever the test reads the store, so a slow look cannot let it run to the end."""
+    from process_control import burst
+
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: never fills up
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + 180
         while proc.poll() is None and _committed_shards(server, name) <= past:
             assert time.monotonic() < deadline, "no new shard committed within 180 s"
-            time.sleep(0.02)
+            burst(proc)
         err.seek(0)
         assert proc.poll() is None, f"precompute ended before the kill: {err.read()}"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # it is stopped: it dies where it stands
     assert proc.wait() == -signal.SIGKILL
     store = TargetStore.open(url(server, name))
     manifest = json.loads(server.read(BUCKET, f"{name}/manifest-w0000.json"))

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from process_control import run_until
 from live_server import REPO, start_server, stop_server
 
 from storage import wire
@@ -187,13 +187,10 @@ def test_sigkill_then_resume_equals_uninterrupted(pair_dirs, tmp_path):
                                 stderr=subprocess.DEVNULL)
         manifest = crashed / "manifest-w0000.json"
         target = 3 + 10 * kills
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= target:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "precompute finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
+        run_until(proc, lambda: manifest.exists() and
+                  len(json.loads(manifest.read_text())["shards"]) >= target, timeout=120,
+                  what=f"{target} committed shards")
+        os.kill(proc.pid, signal.SIGKILL)  # stopped: it dies where it stands
         proc.wait()
         kills += 1
         partial = TargetStore.open(crashed)
