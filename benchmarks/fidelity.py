@@ -22,8 +22,13 @@ read from the k = V store (median, p90), the figures bench_grad_fidelity reports
     .venv/bin/python benchmarks/fidelity.py --quick --seed 0 --out /tmp/fid   # <= 10 min, 2 cores
     .venv/bin/python benchmarks/fidelity.py --seeds 0 1 2 --out benchmarks/results/fidelity
 
-``--quick`` runs one seed of exact vs k = 64 uniform, off-policy, and writes
-``DIR/fidelity.json`` with ``seed, exact_gain, k64_gain, retained, median_tail_mass``. Stages
+``--quick`` runs one seed of exact vs k = 64 uniform vs the shipped defaults (no target or tail
+flags), off-policy, and writes ``DIR/fidelity.json`` with ``seed, exact_gain, k64_gain,
+retained, median_tail_mass`` and ``default_gain, default_retained`` (its gain over the exact
+run's), ``default_kl_ratio`` (its KL(student || pi*) over the exact student's) and
+``default_bytes_per_token``. ``--budget EPS`` runs the tail-budget study instead of the k
+study: exact, the defaults, k = 64 and EPS with a cap of 64 under each tail model, off- and
+on-policy (``benchmarks/results/fidelity_budget``). Stages
 whose outputs exist are skipped on a rerun (``--workdir`` keeps them); ``--replot`` redoes the
 table and plots from ``DIR/fidelity.json``.
 """
@@ -46,23 +51,39 @@ from benchmarks.machine_info import machine  # noqa: E402
 
 WORLD = "grammar"
 EXACT = 0  # k placeholder for "the whole vocabulary" (resolved per seed)
+DEFAULT = -1  # k placeholder for "no flags": the shipped defaults of precompute, serve, train
 
 
 @dataclass(frozen=True)
 class Setting:
     mode: str            # off-policy | on-policy
-    k: int               # EXACT: k = V
-    tail: str = "uniform"
+    k: int               # EXACT: k = V; DEFAULT: no --top-k / --tail-budget / --tail at all
+    tail: str | None = "uniform"  # None: train's default
     layout: str = "compact"
     dpo_top: int = 0     # precompute --dpo-top: the kept ids include the dpo model's top N
+    budget: float = 0.0  # --tail-budget (k is then the cap)
 
     @property
     def name(self) -> str:
+        if self.k == DEFAULT:
+            return f"{self.mode}/default"
         k = "exact" if self.k == EXACT else f"k{self.k}"
+        if self.budget:
+            k = f"eps{self.budget:g}-cap{self.k}"
         lossy = "-lossy8" if self.layout != "compact" else ""
         tail = "" if self.k == EXACT else f"-{self.tail}"
         dpo = f"-dpo{self.dpo_top}" if self.dpo_top else ""
         return f"{self.mode}/{k}{tail}{lossy}{dpo}"
+
+    def target_flags(self, V: int) -> list:
+        """precompute's / serve's flags for these targets ([] for the defaults)."""
+        if self.k == DEFAULT:
+            return []
+        flags = ["--top-k", V if self.k == EXACT else self.k, "--dpo-top", self.dpo_top]
+        return flags + (["--tail-budget", self.budget] if self.budget else [])
+
+    def tail_flags(self) -> list:
+        return ["--tail", self.tail] if self.tail and self.k != DEFAULT else []
 
 
 def all_settings() -> list[Setting]:
@@ -79,7 +100,19 @@ def all_settings() -> list[Setting]:
     return out
 
 
-QUICK = [Setting("off-policy", EXACT), Setting("off-policy", 64, "uniform")]
+QUICK = [Setting("off-policy", EXACT), Setting("off-policy", 64, "uniform"),
+         Setting("off-policy", DEFAULT, None)]
+
+
+def budget_settings(budget: float, cap: int = 64) -> list[Setting]:
+    """The tail-budget study: exact, the defaults, fixed k = 64 and the budget with each tail
+    model, off- and on-policy."""
+    out = []
+    for mode in ("off-policy", "on-policy"):
+        out += [Setting(mode, EXACT), Setting(mode, DEFAULT, None),
+                Setting(mode, 64, "uniform"), Setting(mode, 64, "bucket")]
+        out += [Setting(mode, cap, tail, budget=budget) for tail in ("uniform", "bucket")]
+    return out
 
 
 # ------------------------------------------------------------------------------ one seed
@@ -89,9 +122,33 @@ def vocab_size(model_dir: Path) -> int:
     return len(AutoTokenizer.from_pretrained(model_dir))
 
 
-def store_name(k: int, layout: str, dpo_top: int = 0) -> str:
+def store_name(k: int, layout: str, dpo_top: int = 0, budget: float = 0.0) -> str:
+    if k == DEFAULT:
+        return "store_default"
     return (f"store_k{'V' if k == EXACT else k}{'' if layout == 'compact' else '_' + layout}"
-            f"{f'_dpo{dpo_top}' if dpo_top else ''}")
+            f"{f'_dpo{dpo_top}' if dpo_top else ''}{f'_eps{budget:g}' if budget else ''}")
+
+
+def k_distribution(store_dir: Path) -> dict:
+    """Ids kept per position in a store (mean, quantiles) and the share of positions where the
+    cap left more than the tail budget out."""
+    import numpy as np
+
+    from storage.store import TargetStore
+
+    store = TargetStore.open(store_dir)
+    counts, tails = [], []
+    for shard in range(len(store.shards)):
+        batch = store.load_shard(shard)
+        counts.append(batch.topk_count)
+        tails.append(np.exp(batch.tail_logmass.astype(np.float64)))
+    c, t = np.concatenate(counts), np.concatenate(tails)
+    meta = store.metadata
+    return {"k_mean": float(c.mean()), "k_p10": float(np.quantile(c, 0.1)),
+            "k_p50": float(np.quantile(c, 0.5)), "k_p90": float(np.quantile(c, 0.9)),
+            "k_max": int(c.max()), "top_k": meta.top_k, "tail_budget": meta.tail_budget,
+            "capped_over_budget": float(((c >= meta.top_k) & (t > meta.tail_budget)).mean())
+            if meta.tail_budget else None}
 
 
 def pi_star_shape(store_dir: Path, ks=(4, 16, 64)) -> dict:
@@ -137,41 +194,52 @@ def run_seed(seed: int, workdir: Path, settings: list[Setting], size: DemoSize,
     for s in settings:
         if s.mode != "off-policy":
             continue
-        name = store_name(s.k, s.layout, s.dpo_top)
+        name = store_name(s.k, s.layout, s.dpo_top, s.budget)
         if name not in stores:
             runner.step(f"precompute-{name}", ["precompute", *teachers, "--data",
                                                w / "pairs.jsonl", "--response-field", "chosen",
-                                               "--out", w / name, "--top-k", k_of(s), "--layout",
-                                               s.layout, "--dpo-top", s.dpo_top, "--no-progress",
-                                               *dev])
+                                               "--out", w / name, *s.target_flags(V),
+                                               "--layout", s.layout, "--no-progress", *dev])
             summary = summarize(TargetStore.open(w / name))
             stores[name] = {"bytes_per_token": summary["bytes_per_token"],
                             "response_tokens": summary["response_tokens"],
-                            "seconds": runner.seconds.get(f"precompute-{name}")}
+                            "seconds": runner.seconds.get(f"precompute-{name}"),
+                            **k_distribution(w / name)}
         out = w / "runs" / s.name
         runner.step(f"train-{s.name}", ["train", "--mode", "off-policy", "--store", w / name,
-                                        "--tail", s.tail, "--out", out, "--epochs",
+                                        *s.tail_flags(), "--out", out, "--epochs",
                                         size.off_policy_epochs, *train],
                     done=out / "final" / "model.safetensors")
         runs[s.name] = {"setting": asdict(s), "k": k_of(s), "store": name,
                         "train_seconds": runner.seconds.get(f"train-{s.name}")}
     shape = pi_star_shape(w / store_name(EXACT, "compact")) \
         if store_name(EXACT, "compact") in stores else None
+    def train_on_policy(s: Setting, url: str) -> None:
+        out = w / "runs" / s.name
+        # fixed k: the k = V server truncates to --top-k; a budget or the defaults: a server
+        # of their own, asked for everything it keeps
+        ask = ["--top-k", k_of(s)] if s.k != DEFAULT and not s.budget else []
+        runner.step(f"train-{s.name}", ["train", "--mode", "on-policy", "--teacher-url", url,
+                                        "--prompts", world_dir / "prompts_train.jsonl",
+                                        *ask, *s.tail_flags(), "--out", out,
+                                        "--epochs", size.on_policy_epochs,
+                                        "--max-new-tokens", size.max_new_tokens,
+                                        "--rollout-batch-size", size.global_batch_size,
+                                        *train],
+                    done=out / "final" / "model.safetensors")
+        runs[s.name] = {"setting": asdict(s), "k": k_of(s),
+                        "train_seconds": runner.seconds.get(f"train-{s.name}")}
+
     with runner.server(["serve", *teachers, "--top-k", V, *dev]) as url:
         for s in settings:
-            if s.mode != "on-policy":
-                continue
-            out = w / "runs" / s.name
-            runner.step(f"train-{s.name}", ["train", "--mode", "on-policy", "--teacher-url", url,
-                                            "--prompts", world_dir / "prompts_train.jsonl",
-                                            "--top-k", k_of(s), "--tail", s.tail, "--out", out,
-                                            "--epochs", size.on_policy_epochs,
-                                            "--max-new-tokens", size.max_new_tokens,
-                                            "--rollout-batch-size", size.global_batch_size,
-                                            *train],
-                        done=out / "final" / "model.safetensors")
-            runs[s.name] = {"setting": asdict(s), "k": k_of(s),
-                            "train_seconds": runner.seconds.get(f"train-{s.name}")}
+            if s.mode == "on-policy" and s.k != DEFAULT and not s.budget:
+                train_on_policy(s, url)
+        for s in settings:
+            if s.mode == "on-policy" and (s.k == DEFAULT or s.budget):
+                tag = s.name.split("/", 1)[1].replace(".", "_")
+                with runner.server(["serve", *teachers, *s.target_flags(V), *dev],
+                                   name=f"serve-{tag}") as own_url:
+                    train_on_policy(s, own_url)
         models = {"sft": w / "sft", **{n: w / "runs" / n / "final" for n in runs}}
         evals = {}
         for name, folder in models.items():
@@ -186,12 +254,18 @@ def run_seed(seed: int, workdir: Path, settings: list[Setting], size: DemoSize,
     sft_gold = evals["sft"]["gold_reward"]
     exact_gain = {mode: evals[f"{mode}/exact"]["gold_reward"] - sft_gold
                   for mode in ("off-policy", "on-policy") if f"{mode}/exact" in evals}
+    exact_kl = {mode: evals[f"{mode}/exact"].get("kl_to_teacher")
+                for mode in ("off-policy", "on-policy") if f"{mode}/exact" in evals}
     for name, r in runs.items():
         e = evals[name]
         gain = e["gold_reward"] - sft_gold
         base = exact_gain.get(r["setting"]["mode"])
+        base_kl = exact_kl.get(r["setting"]["mode"])
         r.update(gold_reward=e["gold_reward"], gain=gain,
                  retained=(gain / base) if base else None,
+                 kl_ratio=(e.get("kl_to_teacher") / base_kl
+                           if base_kl and e.get("kl_to_teacher") is not None else None),
+                 k_mean=stores.get(r.get("store"), {}).get("k_mean"),
                  kl_to_teacher=e.get("kl_to_teacher"),
                  kl_to_dpo_per_sequence=e.get("kl_to_dpo_per_sequence"),
                  length=e.get("mean_response_length"),
@@ -227,8 +301,9 @@ def aggregate(per_seed: list[dict], settings: list[Setting]) -> dict:
         rows = [p["runs"][s.name] for p in per_seed if s.name in p["runs"]]
         out[s.name] = {"k": rows[0]["k"] if rows else None, "setting": asdict(s)} | {
             key: mean_ci([r.get(key) for r in rows])
-            for key in ("gold_reward", "gain", "retained", "kl_to_teacher",
-                        "kl_to_dpo_per_sequence", "length", "bytes_per_token", "train_seconds")}
+            for key in ("gold_reward", "gain", "retained", "kl_to_teacher", "kl_ratio",
+                        "kl_to_dpo_per_sequence", "length", "bytes_per_token", "k_mean",
+                        "train_seconds")}
     out["sft"] = {"gold_reward": mean_ci([p["sft"]["gold_reward"] for p in per_seed]),
                   "kl_to_teacher": mean_ci([p["sft"]["kl_to_teacher"] for p in per_seed])}
     return out
@@ -246,16 +321,18 @@ def format_table(agg: dict, settings: list[Setting]) -> str:
         return text
 
     lines = ["| setting | gold reward | gain over SFT | gain kept (%) | KL(student ‖ π*) | "
-             "KL to π_dpo / seq | length | store B/token | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "KL / exact's | KL to π_dpo / seq | length | store B/token | k mean | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines.append(f"| SFT | {f(agg['sft']['gold_reward'])} | | | "
-                 f"{f(agg['sft']['kl_to_teacher'])} | | | | |")
+                 f"{f(agg['sft']['kl_to_teacher'])} | | | | | | |")
     for s in settings:
         a = agg[s.name]
         lines.append(f"| {s.name} | {f(a['gold_reward'])} | {f(a['gain'])} | "
                      f"{f(a['retained'], 1, pct=True)} | {f(a['kl_to_teacher'])} | "
+                     f"{f(a.get('kl_ratio'), 2)} | "
                      f"{f(a['kl_to_dpo_per_sequence'], 2)} | {f(a['length'], 2)} | "
-                     f"{f(a['bytes_per_token'], 0)} | {f(a['train_seconds'], 0)} |")
+                     f"{f(a['bytes_per_token'], 0)} | {f(a.get('k_mean'), 1)} | "
+                     f"{f(a['train_seconds'], 0)} |")
     return "\n".join(lines)
 
 
@@ -339,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                     "off-policy")
     ap.add_argument("--seed", type=int, default=None, help="the one seed of --quick")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--budget", type=float, default=None, help="run the tail-budget study at "
+                    "this EPS (exact, the defaults, k = 64 and the budget with each tail model, "
+                    "off- and on-policy) instead of the k study")
     ap.add_argument("--size", choices=["default", "small"], default="default",
                     help="the demo size of the grammar world")
     ap.add_argument("--replot", action="store_true", help="only redo the table and plots from "
@@ -351,14 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) if args.workdir else out / "work"
     if args.replot:
         result = json.loads((out / "fidelity.json").read_text(encoding="utf-8"))
-        settings = [s for s in all_settings() if s.name in result["settings"]]  # QUICK within
+        known = all_settings() + QUICK + (budget_settings(args.budget) if args.budget else [])
+        settings = [next(s for s in known if s.name == n) for n in result["settings"]]
         table = format_table(result["aggregate"], settings)
         (out / "fidelity_table.md").write_text(table + "\n", encoding="utf-8")
         print(table)
         print(plot(result["aggregate"], result["per_seed"], workdir, out))
         return 0
     seeds = [args.seed if args.seed is not None else 0] if args.quick else args.seeds
-    settings = QUICK if args.quick else all_settings()
+    settings = QUICK if args.quick else (budget_settings(args.budget) if args.budget
+                                         else all_settings())
     size = WORLD_SIZES[WORLD][args.size]
     eval_samples = args.eval_samples or (8 if args.quick else 16)
     started = time.perf_counter()
@@ -372,9 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         p = per_seed[0]
         exact, k64 = p["runs"]["off-policy/exact"], p["runs"]["off-policy/k64-uniform"]
+        default = p["runs"]["off-policy/default"]
         result.update(seed=p["seed"], exact_gain=exact["gain"], k64_gain=k64["gain"],
                       retained=k64["retained"],
-                      median_tail_mass=(p["pi_star"] or {}).get("tail_mass_k64_median"))
+                      median_tail_mass=(p["pi_star"] or {}).get("tail_mass_k64_median"),
+                      default_gain=default["gain"], default_retained=default["retained"],
+                      default_kl_ratio=default["kl_ratio"],
+                      default_bytes_per_token=default["bytes_per_token"])
     (out / "fidelity.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     table = format_table(agg, settings)
     (out / "fidelity_table.md").write_text(table + "\n", encoding="utf-8")

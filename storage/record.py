@@ -22,6 +22,13 @@ distribution over ``input_ids[P + t]`` given ``input_ids[:P + t]``):
 - ``dpo_logprobs``     float32 ``[T]``: log-prob of the actual next token under the dpo teacher.
 - ``reverse_logprobs`` float32 ``[T]``: the same under the reverse teacher (the reference model
   in mode ``vanilla``).
+- ``topk_count``       int32   ``[T]``: how many of the ``k`` columns position t keeps, in
+  ``[1, k]``. A teacher with a tail budget (``tail_budget`` > 0) keeps a different number of ids
+  per position, so the record is ragged: ``k`` is the widest position, and the columns past a
+  position's count repeat its column 0 (id and log-prob) and are not entries. Without a budget
+  the count is ``k`` everywhere. The wire and the store carry the ragged form (inner lists of
+  ``k_t`` entries; flat arrays), not the padding: :meth:`TargetRecord.create` and the readers
+  pad. A record that omits it (every writer before format version 3) has ``k`` everywhere.
 
 float16 for ``topk_logprobs`` is the storage precision chosen for compactness (k of them per
 token); everything scalar-per-token stays float32. Converting to a record is the one place
@@ -49,6 +56,7 @@ FIELD_DTYPES: dict[str, np.dtype] = {
     "tail_logmass": np.dtype(np.float32),
     "dpo_logprobs": np.dtype(np.float32),
     "reverse_logprobs": np.dtype(np.float32),
+    "topk_count": np.dtype(np.int32),
 }
 
 #: Fields with one value per response position (leading dimension T).
@@ -59,10 +67,13 @@ PER_POSITION_FIELDS: tuple[str, ...] = (
     "tail_logmass",
     "dpo_logprobs",
     "reverse_logprobs",
+    "topk_count",
 )
 
-#: Fields that a REST result carries (a store record adds ``example_index``).
-WIRE_FIELDS: tuple[str, ...] = tuple(f for f in FIELD_DTYPES if f != "example_index")
+#: Fields that a REST result carries (a store record adds ``example_index``); ``topk_count`` is
+#: the length of each inner ``topk_*`` list there.
+WIRE_FIELDS: tuple[str, ...] = tuple(f for f in FIELD_DTYPES
+                                     if f not in ("example_index", "topk_count"))
 
 
 class RecordError(UserError, ValueError):
@@ -82,15 +93,21 @@ class TargetRecord:
     tail_logmass: np.ndarray
     dpo_logprobs: np.ndarray
     reverse_logprobs: np.ndarray
+    topk_count: np.ndarray
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, *, vocab_size: int | None = None, **values: Any) -> "TargetRecord":
         """Coerce every field to its contract dtype and validate.
 
-        ``vocab_size``, when given, also bounds ``input_ids`` and ``topk_ids``.
-        Raises :class:`RecordError` naming the offending field.
+        ``vocab_size``, when given, also bounds ``input_ids`` and ``topk_ids``. ``topk_ids`` and
+        ``topk_logprobs`` may be ragged (a list of per-position lists, of ``topk_count`` entries
+        each when that is given): they are padded to the widest position here. Raises
+        :class:`RecordError` naming the offending field.
         """
+        values = dict(values)
+        values.setdefault("topk_count", [])  # absent: k everywhere (filled in below)
+        _pad_ragged_topk(values)
         missing = [f for f in FIELD_DTYPES if f not in values]
         if missing:
             raise RecordError(f"record is missing field(s): {', '.join(missing)}")
@@ -100,6 +117,7 @@ class TargetRecord:
         coerced: dict[str, Any] = {}
         for name, dtype in FIELD_DTYPES.items():
             coerced[name] = _coerce(name, values[name], dtype)
+        _pad_columns(coerced)
         record = cls(**coerced)
         record.validate(vocab_size=vocab_size)
         return record
@@ -127,7 +145,18 @@ class TargetRecord:
 
     @property
     def top_k(self) -> int:
+        """The width ``k`` of the ``topk_*`` arrays (the widest position of a ragged record)."""
         return int(self.topk_ids.shape[1])
+
+    @property
+    def ragged(self) -> bool:
+        """Whether some position keeps fewer than ``k`` ids."""
+        return bool(self.topk_count.size) and int(self.topk_count.min()) < self.top_k
+
+    def kept_rows(self, name: str) -> list[np.ndarray]:
+        """``topk_ids`` or ``topk_logprobs`` as one array of ``k_t`` entries per position."""
+        arr = getattr(self, name)
+        return [arr[t, :c] for t, c in enumerate(self.topk_count.tolist())]
 
     def to_dict(self, *, include_example_index: bool = True) -> dict[str, Any]:
         """JSON-ready dict (plain Python lists; -inf tails become ``None``)."""
@@ -136,8 +165,12 @@ class TargetRecord:
             if name == "example_index" and not include_example_index:
                 continue
             value = getattr(self, name)
+            if name == "topk_count":
+                continue  # the lengths of the topk_* lists
             if name == "tail_logmass":
                 out[name] = [None if math.isinf(v) else float(v) for v in value.tolist()]
+            elif name.startswith("topk_") and self.ragged:
+                out[name] = [row.tolist() for row in self.kept_rows(name)]
             elif isinstance(value, np.ndarray):
                 out[name] = value.tolist()
             else:
@@ -168,7 +201,7 @@ class TargetRecord:
         T = L - self.prompt_len
         for name in PER_POSITION_FIELDS:
             arr = getattr(self, name)
-            want_ndim = 2 if name.startswith("topk_") else 1
+            want_ndim = 2 if name in ("topk_ids", "topk_logprobs") else 1
             if arr.ndim != want_ndim or arr.shape[0] != T:
                 raise RecordError(f"{name}: expected {want_ndim}-D with leading dimension "
                                   f"T = {T} response positions, got shape {tuple(arr.shape)}")
@@ -177,6 +210,13 @@ class TargetRecord:
                               f"from topk_ids {tuple(self.topk_ids.shape)}")
         if self.topk_ids.shape[1] < 1:
             raise RecordError("topk_ids: k must be >= 1")
+        if self.topk_count.shape != (T,):
+            raise RecordError(f"topk_count: expected shape ({T},), got "
+                              f"{tuple(self.topk_count.shape)}")
+        if T and (self.topk_count.min() < 1 or self.topk_count.max() > self.topk_ids.shape[1]):
+            raise RecordError(f"topk_count: each position keeps 1 to k = "
+                              f"{self.topk_ids.shape[1]} ids, got counts in "
+                              f"[{self.topk_count.min()}, {self.topk_count.max()}]")
         if (self.input_ids < 0).any():
             raise RecordError("input_ids: negative token id")
         if (self.topk_ids < 0).any():
@@ -201,9 +241,11 @@ class TargetRecord:
             raise RecordError("topk_logprobs: log-probabilities must be <= 0")
         if (self.tail_logmass > 0).any():
             raise RecordError("tail_logmass: log of a mass must be <= 0")
-        if self.topk_ids.shape[1] > 1 and (np.diff(self.topk_logprobs.astype(np.float32), axis=1)
-                                           > 0).any():
-            raise RecordError("topk_logprobs: must be sorted by log-prob, descending")
+        if self.topk_ids.shape[1] > 1:
+            rising = np.diff(self.topk_logprobs.astype(np.float32), axis=1) > 0
+            inside = np.arange(1, self.topk_ids.shape[1]) < self.topk_count[:, None]
+            if (rising & inside).any():
+                raise RecordError("topk_logprobs: must be sorted by log-prob, descending")
 
 
 def _coerce(name: str, value: Any, dtype: np.dtype) -> Any:
@@ -228,9 +270,51 @@ def _coerce(name: str, value: Any, dtype: np.dtype) -> Any:
             raise RecordError(f"{name}: value outside the {dtype} range")
     elif arr.size and arr.dtype.kind not in "fiu":
         raise RecordError(f"{name}: expected numbers, got {arr.dtype}")
-    if name.startswith("topk_") and arr.ndim == 1 and arr.size == 0:
+    if name in ("topk_ids", "topk_logprobs") and arr.ndim == 1 and arr.size == 0:
         arr = arr.reshape(0, 0)
     return np.ascontiguousarray(arr.astype(dtype, copy=False))
+
+
+def _pad_ragged_topk(values: dict[str, Any]) -> None:
+    """Per-position lists of unequal lengths (the wire's ragged form) -> padded rows repeating
+    entry 0, with ``topk_count`` from the lengths (checked against a given one)."""
+    ids, lps = values.get("topk_ids"), values.get("topk_logprobs")
+    rows = (list, tuple, np.ndarray)
+    if not (isinstance(ids, rows) and isinstance(lps, rows)):
+        return
+    if not all(isinstance(row, rows) and np.ndim(row) == 1 for row in (*ids, *lps)):
+        return
+    lengths, lp_lengths = [len(row) for row in ids], [len(row) for row in lps]
+    if len(set(lengths)) <= 1 and len(set(lp_lengths)) <= 1:
+        return
+    if lp_lengths != lengths:
+        raise RecordError(f"topk_logprobs: per-position lengths {lp_lengths[:8]} differ from "
+                          f"topk_ids' {lengths[:8]}")
+    if min(lengths) < 1:
+        raise RecordError("topk_ids: every position keeps at least one id")
+    given = values.get("topk_count")
+    if given is not None and len(given) and list(np.asarray(given).tolist()) != lengths:
+        raise RecordError("topk_count: differs from the lengths of the topk_ids lists")
+    width = max(lengths)
+    values["topk_ids"] = [list(row) + [row[0]] * (width - len(row)) for row in ids]
+    values["topk_logprobs"] = [list(row) + [row[0]] * (width - len(row)) for row in lps]
+    values["topk_count"] = lengths
+
+
+def _pad_columns(coerced: dict[str, Any]) -> None:
+    """Default ``topk_count`` (all ``k``); make the columns past each count repeat column 0,
+    so that padding is canonical (equal records are bitwise equal)."""
+    ids, lps = coerced["topk_ids"], coerced["topk_logprobs"]
+    count = coerced["topk_count"]
+    if count.ndim == 1 and count.size == 0 and ids.ndim == 2 and ids.shape[0]:
+        count = np.full(ids.shape[0], ids.shape[1], dtype=np.int32)
+        coerced["topk_count"] = count
+    if (ids.ndim != 2 or lps.shape != ids.shape or count.shape != ids.shape[:1]
+            or not ids.size or int(count.min()) >= ids.shape[1] or int(count.min()) < 1):
+        return
+    pad = np.arange(ids.shape[1]) >= count[:, None]
+    coerced["topk_ids"] = np.where(pad, ids[:, :1], ids)
+    coerced["topk_logprobs"] = np.where(pad, lps[:, :1], lps)
 
 
 def _json_to_float(v: Any) -> float:

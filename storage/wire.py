@@ -37,6 +37,14 @@ Arrow IPC stream (media type :data:`ARROW_STREAM_MEDIA_TYPE`)
     version does not know are ignored (as are unknown keys in JSON results), so that a newer
     writer's additions do not break an older reader.
 
+Ragged records (a teacher with a tail budget)
+    A position keeps ``k_t`` ids, so the inner lists of ``topk_ids`` and ``topk_logprobs`` have
+    ``k_t`` entries each, in JSON and in Arrow alike; there is no ``topk_count`` field, the
+    lengths are the counts. A decoder pads each record to its widest position
+    (:meth:`~storage.record.TargetRecord.create`). Readers older than the tail budget refuse
+    such lists (they want rectangular ``[T, k]`` fields), so a client checks ``/v1/info``'s
+    ``tail_budget`` before it asks.
+
 Named ids (``POST /v1/score`` with ``extra_ids``)
     A request that names ids per response position gets, per result, ``extra_logprobs``: log pi*
     at those ids, ``[T, m]`` with ``m`` the longest row the request named, shorter rows padded
@@ -142,8 +150,9 @@ def _record_json(r: TargetRecord, include_example_index: bool) -> str:
         + '"input_ids":' + _json_ints(r.input_ids)
         + ',"prompt_len":' + str(int(r.prompt_len))
         + ',"alpha":' + _json_f32(r.alpha)
-        + ',"topk_ids":' + _json_ints(r.topk_ids)
-        + ',"topk_logprobs":' + _json_f16_rows(r.topk_logprobs)
+        + ',"topk_ids":' + _json_id_rows(r)
+        + ',"topk_logprobs":' + _json_f16_rows(r.topk_logprobs, r.topk_count if r.ragged
+                                               else None)
         + ',"tail_logmass":' + _json_f32(r.tail_logmass, neg_inf_as_null=True)
         + ',"dpo_logprobs":' + _json_f32(r.dpo_logprobs)
         + ',"reverse_logprobs":' + _json_f32(r.reverse_logprobs)
@@ -153,6 +162,12 @@ def _record_json(r: TargetRecord, include_example_index: bool) -> str:
 
 def _json_ints(arr: np.ndarray) -> str:
     return json.dumps(arr.tolist(), separators=(",", ":"))
+
+
+def _json_id_rows(r: TargetRecord) -> str:
+    if not r.ragged:
+        return _json_ints(r.topk_ids)
+    return json.dumps([row.tolist() for row in r.kept_rows("topk_ids")], separators=(",", ":"))
 
 
 def _json_f32(arr: np.ndarray, *, neg_inf_as_null: bool = False) -> str:
@@ -167,12 +182,16 @@ def _json_f32_rows(arr: np.ndarray) -> str:
     return "[" + ",".join(_json_f32(row, neg_inf_as_null=True) for row in arr) + "]"
 
 
-def _json_f16_rows(arr: np.ndarray) -> str:
+def _json_f16_rows(arr: np.ndarray, counts: np.ndarray | None = None) -> str:
+    """Rows of float16 values; with ``counts``, row t holds its first ``counts[t]`` only."""
     table = _float16_strings()
     strings = table[np.ascontiguousarray(arr, dtype=np.float16).view(np.uint16)]
     if not all(strings.flat):  # only non-finite entries are empty; records never hold them
         raise WireError("topk_logprobs: non-finite float16 value cannot be written as JSON")
-    return "[[" + "],[".join(",".join(row) for row in strings.tolist()) + "]]"
+    rows = strings.tolist()
+    if counts is not None:
+        rows = [row[:c] for row, c in zip(rows, counts.tolist())]
+    return "[[" + "],[".join(",".join(row) for row in rows) + "]]"
 
 
 @functools.cache
@@ -318,12 +337,17 @@ def _encode_column(name: str, records: Sequence[TargetRecord]) -> pa.Array:
     flat = (np.concatenate([a.reshape(-1) for a in arrays]) if arrays
             else np.empty(0, dtype=dtype)).astype(dtype, copy=False)
     outer_lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
-    values: pa.Array = pa.array(flat, type=leaf_type)
-    if _LIST_DEPTH[name] == 2:
-        row_lengths = np.repeat(
-            np.fromiter((a.shape[1] for a in arrays), dtype=np.int64, count=len(arrays)),
-            outer_lengths)
-        values = pa.ListArray.from_arrays(_arrow_offsets(name, row_lengths), values)
+    if _LIST_DEPTH[name] == 2:  # each position's kept entries (ragged records: k_t of them)
+        kept = [a[np.arange(a.shape[1]) < r.topk_count[:, None]] if r.ragged else a.reshape(-1)
+                for a, r in zip(arrays, records)]
+        flat = (np.concatenate(kept) if kept else np.empty(0, dtype=dtype)).astype(dtype,
+                                                                                  copy=False)
+        row_lengths = (np.concatenate([r.topk_count for r in records]).astype(np.int64)
+                       if records else np.zeros(0, np.int64))
+        values = pa.ListArray.from_arrays(_arrow_offsets(name, row_lengths),
+                                          pa.array(flat, type=leaf_type))
+    else:
+        values = pa.array(flat, type=leaf_type)
     return pa.ListArray.from_arrays(_arrow_offsets(name, outer_lengths), values)
 
 
@@ -410,8 +434,7 @@ def _row(name: str, col: _Flat, i: int) -> Any:
     if widths.size == 0:
         return col.values[0:0].reshape(0, 0)
     k = int(widths[0])
-    if (widths != k).any():
-        raise WireError(f"arrow row {i}: {name}: inner lists of different lengths "
-                        f"{sorted(set(widths.tolist()))[:4]}; a [T, k] field must be rectangular")
+    if (widths != k).any():  # a ragged record: the lists go to TargetRecord.create as they are
+        return [col.values[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
     return col.values[int(starts[0]):int(ends[-1])].reshape(hi - lo, k)
 

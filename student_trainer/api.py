@@ -61,7 +61,8 @@ def aligndistil_batch_loss(forward: StudentForward, batch: Batch, *, beta0: floa
     ``(1/T) sum_t beta_t KL(pi_theta || pi*)_t``) of one batch, on the batch's device."""
     kl = forward(batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
                  topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
-                 tail_logmass=batch.tail_logmass, position_ids=batch.position_ids)
+                 tail_logmass=batch.tail_logmass, position_ids=batch.position_ids,
+                 topk_count=batch.topk_count)
     return losses.aligndistil_loss(batch.unflatten(kl.float()),
                                    batch.unflatten(batch.alpha, 1.0), batch.response_mask,
                                    beta0=beta0, weighting=weighting)

@@ -63,7 +63,9 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 #: ``/v1/info`` settings that shape the targets: every server of a set must agree on them
 #: (the teachers themselves are compared by :func:`target_differences`).
 TARGET_FIELDS = ("tokenizer_sha256", "vocab_size", "top_k", "r", "eps", "tvd_norm", "mode",
-                 "beta0", "beta", "dpo_top")
+                 "beta0", "beta", "dpo_top", "tail_budget", "min_k")
+#: What a server that predates a setting means by its absence.
+TARGET_DEFAULTS = {"tail_budget": 0.0, "min_k": 1}
 
 
 def teacher_models(info: dict[str, Any] | None) -> dict[str, dict[str, str]]:
@@ -90,7 +92,10 @@ def target_differences(a: dict[str, Any] | None, b: dict[str, Any] | None) -> li
                 diffs.append(f"{role} {key}: {x[key]!r} vs {y[key]!r}")
         if "fingerprint" not in x or "fingerprint" not in y:
             diffs.append(f"{role}: no fingerprint to compare")
-    diffs += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in TARGET_FIELDS if a.get(k) != b.get(k)]
+    def get(info: dict[str, Any], key: str) -> Any:
+        return info.get(key, TARGET_DEFAULTS.get(key))
+    diffs += [f"{k}: {get(a, k)!r} vs {get(b, k)!r}" for k in TARGET_FIELDS
+              if get(a, k) != get(b, k)]
     return diffs
 
 

@@ -44,7 +44,8 @@ class Batch:
     target_ids: Tensor       #: [N] long: the actual next token input_ids[P+t]
     response_mask: Tensor    #: [B, T_max] bool
     # teacher targets (absent for plain sequences, e.g. DPO)
-    topk_ids: Tensor | None = None          #: [N, k] long
+    topk_ids: Tensor | None = None          #: [N, k] long (ragged records: padded, see count)
+    topk_count: Tensor | None = None        #: [N] long: kept columns per position
     topk_logprobs: Tensor | None = None     #: [N, k] float32
     tail_logmass: Tensor | None = None      #: [N] float32
     alpha: Tensor | None = None             #: [N] float32
@@ -114,22 +115,31 @@ def collate_records(records: Sequence[TargetRecord], pad_id: int,
     """:func:`collate_sequences` plus the records' teacher targets, flattened in the same order."""
     batch = collate_sequences([(r.input_ids, r.prompt_len) for r in records], pad_id,
                               packed_rows)
-    k = {r.top_k for r in records}
-    if len(k) != 1:
-        raise ValueError(f"records of one batch have different top-k sizes {sorted(k)}")
+    k = max(r.top_k for r in records)  # ragged records: each padded to the widest
 
     def cat(name: str, dtype) -> Tensor:
-        return torch.from_numpy(np.concatenate([getattr(r, name) for r in records]).astype(dtype))
+        return torch.from_numpy(np.concatenate([_widen(getattr(r, name), k)
+                                                for r in records]).astype(dtype))
 
+    ragged = any(r.ragged or r.top_k != k for r in records)
     return replace(
         batch,
         topk_ids=cat("topk_ids", np.int64),
+        topk_count=cat("topk_count", np.int64) if ragged else None,
         topk_logprobs=cat("topk_logprobs", np.float32),
         tail_logmass=cat("tail_logmass", np.float32),
         alpha=cat("alpha", np.float32),
         dpo_logprobs=cat("dpo_logprobs", np.float32),
         reverse_logprobs=cat("reverse_logprobs", np.float32),
     )
+
+
+def _widen(arr: np.ndarray, k: int) -> np.ndarray:
+    """A ``[T, j]`` topk array padded to ``[T, k]`` by repeating column 0 (the record's padding
+    rule), so ragged records of different widths share one tensor."""
+    if arr.ndim != 2 or arr.shape[1] == k:
+        return arr
+    return np.concatenate([arr, np.repeat(arr[:, :1], k - arr.shape[1], axis=1)], axis=1)
 
 
 def micro_batches(records: Sequence[TargetRecord], *, max_tokens: int, pad_id: int,

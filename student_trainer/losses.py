@@ -156,37 +156,53 @@ def _check_sparse_targets(
 
 def _prepare_teacher(
     topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, vocab_size: int,
-    dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """int64 ids; log-probs and tail cast to ``dtype`` and floored (see LOGPROB_FLOOR)."""
+    dtype: torch.dtype, topk_count: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(ids, logq_k, tail, log_rest, count)``: int64 ids; log-probs and tail cast to
+    ``dtype`` and floored (see LOGPROB_FLOOR; the tail is 0 where ``k_t`` = V, never read);
+    ``log(V - k_t)``, the log of the number of ids in the tail; ``k_t`` as int64.
+
+    ``topk_count`` (ragged targets) says how many columns each position keeps; the columns past
+    it must repeat column 0 (the record's padding rule), so gathering and scattering them touch
+    an id that is kept anyway. The KL terms of those columns are zeroed with :func:`_keep`."""
     ids = topk_ids.long()
     logq_k = topk_logprobs.to(dtype).clamp(min=LOGPROB_FLOOR)
-    if ids.shape[-1] == vocab_size:  # no tail: its value (-inf) is never read
-        tail = torch.zeros_like(tail_logmass, dtype=dtype)
+    width = ids.shape[-1]
+    if topk_count is None:
+        count = torch.full(ids.shape[:-1], width, dtype=torch.long, device=ids.device)
     else:
-        tail = tail_logmass.to(dtype).clamp(min=LOGPROB_FLOOR)
-    return ids, logq_k, tail
+        count = topk_count.to(device=ids.device, dtype=torch.long)
+    no_tail = count >= vocab_size
+    tail = tail_logmass.to(dtype).clamp(min=LOGPROB_FLOOR).masked_fill(no_tail, 0.0)
+    log_rest = (vocab_size - count).clamp_min(1).to(dtype).log()  # never read where no_tail
+    return ids, logq_k, tail, log_rest, count
+
+
+def _keep(ids: Tensor, count: Tensor, dtype: torch.dtype) -> Tensor:
+    """1 on the kept columns, 0 on the padding of ragged targets."""
+    return (torch.arange(ids.shape[-1], device=ids.device) < count.unsqueeze(-1)).to(dtype)
 
 
 # ----------------------------------------------------------------------------- the math
 
 
 def _sparse_kl_stats(
-    logits: Tensor, ids: Tensor, logq_k: Tensor, tail: Tensor, tail_model: str,
-    dtype: torch.dtype,
+    logits: Tensor, ids: Tensor, logq_k: Tensor, tail: Tensor, log_rest: Tensor, count: Tensor,
+    tail_model: str, dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """KL per position, with the student's top-k probabilities and non-top-k mass P_out."""
-    vocab_size, k = logits.shape[-1], ids.shape[-1]
+    """KL per position, with the student's probabilities on the kept ids (0 on padding
+    columns) and its mass P_out outside them."""
+    vocab_size = logits.shape[-1]
     logp = _student_logprobs(logits, dtype)                    # temporary 1
     logp_k = logp.gather(-1, ids)
-    p_k = logp_k.exp()
+    p_k = logp_k.exp() * _keep(ids, count, dtype)
     kl = (p_k * (logp_k - logq_k)).sum(-1)
-    if k == vocab_size:
+    if bool((count >= vocab_size).all()):
         return kl, p_k, torch.zeros_like(kl)
-    p_rest = logp.exp().scatter_(-1, ids, 0.0)                 # temporary 2: p outside top-k
+    p_rest = logp.exp().scatter_(-1, ids, 0.0)                 # temporary 2: p outside kept
     p_out = p_rest.sum(-1)
     if tail_model == "uniform":
-        c = tail - math.log(vocab_size - k)                    # log q_v for v outside top-k
+        c = tail - log_rest                                    # log q_v for v outside kept
         kl = kl + logp.sub_(c.unsqueeze(-1)).mul_(p_rest).sum(-1)
     else:
         kl = kl + p_out * (_safe_log(p_out) - tail)
@@ -200,21 +216,22 @@ def _safe_log(x: Tensor) -> Tensor:
 
 
 def _sparse_kl_grad_logits(
-    logits: Tensor, ids: Tensor, logq_k: Tensor, tail: Tensor, tail_model: str,
-    dtype: torch.dtype, kl: Tensor, p_out: Tensor, grad_kl: Tensor,
+    logits: Tensor, ids: Tensor, logq_k: Tensor, tail: Tensor, log_rest: Tensor, count: Tensor,
+    tail_model: str, dtype: torch.dtype, kl: Tensor, p_out: Tensor, grad_kl: Tensor,
 ) -> Tensor:
     """dKL/dz_j * grad_kl = p_j (w_j - KL) * grad_kl, in ``dtype``, with two [..., V] temporaries.
 
     ``w_j = log p_j - log q_j`` (uniform) or ``log P_c(j) - log Q_c(j)`` for j's category c
-    (bucket: the id itself inside the top-k, the tail bucket outside).
+    (bucket: the id itself inside the kept ids, the tail bucket outside). Padding columns of
+    ragged targets repeat column 0, so scattering them writes column 0's value again.
     """
-    vocab_size, k = logits.shape[-1], ids.shape[-1]
+    vocab_size = logits.shape[-1]
     w = _student_logprobs(logits, dtype)                       # temporary 1, becomes w
     p = w.exp()                                                # temporary 2
     w_k = w.gather(-1, ids) - logq_k
-    if k < vocab_size:
+    if not bool((count >= vocab_size).all()):
         if tail_model == "uniform":
-            w.sub_((tail - math.log(vocab_size - k)).unsqueeze(-1))
+            w.sub_((tail - log_rest).unsqueeze(-1))
         else:
             w.copy_((_safe_log(p_out) - tail).unsqueeze(-1).expand_as(w))
     w.scatter_(-1, ids, w_k)
@@ -226,31 +243,33 @@ class _SparseReverseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, ids: Tensor, logq_k: Tensor, tail: Tensor,
-                tail_model: str) -> Tensor:
+                log_rest: Tensor, count: Tensor, tail_model: str) -> Tensor:
         dtype = _compute_dtype(logits.dtype)
         with _autocast_off(logits):
-            kl, p_k, p_out = _sparse_kl_stats(logits, ids, logq_k, tail, tail_model, dtype)
-        ctx.save_for_backward(logits, ids, logq_k, tail, kl, p_k, p_out)
+            kl, p_k, p_out = _sparse_kl_stats(logits, ids, logq_k, tail, log_rest, count,
+                                              tail_model, dtype)
+        ctx.save_for_backward(logits, ids, logq_k, tail, log_rest, count, kl, p_k, p_out)
         ctx.tail_model = tail_model
         return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
-        logits, ids, logq_k, tail, kl, p_k, p_out = ctx.saved_tensors
+        logits, ids, logq_k, tail, log_rest, count, kl, p_k, p_out = ctx.saved_tensors
         dtype = kl.dtype
         grad_kl = grad_kl.to(dtype)
         grad_logits = grad_logq = grad_tail = None
         if ctx.needs_input_grad[0]:
             with _autocast_off(logits):
                 grad_logits = _sparse_kl_grad_logits(
-                    logits, ids, logq_k, tail, ctx.tail_model, dtype, kl, p_out, grad_kl,
+                    logits, ids, logq_k, tail, log_rest, count, ctx.tail_model, dtype, kl,
+                    p_out, grad_kl,
                 ).to(logits.dtype)
-        if ctx.needs_input_grad[2]:       # dKL/dl_i = -p_i
+        if ctx.needs_input_grad[2]:       # dKL/dl_i = -p_i (0 on padding columns: p_k is)
             grad_logq = -p_k * grad_kl.unsqueeze(-1)
         if ctx.needs_input_grad[3]:       # dKL/dtail = -P_out (0 when k == V: no tail)
             grad_tail = -p_out * grad_kl
-        return grad_logits, None, grad_logq, grad_tail, None
+        return grad_logits, None, grad_logq, grad_tail, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -258,7 +277,7 @@ class _SparseReverseKL(torch.autograd.Function):
 
 def sparse_reverse_kl(
     student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor,
-    tail: str = "uniform",
+    tail: str = "uniform", *, topk_count: Tensor | None = None,
 ) -> Tensor:
     """Per-position ``KL(pi_theta || pi*)`` in nats against a sparse teacher.
 
@@ -269,6 +288,9 @@ def sparse_reverse_kl(
     tail model, ``uniform`` (exact KL to the densified teacher) or ``bucket``; see the module
     docstring for the formulas, the floor on -inf teacher values and the memory story.
     Differentiable w.r.t. the logits (and the teacher's log-probs and tail); not twice.
+    ``topk_count [...]`` (ragged targets, a teacher with a tail budget): position t keeps its
+    first ``k_t`` columns, the rest repeat column 0 (the record's padding) and do not count;
+    the uniform tail spreads over ``V - k_t`` ids.
     """
     _check_tail(tail)
     _require_float("student_logits", student_logits)
@@ -278,10 +300,21 @@ def sparse_reverse_kl(
     vocab_size = student_logits.shape[-1]
     _check_sparse_targets(student_logits.shape[:-1], vocab_size, topk_ids, topk_logprobs,
                           tail_logmass)
+    _check_count(topk_count, topk_ids)
     dtype = _compute_dtype(student_logits.dtype)
-    ids, logq_k, tail_lm = _prepare_teacher(topk_ids, topk_logprobs, tail_logmass, vocab_size,
-                                            dtype)
-    return _SparseReverseKL.apply(student_logits, ids, logq_k, tail_lm, tail)
+    ids, logq_k, tail_lm, log_rest, count = _prepare_teacher(
+        topk_ids, topk_logprobs, tail_logmass, vocab_size, dtype, topk_count)
+    return _SparseReverseKL.apply(student_logits, ids, logq_k, tail_lm, log_rest, count, tail)
+
+
+def _check_count(topk_count: Tensor | None, topk_ids: Tensor) -> None:
+    if topk_count is None:
+        return
+    if not isinstance(topk_count, Tensor) or topk_count.is_floating_point():
+        raise TypeError("topk_count must be an integer tensor")
+    if topk_count.shape != topk_ids.shape[:-1]:
+        raise ValueError(f"topk_count shape {tuple(topk_count.shape)} must equal topk_ids' "
+                         f"leading dims {tuple(topk_ids.shape[:-1])}")
 
 
 class _ChunkedSparseReverseKL(torch.autograd.Function):
@@ -293,7 +326,8 @@ class _ChunkedSparseReverseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor,
-                logq_k: Tensor, tail: Tensor, tail_model: str, chunk_size: int) -> Tensor:
+                logq_k: Tensor, tail: Tensor, log_rest: Tensor, count: Tensor, tail_model: str,
+                chunk_size: int) -> Tensor:
         dtype = _compute_dtype(hidden.dtype)
         n = hidden.shape[0]
         kl = hidden.new_empty(n, dtype=dtype)
@@ -304,15 +338,18 @@ class _ChunkedSparseReverseKL(torch.autograd.Function):
                 e = min(s + chunk_size, n)
                 logits = _linear(hidden[s:e], weight, bias)
                 kl[s:e], p_k[s:e], p_out[s:e] = _sparse_kl_stats(
-                    logits, ids[s:e], logq_k[s:e], tail[s:e], tail_model, dtype)
-        ctx.save_for_backward(hidden, weight, bias, ids, logq_k, tail, kl, p_k, p_out)
+                    logits, ids[s:e], logq_k[s:e], tail[s:e], log_rest[s:e], count[s:e],
+                    tail_model, dtype)
+        ctx.save_for_backward(hidden, weight, bias, ids, logq_k, tail, log_rest, count, kl, p_k,
+                              p_out)
         ctx.tail_model, ctx.chunk_size = tail_model, chunk_size
         return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, ids, logq_k, tail, kl, p_k, p_out = ctx.saved_tensors
+        hidden, weight, bias, ids, logq_k, tail, log_rest, count, kl, p_k, p_out = \
+            ctx.saved_tensors
         dtype = kl.dtype
         grad_kl = grad_kl.to(dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -331,7 +368,8 @@ class _ChunkedSparseReverseKL(torch.autograd.Function):
                     h = hidden[s:e]
                     g = _sparse_kl_grad_logits(
                         _linear(h, weight, bias), ids[s:e], logq_k[s:e], tail[s:e],
-                        ctx.tail_model, dtype, kl[s:e], p_out[s:e], grad_kl[s:e])
+                        log_rest[s:e], count[s:e], ctx.tail_model, dtype, kl[s:e], p_out[s:e],
+                        grad_kl[s:e])
                     if grad_b is not None:
                         grad_b.add_(g.sum(0))
                     g = g.to(weight.dtype)
@@ -344,7 +382,7 @@ class _ChunkedSparseReverseKL(torch.autograd.Function):
         return (grad_h,
                 grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None,
-                None, grad_logq, grad_tail, None, None)
+                None, grad_logq, grad_tail, None, None, None, None)
 
 
 def _linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -354,7 +392,7 @@ def _linear(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def chunked_sparse_reverse_kl(
     hidden: Tensor, lm_head_weight: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
     tail_logmass: Tensor, tail: str = "uniform", *, lm_head_bias: Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 1024, topk_count: Tensor | None = None,
 ) -> Tensor:
     """:func:`sparse_reverse_kl` of ``logits = hidden @ lm_head_weight.T (+ bias)``, in chunks.
 
@@ -388,19 +426,21 @@ def chunked_sparse_reverse_kl(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     batch_shape = hidden.shape[:-1]
     _check_sparse_targets(batch_shape, vocab_size, topk_ids, topk_logprobs, tail_logmass)
+    _check_count(topk_count, topk_ids)
     dtype = _compute_dtype(hidden.dtype)
-    ids, logq_k, tail_lm = _prepare_teacher(topk_ids, topk_logprobs, tail_logmass, vocab_size,
-                                            dtype)
+    ids, logq_k, tail_lm, log_rest, count = _prepare_teacher(
+        topk_ids, topk_logprobs, tail_logmass, vocab_size, dtype, topk_count)
     k = ids.shape[-1]
     kl = _ChunkedSparseReverseKL.apply(
         hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, lm_head_bias, ids.reshape(-1, k),
-        logq_k.reshape(-1, k), tail_lm.reshape(-1), tail, chunk_size)
+        logq_k.reshape(-1, k), tail_lm.reshape(-1), log_rest.reshape(-1), count.reshape(-1),
+        tail, chunk_size)
     return kl.reshape(batch_shape)
 
 
 @torch.no_grad()
-def sparse_kl_parts(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+def sparse_kl_parts(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+                    topk_count: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Diagnostics per position: ``(KL's part on the teacher's kept ids, the student's mass
     outside them)``. The kept-ids part is ``sum_{v in K} p_v (log p_v - log q_v)``; the rest of
     :func:`sparse_reverse_kl` (its value minus this) is the tail's part. A student drifting
@@ -412,6 +452,8 @@ def sparse_kl_parts(student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Ten
         logp_k = logp.gather(-1, ids)
         logq_k = topk_logprobs.to(dtype).clamp(min=LOGPROB_FLOOR)
         p_k = logp_k.exp()
+        if topk_count is not None:
+            p_k = p_k * _keep(ids, topk_count.to(ids.device), dtype)
         top = (p_k * (logp_k - logq_k)).sum(-1)
         outside = (1.0 - p_k.sum(-1)).clamp_min(0.0)
     return top, outside

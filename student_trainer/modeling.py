@@ -33,6 +33,8 @@ class StudentForward(nn.Module):
 
     ``mode="kl"``: per-position reverse KL to sparse teacher targets (``[N]``).
     ``mode="logprobs"``: log-probability of the given next tokens (``[N]``; DPO).
+    ``mode="top"``: the ``top_n`` likeliest next ids (``[N, top_n]``, no gradient; the
+    student's own candidates, :mod:`student_trainer.candidates`).
     """
 
     def __init__(self, model: nn.Module, vocab_size: int, *, tail: str = "uniform",
@@ -54,18 +56,23 @@ class StudentForward(nn.Module):
                 col_idx: Tensor, *, mode: str = "kl", topk_ids: Tensor | None = None,
                 topk_logprobs: Tensor | None = None, tail_logmass: Tensor | None = None,
                 target_ids: Tensor | None = None, position_ids: Tensor | None = None,
-                parts: bool = False) -> Tensor | tuple[Tensor, Tensor | None, Tensor | None]:
+                parts: bool = False, topk_count: Tensor | None = None, top_n: int = 0) -> Tensor | tuple[Tensor, Tensor | None, Tensor | None]:
         """``mode="kl"`` with ``parts``: ``(kl, kl on the teacher's kept ids, the student's
         mass outside them)`` (:func:`losses.sparse_kl_parts`; both None with
         ``loss_chunk_size``, where the logits are never whole)."""
         hidden = response_hidden(self.model, input_ids, attention_mask, row_idx, col_idx,
                                  position_ids)
+        if mode == "top":
+            from student_trainer.candidates import top_ids_of_hidden
+
+            with torch.no_grad():
+                return top_ids_of_hidden(self.model, hidden, top_n, self.vocab_size)
         if mode == "logprobs":
             logits = self.head(hidden)
             logp = torch.log_softmax(logits.float(), dim=-1)
             return logp.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
         if mode != "kl":
-            raise ValueError(f"mode must be 'kl' or 'logprobs', got {mode!r}")
+            raise ValueError(f"mode must be 'kl', 'logprobs' or 'top', got {mode!r}")
         if self.loss_chunk_size:
             weight, bias = head_weight(self.model, self.vocab_size)
             if weight.dtype != hidden.dtype:  # autocast: bf16 hidden states, fp32 master weight
@@ -73,14 +80,15 @@ class StudentForward(nn.Module):
                 bias = bias.to(hidden.dtype) if bias is not None else None
             kl = losses.chunked_sparse_reverse_kl(
                 hidden, weight, topk_ids, topk_logprobs, tail_logmass, self.tail,
-                lm_head_bias=bias, chunk_size=self.loss_chunk_size)
+                lm_head_bias=bias, chunk_size=self.loss_chunk_size, topk_count=topk_count)
             return (kl, None, None) if parts else kl
         logits = self.head(hidden)
         kl = losses.sparse_reverse_kl(logits, topk_ids, topk_logprobs, tail_logmass,
-                                      tail=self.tail)
+                                      tail=self.tail, topk_count=topk_count)
         if not parts:
             return kl
-        return (kl, *losses.sparse_kl_parts(logits.detach(), topk_ids, topk_logprobs))
+        return (kl, *losses.sparse_kl_parts(logits.detach(), topk_ids, topk_logprobs,
+                                            topk_count))
 
 
 def load_student(path, *, device: torch.device, dtype: torch.dtype = torch.float32,

@@ -47,6 +47,12 @@ class TeacherOptions(HubOptions, AttentionOptions):
     dpo_top: Annotated[int, "keep log pi* on the dpo model's top N ids too (within --top-k: the "
                        "rest are pi*'s best; 0: pi*'s top-k only); a student near the dpo "
                        "model puts its mass there (docs/training.md)", ">=0"] = 0
+    tail_budget: Annotated[float, "keep, per position, the fewest of pi*'s best ids whose mass "
+                           "reaches 1 - EPS (at least --min-k, at most --top-k, which becomes "
+                           "the cap; with --dpo-top, the dpo model's best ids to the same "
+                           "budget too); 0: --top-k ids everywhere (docs/training.md)",
+                           "[0,1)"] = 0.0
+    min_k: Annotated[int, "with --tail-budget: the fewest ids a position keeps", ">=1"] = 1
     r: Annotated[float | None, "alpha_t = r * tvd_t + eps; none: the released runs' value for "
                  "the norm and policy (half-l1 20 off-policy / 30 on-policy; l1 10 / 15)",
                  ">=0"] = None
@@ -109,6 +115,14 @@ class TeacherOptions(HubOptions, AttentionOptions):
             raise ConfigError(f"--dpo-top {self.dpo_top} must be below --top-k {self.top_k}: "
                               f"the dpo model's top ids are kept within the top-k entries, and "
                               f"pi*'s own top ids need at least one of them")
+        if not 0 <= self.tail_budget < 1:
+            raise ConfigError(f"--tail-budget must be in [0, 1) (the teacher mass a position may "
+                              f"leave out), got {self.tail_budget}")
+        if self.min_k > self.top_k:
+            raise ConfigError(f"--min-k {self.min_k} must be at most --top-k {self.top_k}")
+        if self.min_k != 1 and not self.tail_budget:
+            raise ConfigError("--min-k applies with --tail-budget only (without it every "
+                              "position keeps --top-k ids)")
         if self.mode in ("vanilla", "vanilla-adaptive") and self.reverse_model:
             raise ConfigError(f"--reverse-model does not apply to --mode {self.mode} (it uses "
                               f"--reference-model)")

@@ -13,6 +13,7 @@ disagree: the float32 targets are rounded to the record's dtypes in exactly one 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -97,7 +98,8 @@ class TeacherEngine:
         c = self.config
         return {**describe(self.pair), "top_k": c.top_k, "r": c.r, "eps": c.eps,
                 "tvd_norm": c.tvd_norm, "mode": c.mode, "beta0": c.beta0, "beta": c.beta,
-                "dpo_top": c.dpo_top, "max_seq_len": self.max_seq_len}
+                "dpo_top": c.dpo_top, "tail_budget": c.tail_budget, "min_k": c.min_k,
+                "max_seq_len": self.max_seq_len}
 
     # ------------------------------------------------------------------ validation
     def validate(self, index: int, input_ids: Sequence[int], prompt_len: int) -> None:
@@ -267,6 +269,7 @@ class TeacherEngine:
                 tail_logmass=targets.tail_logmass[sl].numpy(),
                 dpo_logprobs=targets.dpo_logprobs[sl].numpy(),
                 reverse_logprobs=targets.reverse_logprobs[sl].numpy(),
+                topk_count=targets.topk_count[sl].numpy(),
             ), position_detail))
         return results
 
@@ -290,10 +293,14 @@ def truncate_topk(targets: SparseTargets, k: int) -> SparseTargets:
     """Keep the first ``k`` entries; the dropped log-probs join the tail by a logsumexp. The
     entries are sorted by log pi* whatever ids were kept (``dpo_top``), so this keeps the ``k``
     with the highest log pi*: with ``dpo_top`` the dpo model's favourites are the first to go."""
-    dropped = targets.topk_logprobs[:, k:]
+    count = targets.topk_count
+    width = targets.topk_logprobs.shape[1]
+    kept = torch.arange(width) < count.unsqueeze(-1)        # padding columns are not entries
+    dropped = targets.topk_logprobs[:, k:].masked_fill(~kept[:, k:], -math.inf)
     tail = torch.logsumexp(torch.cat([targets.tail_logmass[:, None], dropped], dim=1), dim=1)
     truncated = targets._replace(topk_ids=targets.topk_ids[:, :k],
-                                 topk_logprobs=targets.topk_logprobs[:, :k], tail_logmass=tail)
+                                 topk_logprobs=targets.topk_logprobs[:, :k], tail_logmass=tail,
+                                 topk_count=count.clamp(max=k))
     if targets.pi_topk_ids is not None:  # pi*'s own top-k, sorted: its first k are the top k
         truncated = truncated._replace(pi_topk_ids=targets.pi_topk_ids[:, :k],
                                        pi_topk_logprobs=targets.pi_topk_logprobs[:, :k])
@@ -309,7 +316,8 @@ def build_engine(options) -> TeacherEngine:
     target_config = TargetConfig(top_k=options.top_k, r=options.resolved_r(), eps=options.eps,
                                  tvd_norm=options.tvd_norm, mode=options.mode,
                                  beta0=options.beta0, beta=options.beta,
-                                 chunk_size=options.chunk_size, dpo_top=options.dpo_top)
+                                 chunk_size=options.chunk_size, dpo_top=options.dpo_top,
+                                 tail_budget=options.tail_budget, min_k=options.min_k)
     pair = load_teacher_pair(options.dpo_model, options.other_model(), mode=options.mode,
                              device=options.device, dtype=options.dtype,
                              trust_remote_code=options.trust_remote_code,

@@ -56,7 +56,8 @@ def store_metadata(engine: TeacherEngine, config: PrecomputeConfig, num_workers:
         vocab_size=engine.pair.vocab_size, top_k=target.top_k, r=float(target.r),
         eps=float(target.eps), tvd_norm=target.tvd_norm, mode=target.mode,
         source_fingerprint=source_fingerprint(source), num_workers=num_workers,
-        layout=config.layout, dpo_top=target.dpo_top,
+        layout=config.layout, dpo_top=target.dpo_top, tail_budget=float(target.tail_budget),
+        min_k=target.min_k if target.tail_budget else 1,
         extra={"beta0": target.beta0, "beta": target.beta, "max_seq_len": engine.max_seq_len,
                "response_field": config.response_field},
     )

@@ -259,6 +259,10 @@ class TeacherInfo(BaseModel):
     beta0: float
     beta: float
     dpo_top: int  #: 0: the kept ids are pi*'s top-k; N: they include the dpo model's top N
+    #: 0: every position keeps top_k ids; EPS > 0: the fewest whose pi* mass reaches 1 - EPS
+    #: (at least min_k, at most top_k), so the topk lists of a result are ragged
+    tail_budget: float = 0.0
+    min_k: int = 1
     max_seq_len: int
     #: the vLLM-compatible endpoints: the model id they answer as, and the largest
     #: ``prompt_logprobs`` / ``logprobs`` K (vLLM's --max-logprobs; the server's top_k)
@@ -271,6 +275,7 @@ class ScoreResult(BaseModel):
     input_ids: list[int]
     prompt_len: int
     alpha: list[float]
+    #: one list per response position: top_k entries, or k_t of them with a tail budget
     topk_ids: list[list[int]]
     topk_logprobs: list[list[float]]
     tail_logmass: list[float | None]  #: null: no mass outside the top-k (-inf)

@@ -80,10 +80,18 @@ class TargetConfig:
     beta: float = 0.05
     chunk_size: int = 256
     dpo_top: int = 0
+    #: 0: keep ``top_k`` ids everywhere. EPS > 0: keep the fewest of pi*'s best ids whose mass
+    #: reaches ``1 - EPS`` (at least ``min_k``, at most ``top_k``); see :func:`kept_counts`.
+    tail_budget: float = 0.0
+    min_k: int = 1
 
     def __post_init__(self) -> None:
         _check_int("top_k", self.top_k, minimum=1)
         _check_int("dpo_top", self.dpo_top, minimum=0)
+        _check_int("min_k", self.min_k, minimum=1)
+        _check_real("tail_budget", self.tail_budget, "in [0, 1)", lambda v: 0 <= v < 1)
+        if self.min_k > self.top_k:
+            raise ValueError(f"min_k = {self.min_k} must be at most top_k = {self.top_k}")
         if self.dpo_top and self.dpo_top >= self.top_k:
             # with no place left for pi*'s own best ids, pi*'s mode can fall into the tail
             raise ValueError(f"dpo_top = {self.dpo_top} must be below top_k = {self.top_k} (the "
@@ -108,6 +116,9 @@ class SparseTargets(NamedTuple):
     tail_logmass: Tensor      # [N] log of pi*'s mass outside the kept ids; -inf when k == V
     dpo_logprobs: Tensor      # [N] log softmax(z_dpo)[next_id]
     reverse_logprobs: Tensor  # [N] log softmax(z_other)[next_id]
+    #: [N] int64: how many of the ``k`` columns are kept ids (``k`` everywhere without a tail
+    #: budget); columns past it repeat column 0 (id and log-prob), which no reader counts
+    topk_count: Tensor | None = None
     #: with ``detail``: log pi* of the actual next token, and its 1-based rank over the whole
     #: vocabulary (how many ids have log pi* >= it, itself included: vLLM's rank)
     next_logprobs: Tensor | None = None  # [N]
@@ -146,6 +157,7 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
     alpha = torch.empty(n, dtype=dtype, device=device)
     topk_ids = torch.empty(n, k, dtype=torch.int64, device=device)
     topk_logprobs = torch.empty(n, k, dtype=dtype, device=device)
+    topk_count = torch.full((n,), k, dtype=torch.int64, device=device)
     tail_logmass = torch.full((n,), -math.inf, dtype=dtype, device=device)
     dpo_logprobs = torch.empty(n, dtype=dtype, device=device)
     reverse_logprobs = torch.empty(n, dtype=dtype, device=device)
@@ -183,7 +195,12 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
             named = extra_ids[rows]
             extra_logprobs[rows] = log_star.gather(-1, named.clamp_min(0)).masked_fill(
                 named < 0, -math.inf)
-        if config.dpo_top:
+        if config.tail_budget:
+            values, indices, counts = _kept_within_budget(log_star, log_d, config)
+            topk_count[rows] = counts
+            if detail:
+                pi_logprobs[rows], pi_ids[rows] = torch.topk(log_star, k, dim=-1)
+        elif config.dpo_top:
             values, indices = _kept_with_dpo_top(log_star, log_d, k, config.dpo_top)
             if detail:
                 pi_logprobs[rows], pi_ids[rows] = torch.topk(log_star, k, dim=-1)
@@ -194,8 +211,9 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
         del log_d, log_o
         topk_logprobs[rows] = values
         topk_ids[rows] = indices
-        if k < vocab:
-            # Knock the top-k out in place (log_star is ours and no longer needed).
+        if k < vocab or config.tail_budget:
+            # Knock the kept ids out in place (log_star is ours and no longer needed); the
+            # padding columns repeat column 0, so knocking them out again changes nothing.
             log_star.scatter_(-1, indices, -math.inf)
             # a mass, so <= 0: logsumexp may round a near-1 tail a hair above it
             tail_logmass[rows] = torch.logsumexp(log_star, dim=-1).clamp_(max=0.0)
@@ -204,7 +222,7 @@ def compute_targets(dpo_logits: Tensor, other_logits: Tensor, next_ids: Tensor,
         dense_logprobs = torch.cat(dense) if dense else torch.empty(0, vocab, dtype=dtype,
                                                                       device=device)
     return SparseTargets(alpha, topk_ids, topk_logprobs, tail_logmass,
-                         dpo_logprobs, reverse_logprobs, next_logprobs, next_ranks,
+                         dpo_logprobs, reverse_logprobs, topk_count, next_logprobs, next_ranks,
                          extra_logprobs, pi_ids, pi_logprobs, dense_logprobs)
 
 
@@ -266,6 +284,57 @@ def _kept_with_dpo_top(log_star: Tensor, log_d: Tensor, k: int, m: int) -> tuple
     values = log_star.gather(-1, kept)
     order = torch.sort(values, dim=-1, descending=True, stable=True).indices
     return values.gather(-1, order), kept.gather(-1, order)
+
+
+def budget_counts(sorted_logprobs: Tensor, budget: float) -> Tensor:
+    """Per row of log-probs sorted descending ``[n, m]``: the fewest leading entries whose mass
+    reaches ``1 - budget`` (``m`` when the row never gets there). The comparison is on the mass
+    left out (``1 - cumsum``), so float32 rounding of a cumsum near 1 does not decide it."""
+    mass = sorted_logprobs.exp()
+    left_out = (1.0 - mass.cumsum(dim=-1)).clamp_min_(0.0)
+    # entries before the first one with left_out <= budget, plus that one
+    return (left_out > budget).sum(dim=-1).add_(1).clamp_(max=sorted_logprobs.shape[-1])
+
+
+def _kept_within_budget(log_star: Tensor, log_d: Tensor, config: TargetConfig
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log pi*, ids, count)`` under a tail budget EPS, padded to ``[n, top_k]``.
+
+    pi*'s own candidates: the fewest of its best ids whose mass reaches ``1 - EPS``. With
+    ``dpo_top`` = m, also the fewest of the dpo model's best m ids whose dpo mass reaches
+    ``1 - EPS`` (the student sits near the dpo model, so that is where it puts its mass). The
+    union holds at least ``min_k`` and at most ``top_k`` ids; when it would exceed ``top_k``,
+    pi*'s weakest own candidates go first. The kept ids are sorted by log pi* descending, and
+    the columns past ``count`` repeat column 0."""
+    k, m, eps = config.top_k, config.dpo_top, config.tail_budget
+    pi_values, pi_ids = torch.topk(log_star, k, dim=-1, largest=True, sorted=True)
+    n_pi = budget_counts(pi_values, eps).clamp_(min=config.min_k)
+    slot = torch.arange(k, device=log_star.device)
+    pi_keep = slot < n_pi.unsqueeze(-1)
+    if m:
+        d_values, d_ids = torch.topk(log_d, m, dim=-1, largest=True, sorted=True)
+        n_d = budget_counts(d_values, eps)
+        d_keep = torch.arange(m, device=log_star.device) < n_d.unsqueeze(-1)
+        # pi* ids already named by the kept dpo ids are not counted twice
+        dup = ((pi_ids.unsqueeze(-1) == d_ids.unsqueeze(-2)) & d_keep.unsqueeze(-2)).any(-1)
+        pi_keep &= ~dup
+        # room for pi*'s own: top_k minus the dpo ids kept; the best pi* candidates first
+        room = k - d_keep.sum(-1, keepdim=True)
+        pi_keep &= pi_keep.cumsum(-1) <= room
+        ids = torch.cat([d_ids, pi_ids], dim=-1)
+        keep = torch.cat([d_keep, pi_keep], dim=-1)
+        values = log_star.gather(-1, ids)
+    else:
+        ids, keep, values = pi_ids, pi_keep, pi_values
+    # the kept entries first, by log pi* descending (an entry's log pi* is finite)
+    key = values.masked_fill(~keep, -math.inf)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    values, ids = values.gather(-1, order), ids.gather(-1, order)
+    count = keep.sum(-1)
+    pad = slot >= count.unsqueeze(-1)
+    values = torch.where(pad, values[:, :1], values)
+    ids = torch.where(pad, ids[:, :1], ids)
+    return values, ids, count
 
 
 def _tvd(log_d: Tensor, log_o: Tensor, norm: str) -> Tensor:

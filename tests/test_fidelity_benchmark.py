@@ -27,14 +27,21 @@ def test_quick_fidelity_writes_the_promised_json(tmp_path):
                        timeout=2300, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     result = json.loads((out / "fidelity.json").read_text())
-    assert {"seed", "exact_gain", "k64_gain", "retained", "median_tail_mass"} <= set(result)
+    assert {"seed", "exact_gain", "k64_gain", "retained", "median_tail_mass", "default_gain",
+            "default_retained", "default_kl_ratio", "default_bytes_per_token"} <= set(result)
     assert result["seed"] == 3
     assert result["retained"] == pytest.approx(result["k64_gain"] / result["exact_gain"])
+    assert result["default_retained"] == pytest.approx(result["default_gain"]
+                                                       / result["exact_gain"])
+    exact_kl = result["per_seed"][0]["runs"]["off-policy/exact"]["kl_to_teacher"]
+    default = result["per_seed"][0]["runs"]["off-policy/default"]
+    assert result["default_kl_ratio"] == pytest.approx(default["kl_to_teacher"] / exact_kl)
+    assert result["default_bytes_per_token"] > 0
     assert 0 < result["median_tail_mass"] < 1
     seed = result["per_seed"][0]
     assert seed["runs"]["off-policy/exact"]["k"] == seed["vocab_size"] == 2008
     sft = seed["sft"]["gold_reward"]
-    for name in ("off-policy/exact", "off-policy/k64-uniform"):
+    for name in ("off-policy/exact", "off-policy/k64-uniform", "off-policy/default"):
         run = seed["runs"][name]
         assert run["gain"] == pytest.approx(run["gold_reward"] - sft)
         assert math.isfinite(run["kl_to_teacher"]) and run["kl_to_teacher"] >= 0

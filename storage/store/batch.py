@@ -34,6 +34,8 @@ class TargetBatch:
     tail_logmass: np.ndarray    # float32 [N]
     dpo_logprobs: np.ndarray    # float32 [N]
     reverse_logprobs: np.ndarray  # float32 [N]
+    #: int32 [N]: entries kept per position; a batch of ragged records is padded to its widest
+    topk_count: np.ndarray
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:
@@ -68,6 +70,7 @@ class TargetBatch:
             tail_logmass=self.tail_logmass[p0:p1],
             dpo_logprobs=self.dpo_logprobs[p0:p1],
             reverse_logprobs=self.reverse_logprobs[p0:p1],
+            topk_count=self.topk_count[p0:p1],
         )
 
     def records(self) -> Iterator[TargetRecord]:
@@ -79,11 +82,7 @@ class TargetBatch:
     def from_records(cls, records: Sequence[TargetRecord]) -> "TargetBatch":
         if not records:
             raise ValueError("from_records: need at least one record")
-        k = records[0].top_k
-        for r in records:
-            if r.top_k != k:
-                raise ValueError(f"from_records: record {r.example_index} has k = {r.top_k}, "
-                                 f"others have k = {k}")
+        k = max(r.top_k for r in records)  # narrower records are padded (their counts stay)
         seq_lens = np.array([r.seq_len for r in records], dtype=np.int64)
         pos_lens = np.array([r.response_len for r in records], dtype=np.int64)
         return cls(
@@ -92,7 +91,7 @@ class TargetBatch:
             seq_offsets=offsets_from_lengths(seq_lens),
             input_ids=np.concatenate([r.input_ids for r in records]).astype(np.int32, copy=False),
             pos_offsets=offsets_from_lengths(pos_lens),
-            **{name: np.concatenate([getattr(r, name) for r in records]).astype(
+            **{name: np.concatenate([_widen(getattr(r, name), k) for r in records]).astype(
                 FIELD_DTYPES[name], copy=False) for name in PER_POSITION_FIELDS},
         )
 
@@ -128,6 +127,7 @@ class TargetBatch:
             return batches[0]
         if not batches:
             raise ValueError("concat: need at least one batch")
+        k = max(b.top_k for b in batches)
         return cls(
             example_index=np.concatenate([b.example_index for b in batches]),
             prompt_len=np.concatenate([b.prompt_len for b in batches]),
@@ -136,7 +136,7 @@ class TargetBatch:
             input_ids=np.concatenate([b.input_ids for b in batches]),
             pos_offsets=offsets_from_lengths(
                 np.concatenate([np.diff(b.pos_offsets) for b in batches])),
-            **{name: np.concatenate([getattr(b, name) for b in batches])
+            **{name: np.concatenate([_widen(getattr(b, name), k) for b in batches])
                for name in PER_POSITION_FIELDS},
         )
 
@@ -153,6 +153,14 @@ class TargetBatch:
                 raise ValueError(f"{name}: {getattr(self, name).shape[0]} rows, expected {n}")
         if (np.diff(self.seq_offsets) - np.diff(self.pos_offsets) != self.prompt_len).any():
             raise ValueError("prompt_len: differs from sequence length - response length")
+
+
+def _widen(arr: np.ndarray, k: int) -> np.ndarray:
+    """A ``[n, j]`` topk array padded to ``[n, k]`` by repeating column 0 (the padding rule of
+    ragged records); anything else as is."""
+    if arr.ndim != 2 or arr.shape[1] == k:
+        return arr
+    return np.concatenate([arr, np.repeat(arr[:, :1], k - arr.shape[1], axis=1)], axis=1)
 
 
 def _ragged_gather(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

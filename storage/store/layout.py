@@ -25,6 +25,13 @@ in ``benchmarks/bench_store.py`` (results in ``benchmarks/results/store.md``):
   bitshuffle once the values are small integers (frequency codes, row deltas). Blosc's
   zstd level 9 compresses ~2% smaller than level 6 but writes ~15x slower (``compact-max``).
 
+Ragged shards (format version 3, a teacher with a tail budget) keep ``topk_count`` (``[N]``,
+the entries of each position) and store ``topk_ids`` and ``topk_logprobs`` FLAT: the kept
+entries of every position back to back (``[sum count]``), with no padding. The same encodings
+apply to the flat arrays (``fp16-bits-rowdelta`` runs along the flat array, across position
+boundaries; ``q8-rowrange`` is not offered for ragged shards), and decoding pads each position
+to the shard's widest by repeating its first entry.
+
 How an array was encoded is also written into its own zarr attributes (``encoding``,
 ``transposed``), and decoding follows those attributes, not the preset name, so any shard a
 supported preset ever wrote stays readable.
@@ -112,23 +119,20 @@ def _chunks(shape: tuple[int, ...], token_axis: int, chunk_tokens: int) -> tuple
     return tuple(chunks)
 
 
-def encode_shard(batch: TargetBatch, layout: Layout, vocab_size: int) -> dict[str, EncodedArray]:
-    """The arrays (with chunking and encoding attributes) that represent ``batch``."""
-    out: dict[str, EncodedArray] = {}
+def encode_shard(batch: TargetBatch, layout: Layout, vocab_size: int, *,
+                 ragged: bool = False) -> dict[str, EncodedArray]:
+    """The arrays (with chunking and encoding attributes) that represent ``batch``; ``ragged``
+    (format version 3) stores only each position's kept entries, plus ``topk_count``."""
+    if ragged:
+        return _encode_ragged(batch, layout, vocab_size)
+    if batch.topk_count.size and int(batch.topk_count.min()) < batch.top_k:
+        raise StoreFormatError("a batch whose positions keep different numbers of ids needs a "
+                               "ragged shard (format version 3, tail_budget > 0)")
+    out = _encode_scalars(batch, layout, vocab_size)
     ct = layout.chunk_tokens
     plain = {"encoding": "plain"}
-    out["example_index"] = EncodedArray(batch.example_index, batch.example_index.shape, plain)
-    out["prompt_len"] = EncodedArray(batch.prompt_len, batch.prompt_len.shape, plain)
-    seq_len = np.diff(batch.seq_offsets).astype(np.int32)
-    out["seq_len"] = EncodedArray(seq_len, seq_len.shape, plain)
-
     id_dtype = _id_dtype(layout, vocab_size)
     id_enc = {"encoding": "plain" if id_dtype == np.int32 else "widen-int32"}
-    ids = batch.input_ids.astype(id_dtype, copy=False)
-    out["input_ids"] = EncodedArray(ids, _chunks(ids.shape, 0, 2 * ct), id_enc)
-    for name in ("alpha", "tail_logmass", "dpo_logprobs", "reverse_logprobs"):
-        arr = getattr(batch, name)
-        out[name] = EncodedArray(arr, _chunks(arr.shape, 0, ct), plain)
 
     def put_topk(name: str, arr: np.ndarray, attrs: dict[str, Any]) -> None:
         transpose = layout.transpose_ids if name == "topk_ids" else layout.transpose_logprobs
@@ -163,6 +167,61 @@ def encode_shard(batch: TargetBatch, layout: Layout, vocab_size: int) -> dict[st
     return out
 
 
+def _encode_scalars(batch: TargetBatch, layout: Layout, vocab_size: int
+                    ) -> dict[str, EncodedArray]:
+    """Every array but the topk ones (the same in fixed-width and ragged shards)."""
+    out: dict[str, EncodedArray] = {}
+    ct = layout.chunk_tokens
+    plain = {"encoding": "plain"}
+    out["example_index"] = EncodedArray(batch.example_index, batch.example_index.shape, plain)
+    out["prompt_len"] = EncodedArray(batch.prompt_len, batch.prompt_len.shape, plain)
+    seq_len = np.diff(batch.seq_offsets).astype(np.int32)
+    out["seq_len"] = EncodedArray(seq_len, seq_len.shape, plain)
+
+    id_dtype = _id_dtype(layout, vocab_size)
+    id_enc = {"encoding": "plain" if id_dtype == np.int32 else "widen-int32"}
+    ids = batch.input_ids.astype(id_dtype, copy=False)
+    out["input_ids"] = EncodedArray(ids, _chunks(ids.shape, 0, 2 * ct), id_enc)
+    for name in ("alpha", "tail_logmass", "dpo_logprobs", "reverse_logprobs"):
+        arr = getattr(batch, name)
+        out[name] = EncodedArray(arr, _chunks(arr.shape, 0, ct), plain)
+    return out
+
+
+def _encode_ragged(batch: TargetBatch, layout: Layout, vocab_size: int
+                   ) -> dict[str, EncodedArray]:
+    if layout.logprobs == "q8-rowrange":
+        raise StoreFormatError(f"layout {layout.name}: q8-rowrange is not offered for ragged "
+                               f"shards (tail_budget > 0); pick a lossless layout")
+    out = _encode_scalars(batch, layout, vocab_size)
+    counts = batch.topk_count
+    width = batch.top_k
+    keep = np.arange(width) < counts[:, None]
+    ids = batch.topk_ids[keep]                    # [sum count], position-major
+    flat_chunks = (max(1, min(layout.chunk_tokens * 8, ids.shape[0])),)
+    if layout.ids == "freq-dict":
+        codes, dictionary = freq_dict_encode(ids, vocab_size)
+        out["topk_ids"] = EncodedArray(codes, flat_chunks, {
+            "encoding": "freq-dict", "companions": [ID_DICTIONARY], "ragged": True})
+        out[ID_DICTIONARY] = EncodedArray(dictionary, dictionary.shape, {"encoding": "plain"})
+    else:
+        id_dtype = _id_dtype(layout, vocab_size)
+        out["topk_ids"] = EncodedArray(ids.astype(id_dtype), flat_chunks, {
+            "encoding": "plain" if id_dtype == np.int32 else "widen-int32", "ragged": True})
+    logprobs = batch.topk_logprobs[keep]
+    if layout.logprobs == "fp16":
+        lp, attrs = logprobs, {"encoding": "plain"}
+    else:  # one long row: the first entry of a position is a delta from the previous one's last
+        lp, attrs = rowdelta_encode(logprobs[None, :])[0], {"encoding": "fp16-bits-rowdelta"}
+    out["topk_logprobs"] = EncodedArray(lp, flat_chunks, {**attrs, "ragged": True})
+    count_dtype = np.uint8 if width <= 255 else (np.uint16 if width <= 65535 else np.int32)
+    out["topk_count"] = EncodedArray(counts.astype(count_dtype),
+                                     _chunks(counts.shape, 0, layout.chunk_tokens),
+                                     {"encoding": "widen-int32" if count_dtype != np.int32
+                                      else "plain"})
+    return out
+
+
 def decode_shard(arrays: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]]) -> TargetBatch:
     """Rebuild the batch from ``{name: (stored array, its attributes)}``.
 
@@ -179,18 +238,40 @@ def decode_shard(arrays: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]]) -> 
     prompt_len = get("prompt_len")
     pos_offsets = offsets_from_lengths(seq_len - prompt_len)
     seq_offsets = offsets_from_lengths(seq_len)
+    topk_ids, topk_logprobs = get("topk_ids"), get("topk_logprobs")
+    if "topk_count" in arrays:  # ragged (format version 3): pad each position to the widest
+        counts = get("topk_count")
+        topk_ids, topk_logprobs = _pad_flat(counts, topk_ids, topk_logprobs)
+    else:
+        counts = np.full(topk_ids.shape[0], topk_ids.shape[1] if topk_ids.ndim == 2 else 0,
+                         dtype=np.int32)
     batch = TargetBatch(
         example_index=get("example_index"), prompt_len=prompt_len, seq_offsets=seq_offsets,
         input_ids=get("input_ids"), pos_offsets=pos_offsets, alpha=get("alpha"),
-        topk_ids=get("topk_ids"), topk_logprobs=get("topk_logprobs"),
+        topk_ids=topk_ids, topk_logprobs=topk_logprobs,
         tail_logmass=get("tail_logmass"), dpo_logprobs=get("dpo_logprobs"),
-        reverse_logprobs=get("reverse_logprobs"))
+        reverse_logprobs=get("reverse_logprobs"), topk_count=counts)
     for name in FIELD_DTYPES:
         if name != "prompt_len" and getattr(batch, name).dtype != FIELD_DTYPES[name]:
             raise ValueError(f"{name}: decoded dtype {getattr(batch, name).dtype}, expected "
                              f"{FIELD_DTYPES[name]}")
     batch.check()
     return batch
+
+
+def _pad_flat(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ``[sum count]`` entries -> ``[N, widest]``, columns past a count repeating column 0."""
+    if ids.ndim != 1 or logprobs.shape != ids.shape or int(counts.sum()) != ids.shape[0]:
+        raise ValueError(f"topk_ids: a ragged shard holds {ids.shape} entries for counts "
+                         f"summing to {int(counts.sum())}")
+    if counts.size and int(counts.min()) < 1:
+        raise ValueError("topk_count: a position keeps no id")
+    width = int(counts.max()) if counts.size else 1
+    starts = offsets_from_lengths(counts)[:-1]
+    slot = np.arange(width)
+    index = starts[:, None] + np.where(slot < counts[:, None], slot, 0)
+    return ids[index], logprobs[index]
 
 
 def _decode_array(name: str, data: np.ndarray, attrs: Mapping[str, Any],
@@ -211,6 +292,8 @@ def _decode_array(name: str, data: np.ndarray, attrs: Mapping[str, Any],
             return np.ascontiguousarray(dictionary[data].T)
         return dictionary[data]
     if encoding == "fp16-bits-rowdelta":
+        if attrs.get("ragged"):
+            return np.cumsum(data, dtype=np.uint16).view(np.float16)
         if transposed:
             return np.ascontiguousarray(_cumsum_axis0(data).T).view(np.float16)
         return np.cumsum(data, axis=1, dtype=np.uint16).view(np.float16)

@@ -77,12 +77,17 @@ class WorkerManifest:
     #: rows of this worker's share left out, by reason (``--skip-bad-rows``); written when the
     #: worker finishes
     skipped: dict[str, int] = field(default_factory=dict)
+    #: shard name -> its statistics (:mod:`.shardstats`); a key readers before it ignore
+    shard_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = {"manifest_version": MANIFEST_VERSION, "worker_index": self.worker_index,
                "finished": self.finished, "shards": [asdict(s) for s in self.shards]}
         if self.skipped:
             out["skipped"] = dict(self.skipped)
+        if self.shard_stats:
+            out["shard_stats"] = {s.name: self.shard_stats[s.name] for s in self.shards
+                                  if s.name in self.shard_stats}
         return out
 
     @classmethod
@@ -95,7 +100,11 @@ class WorkerManifest:
         try:
             shards = [ShardEntry(**s) for s in data["shards"]]
             skipped = {str(k): int(v) for k, v in dict(data.get("skipped") or {}).items()}
-            return cls(int(data["worker_index"]), bool(data["finished"]), shards, skipped)
+            stats = data.get("shard_stats") or {}
+            if not isinstance(stats, dict):
+                raise TypeError("shard_stats is not an object")
+            return cls(int(data["worker_index"]), bool(data["finished"]), shards, skipped,
+                       dict(stats))
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreCorruptionError(where, f"malformed manifest ({exc})") from None
 

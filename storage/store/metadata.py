@@ -26,12 +26,16 @@ from .location import StoreLocation, open_location
 #: Version 1: each position keeps pi*'s top-k ids. Version 2 adds ``dpo_top`` > 0: the kept ids
 #: include the dpo model's top ``dpo_top`` (same arrays; a reader of version 1 would take them for
 #: pi*'s top-k, so it must refuse them). A store with ``dpo_top`` = 0 is written as version 1.
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+#: Version 3 adds ``tail_budget`` > 0: each position keeps its own number of ids (ragged
+#: ``topk_*`` arrays plus ``topk_count``), which readers of versions 1 and 2 cannot decode.
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 
 
-def format_version_for(dpo_top: int) -> int:
-    """The lowest format version that can hold a store with this ``dpo_top``."""
+def format_version_for(dpo_top: int, tail_budget: float = 0.0) -> int:
+    """The lowest format version that can hold a store with these settings."""
+    if tail_budget:
+        return 3
     return 2 if dpo_top else 1
 
 #: Key of the root group's attributes that holds the store metadata.
@@ -66,7 +70,9 @@ class StoreMetadata:
     layout: str = DEFAULT_LAYOUT
     dpo_top: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = 0  #: 0: derived from dpo_top
+    format_version: int = 0  #: 0: derived from dpo_top and tail_budget
+    tail_budget: float = 0.0
+    min_k: int = 1
     created_with: str = ""
 
     def __post_init__(self) -> None:
@@ -80,17 +86,27 @@ class StoreMetadata:
             raise ValueError("teachers: must be a dict of role -> identity")
         if not isinstance(self.dpo_top, int) or not 0 <= self.dpo_top <= self.top_k:
             raise ValueError(f"dpo_top: must satisfy 0 <= dpo_top <= top_k, got {self.dpo_top!r}")
-        needed = format_version_for(self.dpo_top)
+        if isinstance(self.tail_budget, bool) or not isinstance(self.tail_budget, (int, float)) \
+                or not 0 <= self.tail_budget < 1:
+            raise ValueError(f"tail_budget: must be in [0, 1), got {self.tail_budget!r}")
+        if not isinstance(self.min_k, int) or not 1 <= self.min_k <= self.top_k:
+            raise ValueError(f"min_k: must satisfy 1 <= min_k <= top_k, got {self.min_k!r}")
+        needed = format_version_for(self.dpo_top, self.tail_budget)
         if self.format_version == 0:
             object.__setattr__(self, "format_version", needed)
         elif self.format_version != needed:
             raise ValueError(f"format_version {self.format_version} does not match dpo_top "
-                             f"{self.dpo_top} (format_version {needed})")
+                             f"{self.dpo_top}, tail_budget {self.tail_budget} (format_version "
+                             f"{needed})")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["r"] = float(self.r)
         data["eps"] = float(self.eps)
+        data["tail_budget"] = float(self.tail_budget)
+        if self.format_version < 3:  # byte-for-byte what versions 1 and 2 wrote
+            data.pop("tail_budget")
+            data.pop("min_k")
         return data
 
     @classmethod
@@ -105,7 +121,8 @@ class StoreMetadata:
                 f"reads format_version {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} "
                 f"(a newer aligndistil may have written it)")
         known = {f for f in cls.__dataclass_fields__}
-        optional = ("extra", "created_with", "dpo_top")  # dpo_top: version 2 only
+        # dpo_top: version 2 on; tail_budget, min_k: version 3 only
+        optional = ("extra", "created_with", "dpo_top", "tail_budget", "min_k")
         missing = [k for k in known if k not in data and k not in optional]
         if missing:
             raise StoreFormatError(f"{where}: store metadata lacks key(s) {', '.join(missing)}")

@@ -31,7 +31,7 @@ WriteHook = Callable[[str, str], None]
 
 def write_shard(location: Path | StoreLocation, relpath: str, batch: TargetBatch,
                 layout: Layout, vocab_size: int, *, durable: bool = True,
-                hook: WriteHook | None = None) -> dict[str, bytes]:
+                hook: WriteHook | None = None, ragged: bool = False) -> dict[str, bytes]:
     """Write ``batch`` as a fresh shard at ``relpath`` (anything already there is removed
     first); returns the files written, ``{path within the shard: bytes}``.
 
@@ -40,7 +40,7 @@ def write_shard(location: Path | StoreLocation, relpath: str, batch: TargetBatch
     missing chunk as fill values).
     """
     location = open_location(location)
-    files = encode_shard_files(batch, layout, vocab_size)
+    files = encode_shard_files(batch, layout, vocab_size, ragged=ragged)
     location.remove_tree(relpath)
 
     def after_group(name: str) -> None:
@@ -53,13 +53,14 @@ def write_shard(location: Path | StoreLocation, relpath: str, batch: TargetBatch
     return files
 
 
-def encode_shard_files(batch: TargetBatch, layout: Layout, vocab_size: int) -> dict[str, bytes]:
+def encode_shard_files(batch: TargetBatch, layout: Layout, vocab_size: int, *,
+                       ragged: bool = False) -> dict[str, bytes]:
     """The shard's zarr v3 group as files, ``{path within the shard: bytes}``, in the order
     zarr wrote them (the group's ``zarr.json``, then each array's metadata and chunks)."""
     import zarr
     from zarr.codecs import BloscCodec
 
-    arrays = encode_shard(batch, layout, vocab_size)
+    arrays = encode_shard(batch, layout, vocab_size, ragged=ragged)
     written: dict = {}
     store = zarr.storage.MemoryStore(written)
     group = zarr.create_group(store, attributes={SHARD_ATTRIBUTE_KEY: {

@@ -30,13 +30,15 @@ def target_arrays(store: TargetStore) -> dict[str, np.ndarray]:
     beta0 = float(meta.extra.get("beta0", 0.1))  # recorded by precompute; the paper's 0.1
     parts: dict[str, list[np.ndarray]] = {k: [] for k in
                                           ("alpha", "top1", "kept_mass", "tail_mass",
-                                           "reward", "response_len")}
+                                           "reward", "response_len", "k")}
     for entry in store.shards:
         batch = load_shard(store.location, entry)
         logq = batch.topk_logprobs.astype(np.float64)
+        kept = np.arange(batch.top_k) < batch.topk_count[:, None]  # not a ragged shard's padding
         parts["alpha"].append(batch.alpha.astype(np.float64))
         parts["top1"].append(np.exp(logq.max(axis=1)))
-        parts["kept_mass"].append(np.exp(logq).sum(axis=1))
+        parts["kept_mass"].append(np.where(kept, np.exp(logq), 0.0).sum(axis=1))
+        parts["k"].append(batch.topk_count.astype(np.float64))
         parts["tail_mass"].append(np.exp(batch.tail_logmass.astype(np.float64)))
         parts["reward"].append(beta0 * (batch.dpo_logprobs.astype(np.float64)
                                              - batch.reverse_logprobs.astype(np.float64)))
@@ -73,6 +75,13 @@ def target_stats(store: TargetStore, arrays: dict[str, np.ndarray] | None = None
         band = END_BAND * (top - meta.eps)
         stats["alpha_at_bottom"] = float((alpha <= meta.eps + band).mean())
         stats["alpha_at_top"] = float((alpha >= top - band).mean())
+    if meta.tail_budget and arrays["k"].size:
+        # the positions where the cap, not the budget, decided: more than EPS left out
+        capped = (arrays["k"] >= meta.top_k) & (arrays["tail_mass"] > meta.tail_budget)
+        stats["tail_budget"] = meta.tail_budget
+        stats["capped_over_budget"] = float(capped.mean())
+        values, counts = np.unique(arrays["k"].astype(np.int64), return_counts=True)
+        stats["k_histogram"] = {int(v): int(c) for v, c in zip(values, counts)}
     return stats
 
 
@@ -84,6 +93,7 @@ LABELS = {
     "tail_mass": "pi* tail mass (outside the kept ids)",
     "reward": "contrastive reward per token",
     "response_len": "response length (tokens)",
+    "k": "ids kept per position (k_t)",
 }
 
 
@@ -101,6 +111,15 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"  alpha within {END_BAND:.0%} of its range: "
                      f"{stats['alpha_at_bottom']:.1%} at the bottom (eps), "
                      f"{stats['alpha_at_top']:.1%} at the top (r + eps)")
+    if "capped_over_budget" in stats:
+        lines.append(f"  tail budget {stats['tail_budget']:g}: {stats['capped_over_budget']:.2%} of "
+                     f"positions hit the cap top_k {stats['top_k']} with more than "
+                     f"{stats['tail_budget']:g} of pi*'s mass left out")
+        hist = stats["k_histogram"]
+        total = sum(hist.values())
+        lines.append("  k_t distribution: " + ", ".join(
+            f"{k}: {n / total:.1%}" for k, n in sorted(hist.items())[:24])
+            + (" ..." if len(hist) > 24 else ""))
     return "\n".join(lines)
 
 

@@ -48,6 +48,7 @@ def summarize(store: TargetStore) -> dict[str, Any]:
         "bytes_per_token": (shard_bytes / tokens) if tokens else None,
         "top_k": meta.top_k,
         "dpo_top": meta.dpo_top,
+        "tail_budget": meta.tail_budget, "min_k": meta.min_k,
         "vocab_size": meta.vocab_size,
         "teachers": meta.teachers,
         "tokenizer_sha256": meta.tokenizer_sha256,
@@ -57,6 +58,7 @@ def summarize(store: TargetStore) -> dict[str, Any]:
         "num_workers": meta.num_workers,
         "complete": all(w["state"] == "finished" for w in workers),
         "alpha": alpha_summary(store),
+        "kept_ids": kept_ids_summary(store),
         "skipped": {k: sum(w["skipped"].get(k, 0) for w in workers)
                     for k in sorted({k for w in workers for k in w["skipped"]})},
         "workers": workers,
@@ -72,13 +74,20 @@ def alpha_summary(store: TargetStore) -> dict[str, Any] | None:
     """What the user's r did: alpha's mean, p50, p90, min and max over every response position,
     and (adaptive modes) the fraction within 1% of either end of its range ``[eps, r * tvd_max +
     eps]`` (``tvd_max`` 1 for half-l1, 2 for l1): near ``eps`` the teacher is just the dpo model,
-    at the top r saturates. Reads only the ``alpha`` array of each shard."""
+    at the top r saturates. From the manifests' per-shard statistics when every shard has them
+    (quantiles to a quarter of a percent of the range, :mod:`.shardstats`); otherwise, for
+    stores written before them, from the ``alpha`` array of each shard."""
     import numpy as np
 
     from .layout import _decode_array
     from .shardio import load_shard_arrays
+    from .shardstats import alpha_range, merge_alpha
 
     meta = store.metadata
+    bounds = alpha_range(meta.mode, meta.r, meta.eps, meta.tvd_norm)
+    kept = {name: st for m in store.manifests.values() for name, st in m.shard_stats.items()}
+    if store.shards and all(s.name in kept for s in store.shards):
+        return merge_alpha([kept[s.name] for s in store.shards], bounds)
     parts = []
     for entry in store.shards:
         arrays = load_shard_arrays(store.location, entry, names={"alpha"})
@@ -101,6 +110,27 @@ def alpha_summary(store: TargetStore) -> dict[str, Any] | None:
     return out
 
 
+def kept_ids_summary(store: TargetStore) -> dict[str, Any] | None:
+    """Ids kept per position (mean, histogram) and pi*'s mean tail mass, with the share of
+    positions over the tail budget, from the manifests' per-shard statistics (None for stores
+    written before them)."""
+    kept = {name: st for m in store.manifests.values() for name, st in m.shard_stats.items()}
+    if not store.shards or not all(s.name in kept for s in store.shards):
+        return None
+    stats = [kept[s.name] for s in store.shards]
+    hist: dict[int, int] = {}
+    for st in stats:
+        for k, n in st["k"].items():
+            hist[int(k)] = hist.get(int(k), 0) + int(n)
+    n = sum(hist.values())
+    if not n:
+        return None
+    over = [st["tail_mass"]["over_budget"] for st in stats]
+    return {"mean": sum(k * c for k, c in hist.items()) / n, "histogram": dict(sorted(hist.items())),
+            "tail_mass_mean": sum(st["tail_mass"]["sum"] for st in stats) / n,
+            "over_budget": (sum(over) / n) if all(o is not None for o in over) else None}
+
+
 def format_alpha(a: dict[str, Any] | None) -> str:
     if not a:
         return "alpha           -"
@@ -120,12 +150,19 @@ def format_summary(s: dict[str, Any]) -> str:
         f"shards          {s['shards']}",
         f"bytes on disk   {s['bytes_on_disk']}  ({bpt} B/response token in shards)",
         f"top_k           {s['top_k']}   vocab_size {s['vocab_size']}"
-        + (f"   (includes the dpo model's top {s['dpo_top']})" if s.get("dpo_top") else ""),
+        + (f"   (includes the dpo model's top {s['dpo_top']})" if s.get("dpo_top") else "")
+        + (f"   (a cap: tail budget {s['tail_budget']:g}, at least {s['min_k']} per position)"
+           if s.get("tail_budget") else ""),
         f"teachers        " + ", ".join(f"{k}={v}" for k, v in s["teachers"].items()),
         f"tokenizer       sha256 {s['tokenizer_sha256']}",
         f"targets         mode {s['mode']}, r {s['r']}, eps {s['eps']}, tvd_norm {s['tvd_norm']}",
         f"source          {s['source_fingerprint']}",
         format_alpha(s.get("alpha")),
+        *([f"kept ids        mean {s['kept_ids']['mean']:.2f} per position; pi* tail mass mean "
+           f"{s['kept_ids']['tail_mass_mean']:.3g}"
+           + (f"; {100 * s['kept_ids']['over_budget']:.1f}% of positions leave more than the "
+              f"budget out (the cap decided)" if s["kept_ids"]["over_budget"] is not None
+              else "")] if s.get("kept_ids") else []),
         "skipped rows    " + (", ".join(f"{n} {why}" for why, n in s["skipped"].items())
                               if s.get("skipped") else "none"),
         f"workers         {s['num_workers']} ({'complete' if s['complete'] else 'INCOMPLETE'})",

@@ -41,6 +41,7 @@ from .manifest import (CHECKSUMS_FILE, ShardEntry, WorkerManifest, checksums_blo
                        read_manifest, sha256_bytes, shard_name, shard_relpath)
 from .metadata import StoreMetadata, create_or_check
 from .shardio import WriteHook, load_shard_arrays, write_shard
+from .shardstats import alpha_range, shard_stats
 
 DEFAULT_SHARD_TOKENS = 65536
 
@@ -122,9 +123,15 @@ class TargetStoreWriter:
         """Buffer one record (validated against the store's vocab size and k)."""
         self._check_open()
         record.validate(vocab_size=self.metadata.vocab_size)
-        if record.top_k != self.metadata.top_k:
+        ragged = self.metadata.format_version >= 3
+        if record.top_k > self.metadata.top_k or (record.top_k != self.metadata.top_k
+                                                   and not ragged):
             raise RecordError(f"topk_ids: record {record.example_index} has k = {record.top_k}, "
                               f"the store has top_k = {self.metadata.top_k}")
+        if record.ragged and not ragged:
+            raise RecordError(f"topk_count: record {record.example_index} keeps fewer than k ids "
+                              f"at some positions; only a store with a tail budget (format "
+                              f"version 3) holds such records")
         self._buffer.append(record)
         self._buffer_tokens += record.response_len
         if self._buffer_tokens >= self.shard_tokens:
@@ -144,13 +151,18 @@ class TargetStoreWriter:
         name = shard_name(self.worker_index, self._next_seq, self._writer_tag)
         relpath = shard_relpath(name)
         files = write_shard(self.location, relpath, batch, self.layout, self.metadata.vocab_size,
-                            durable=self.durable, hook=self._hook)
+                            durable=self.durable, hook=self._hook,
+                            ragged=self.metadata.format_version >= 3)
         blob = checksums_blob(files)
         self.location.write(f"{relpath}/{CHECKSUMS_FILE}", blob, durable=self.durable)
         checksum = sha256_bytes(blob)
         entry = ShardEntry(name=name, num_examples=len(batch), num_tokens=batch.num_tokens,
                            num_input_tokens=int(batch.seq_offsets[-1]),
                            checksums_sha256=checksum)
+        meta = self.metadata
+        self._manifest.shard_stats[name] = shard_stats(
+            batch, alpha_bounds=alpha_range(meta.mode, meta.r, meta.eps, meta.tvd_norm),
+            tail_budget=meta.tail_budget)
         self._manifest.shards.append(entry)
         self._manifest.finished = False
         try:
@@ -158,6 +170,7 @@ class TargetStoreWriter:
                            durable=self.durable)
         except BaseException:
             self._manifest.shards.pop()
+            self._manifest.shard_stats.pop(name, None)
             if self._lost is not None:  # taken over while writing: take the shard back
                 self._remove_refused(relpath)
             raise

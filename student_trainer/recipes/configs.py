@@ -96,6 +96,10 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
                        "$ALIGNDISTIL_API_KEY)", SECRET] = None
     top_k: Annotated[int | None, "on-policy: ask the server for this many top-k entries "
                      "(none: the server's)", ">=1"] = None
+    student_top: Annotated[int, "on-policy: also score the student's own top N ids at each "
+                           "response position (one no-grad pass per step) and train on the "
+                           "union with the teacher's kept ids; 0: off (docs/training.md)",
+                           ">=0"] = 0
     max_new_tokens: Annotated[int, "on-policy: longest sampled response (the released "
                               "scripts' 1024)", ">=1"] = 1024
     max_prompt_len: Annotated[int, "on-policy: longer prompts keep their last tokens (cut "
@@ -185,6 +189,7 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
                 ("--teacher-url", self.teacher_url), ("--prompts", self.prompts),
                 ("--top-k", self.top_k is not None), ("--max-seq-len", self.max_seq_len),
                 ("--async-rollouts", self.async_rollouts),
+                ("--student-top", self.student_top),
                 ("--rollout-backend", self.rollout_backend != "hf")) if given]
             if unused:
                 raise ConfigError(f"{', '.join(unused)} only apply to --mode on-policy (the "

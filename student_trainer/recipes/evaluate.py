@@ -35,7 +35,7 @@ import torch
 from causal_lm.head import head_logits, response_hidden
 from storage.datasets import data_source
 from storage.fsio import atomic_write_text
-from student_trainer.collate import collate_sequences
+from student_trainer.collate import collate_records, collate_sequences
 from student_trainer.recipes.configs import EvalConfig
 from student_trainer.rollout.hf_generate import RolloutConfig
 from student_trainer.sampling import Sample, sample_answers
@@ -66,12 +66,9 @@ def response_logprobs(model, samples: list[Sample], pad_id: int, batch_size: int
         picked = logp.gather(-1, batch.target_ids[:, None])[:, 0].cpu()
         logprobs.extend(torch.split(picked, lengths))
         if records is not None:
-            recs = records[start:start + batch_size]
-            kl = sparse_reverse_kl(
-                logits,
-                torch.cat([torch.as_tensor(r.topk_ids, dtype=torch.long) for r in recs]).to(device),
-                torch.cat([torch.as_tensor(r.topk_logprobs) for r in recs]).to(device),
-                torch.cat([torch.as_tensor(r.tail_logmass) for r in recs]).to(device))
+            targets = collate_records(records[start:start + batch_size], pad_id).to(device)
+            kl = sparse_reverse_kl(logits, targets.topk_ids, targets.topk_logprobs,
+                                   targets.tail_logmass, topk_count=targets.topk_count)
             kls.extend(torch.split(kl.cpu(), lengths))
     return logprobs, kls
 

@@ -40,8 +40,8 @@ from student_trainer import fsdp, losses, reinforce
 from student_trainer.checkpoint import (
     CheckpointError, capture_rng_state, checkpoint_name,
     load_state, prune_checkpoints, resolve_resume, restore_rng_state, save_checkpoint)
-from student_trainer.client import (TARGET_FIELDS, TeacherUnavailable, pool_differences,
-                                    teacher_models)
+from student_trainer.client import (TARGET_DEFAULTS, TARGET_FIELDS, TeacherUnavailable,
+                                    pool_differences, teacher_models)
 from student_trainer.collate import Batch, micro_batches
 from student_trainer.distributed import (
     DistEnv, all_reduce_max, all_reduce_sum, barrier, finish, gather_objects, init_distributed,
@@ -127,7 +127,7 @@ def train_step(module: torch.nn.Module, batches: list[Batch], *, optimizer, sche
                         batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
                         topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
                         tail_logmass=batch.tail_logmass, position_ids=batch.position_ids,
-                        parts=True)
+                        parts=True, topk_count=batch.topk_count)
                 else:
                     logp = module(batch.input_ids, batch.attention_mask, batch.row_idx,
                                   batch.col_idx, mode="logprobs", target_ids=batch.target_ids,
@@ -488,12 +488,13 @@ def _check_same_teacher(source: BatchSource, out: Path, *, resuming: bool, env: 
     info = getattr(source, "teacher_info", None)
     if not info:
         return
-    fixed = {**{k: info.get(k) for k in (*TARGET_FIELDS, "max_seq_len")},
+    fixed = {**{k: info.get(k, TARGET_DEFAULTS.get(k)) for k in (*TARGET_FIELDS, "max_seq_len")},
              "models": teacher_models(info)}
     path = out / TEACHER_INFO
     if resuming and path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        saved = {"dpo_top": 0, **saved}  # recorded before the setting existed: 0
+        # recorded before a setting existed: its default
+        saved = {"dpo_top": 0, **TARGET_DEFAULTS, **saved}
         diffs = pool_differences(saved, fixed)
         if diffs:
             raise CheckpointError(f"--resume: the teacher server changed since this run started "

@@ -53,7 +53,9 @@ class OnPolicySource:
                  rollouts: RolloutBackend | None, scorer: Scorer | None, seed: int,
                  top_k: int | None = None, rank: int = 0, world_size: int = 1,
                  async_rollouts: bool = False, eos_ids: set[int] | None = None,
-                 prompts_truncated: int = 0, teacher_info: dict | None = None):
+                 prompts_truncated: int = 0, teacher_info: dict | None = None,
+                 student_top: int = 0, pad_id: int = 0, vocab_size: int | None = None,
+                 sharded_root: torch.nn.Module | None = None):
         self.prompts = [list(p) for p in prompts]
         self.model = model
         self.rollouts, self.scorer, self.top_k = rollouts, scorer, top_k
@@ -65,6 +67,9 @@ class OnPolicySource:
         if self.records_per_epoch < 1:
             raise ValueError("no prompts")
         self.async_rollouts = async_rollouts
+        #: --student-top: also score the sampling student's top N ids at each position
+        self.student_top, self.pad_id, self.vocab_size = student_top, pad_id, vocab_size
+        self.sharded_root = sharded_root
         self._pool: ThreadPoolExecutor | None = None
         self._rollout_model: torch.nn.Module | None = None
 
@@ -88,15 +93,35 @@ class OnPolicySource:
         sequences = self.rollouts.sample(
             model, prompts, (self.seed * 1_000_003 + step) * self.world_size + self.rank)
         t1 = time.perf_counter()
-        records = self.scorer.score(sequences, top_k=self.top_k)
+        timings = {"rollout_s": t1 - t0}
+        if self.student_top:
+            records, timings["candidates_s"] = self._score_with_candidates(model, sequences)
+        else:
+            records = self.scorer.score(sequences, top_k=self.top_k)
         t2 = time.perf_counter()
+        timings["score_s"] = t2 - t1 - timings.get("candidates_s", 0.0)
         # Responses that hit --max-new-tokens (or the length limit) before an EOS.
         unfinished = 0 if filler else \
             sum(1 for ids, _ in sequences if not ids or ids[-1] not in self.eos_ids)
-        return StepData(step, epoch, [] if filler else records,
-                        {"rollout_s": t1 - t0, "score_s": t2 - t1},
+        return StepData(step, epoch, [] if filler else records, timings,
                         {"responses_without_eos": float(unfinished)}, step_sequences=size,
                         filler=records[0] if filler else None)
+
+    def _score_with_candidates(self, model, sequences) -> tuple[list[TargetRecord], float]:
+        """Score with the student's top ``student_top`` ids named per position, and merge them
+        into each record (:mod:`student_trainer.candidates`); also the seconds the student's
+        pass took."""
+        from student_trainer.candidates import merge_candidates, student_top_ids
+
+        t0 = time.perf_counter()
+        sharded = self.sharded_root if model is self.model else None
+        top = student_top_ids(model, sequences, self.student_top, pad_id=self.pad_id,
+                              vocab_size=self.vocab_size, forward=sharded)
+        seconds = time.perf_counter() - t0
+        scored = self.scorer.score_named([(ids, p, named) for (ids, p), named
+                                          in zip(sequences, top)], top_k=self.top_k)
+        return [merge_candidates(record, named, logprobs)
+                for (record, logprobs), named in zip(scored, top)], seconds
 
     def iterate(self, start_step: int, total_steps: int, global_batch: int
                 ) -> Iterator[StepData]:
@@ -179,6 +204,10 @@ class OnPolicySource:
                 raise ConfigError(f"--max-seq-len {config.max_seq_len} exceeds the teacher "
                                   f"servers' max_seq_len {served}: every sequence longer than "
                                   f"that would be refused (413); use at most {served}")
+            if config.student_top and config.student_top > int(info.get("top_k", 0)):
+                raise ConfigError(f"--student-top {config.student_top} exceeds the teacher "
+                                  f"servers' top_k {info.get('top_k')}: a server scores at "
+                                  f"most that many named ids per position")
             max_seq_len = config.max_seq_len or served
             max_prompt_len = config.max_prompt_len
             if max_seq_len:  # leave room for at least one response token
@@ -221,5 +250,7 @@ class OnPolicySource:
                    top_k=config.top_k, rank=rank, world_size=world_size,
                    async_rollouts=config.async_rollouts,
                    eos_ids=eos_id_set(tokenizer.eos_token_id), prompts_truncated=len(cut),
-                   teacher_info=info)
+                   teacher_info=info, student_top=config.student_top,
+                   pad_id=pad_token_id(tokenizer), vocab_size=len(tokenizer),
+                   sharded_root=sharded_root)
 
