@@ -20,7 +20,7 @@ encoder:
 
 Variants: fixed k in {16, 32, 64, 128} (with and without ``--dpo-top k/2``), tail budgets EPS
 with a cap of 128 (with and without the dpo model's ids to the same budget, ``--dpo-top 127``),
-each with the uniform and the bucket tail, and budgets with the student's top N ids merged in (``--student-top N``, through
+each with the uniform, the bucket and the auto tail, and budgets with the student's top N ids merged in (``--student-top N``, through
 ``student_trainer.candidates.merge_candidates``, the trainer's own code).
 
     .venv/bin/python benchmarks/bench_fidelity_per_byte.py --pair /work/cache/smollm2-135m \\
@@ -64,6 +64,7 @@ BUDGETS = (0.05, 0.02, 0.01, 0.005, 0.002)
 CAP = 128
 DPO_TOP = 32
 STUDENT_TOPS = (8, 16, 32)
+TAILS = ("uniform", "bucket", "auto")
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -196,23 +197,22 @@ def main() -> None:
 
     variants = []  # (name, config, tails, student_top)
     for k in (FIXED_KS if not args.quick else (32, 64)):
-        variants.append((f"k={k}", TargetConfig(top_k=k, r=args.r, chunk_size=64),
-                         ("uniform", "bucket"), 0))
+        variants.append((f"k={k}", TargetConfig(top_k=k, r=args.r, chunk_size=64), TAILS, 0))
         variants.append((f"k={k}, dpo-top {k // 2}",
                          TargetConfig(top_k=k, r=args.r, chunk_size=64, dpo_top=k // 2),
-                         ("uniform",), 0))
+                         TAILS, 0))
     for eps in (BUDGETS if not args.quick else (0.01,)):
         variants.append((f"EPS={eps:g}", TargetConfig(top_k=CAP, r=args.r, chunk_size=64,
-                                                      tail_budget=eps), ("uniform", "bucket"), 0))
-        # the dpo model's ids to the same budget, within the cap (--dpo-top cap - 1)
+                                                      tail_budget=eps), TAILS, 0))
+        # the dpo model's mass to the same budget, within the cap (--dpo-top cap - 1)
         variants.append((f"EPS={eps:g}, dpo budget",
                          TargetConfig(top_k=CAP, r=args.r, chunk_size=64, tail_budget=eps,
-                                      dpo_top=CAP - 1), ("uniform", "bucket"), 0))
+                                      dpo_top=CAP - 1), TAILS, 0))
     for eps in ((0.01, 0.002) if not args.quick else (0.01,)):
         for m in (STUDENT_TOPS if not args.quick else (16,)):
             variants.append((f"EPS={eps:g} + student top {m}",
                              TargetConfig(top_k=CAP, r=args.r, chunk_size=64, tail_budget=eps),
-                             ("uniform", "bucket"), m))
+                             TAILS, m))
 
     rows = []
     for name, config, tails, m in variants:
@@ -295,7 +295,7 @@ def write_report(result: dict, out: Path) -> None:
              + ", ".join(f"{v:g} B/token ({k.split(' ', 1)[1]})"
                          for k, v in result["distillkit"].items()) + ".", "",
              "| variant | B/token | k mean / p90 / max | capped over EPS | uniform: cos | "
-             "bucket: cos |", "|---|---:|---:|---:|---:|---:|"]
+             "bucket: cos | auto: cos |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("student_top"):
             continue
@@ -303,16 +303,17 @@ def write_report(result: dict, out: Path) -> None:
                   else "-")
         lines.append(f"| {r['variant']} | {r['bytes_per_token']:.1f} | {r['k_mean']:.1f} / "
                      f"{r['k_p90']:.0f} / {r['k_max']} | {capped} | {cos(r, 'uniform')} | "
-                     f"{cos(r, 'bucket')} |")
+                     f"{cos(r, 'bucket')} | {cos(r, 'auto')} |")
     cand = [r for r in rows if r.get("student_top")]
     if cand:
         lines += ["", "On-policy, the student's own top N ids merged in (`--student-top N`; "
                   "not stored, so no bytes):", "",
-                  "| variant | union k mean / p90 / max | uniform: cos | bucket: cos |",
-                  "|---|---:|---:|---:|"]
+                  "| variant | union k mean / p90 / max | uniform: cos | bucket: cos | auto: cos |",
+                  "|---|---:|---:|---:|---:|"]
         for r in cand:
             lines.append(f"| {r['variant']} | {r['union_k_mean']:.1f} / {r['union_k_p90']:.0f} "
-                         f"/ {r['union_k_max']} | {cos(r, 'uniform')} | {cos(r, 'bucket')} |")
+                         f"/ {r['union_k_max']} | {cos(r, 'uniform')} | {cos(r, 'bucket')} | "
+                         f"{cos(r, 'auto')} |")
     fields = sorted({f for r in rows for f in r.get("bytes_by_field", {})})
     lines += ["", "Bytes per token by array:", "",
               "| variant | " + " | ".join(fields) + " |",
@@ -341,7 +342,7 @@ def plot(result: dict, path: Path) -> None:
         ("fixed k, --dpo-top k/2", "s", lambda r: not r["tail_budget"] and r["dpo_top"]),
         ("tail budget", "^", lambda r: r["tail_budget"] and not r["dpo_top"]),
         ("tail budget, dpo budget", "D", lambda r: r["tail_budget"] and r["dpo_top"]))
-    for tail_model, ls in (("uniform", "-"), ("bucket", "--")):
+    for tail_model, ls in (("uniform", "-"), ("bucket", "--"), ("auto", ":")):
         for label, marker, pick in families:
             pts = [(r["bytes_per_token"], r[tail_model]["cos_params"], r["variant"])
                    for r in result["rows"] if "bytes_per_token" in r and pick(r)

@@ -25,6 +25,12 @@ top-k. The tail is modelled two ways:
     where ``P_out`` is the student's mass outside the top-k. By the log-sum inequality
     bucket <= uniform; it does not care how the student spreads mass inside the tail.
 
+``auto`` (the trainer's default)
+    Per position: ``bucket`` where pi* leaves more than :data:`AUTO_BROAD` (5%) of its mass
+    outside the kept ids, ``uniform`` elsewhere. A broad tail spread evenly misprices the ids
+    the student likes (the grammar world's lesson); a thin one is cheap to spread and
+    ``uniform`` then sees a student that moves mass onto a few ids outside the kept ones.
+
 Both cost O(V) per position from the student's logits (a log-softmax and one reduction) plus
 O(k) gathers; no ``[..., V]`` teacher tensor is ever built. The gradient is analytic
 (``dKL/dz_j = p_j (w_j - KL)`` with ``w_j = log p_j - log q_j``, or the bucket's per-category
@@ -78,7 +84,11 @@ __all__ = [
 ]
 
 #: Tail models of the sparse teacher (see the module docstring).
-TAILS: tuple[str, ...] = ("uniform", "bucket")
+TAILS: tuple[str, ...] = ("auto", "uniform", "bucket")
+#: ``auto``: above this pi* mass outside a position's kept ids, the bucket tail applies there
+#: (a broad tail, where spreading the mass evenly misprices the ids the student likes); at or
+#: below it, the uniform tail (benchmarks/results/fidelity_per_byte.md, fidelity_budget/).
+AUTO_BROAD: float = 0.05
 #: ``alpha``: beta_t = beta0 / alpha_t (the authors' released code); ``uniform``: beta_t = beta0.
 WEIGHTINGS: tuple[str, ...] = ("alpha", "uniform")
 #: Teacher log-probs (top-k entries and tail) are clamped to at least this value, so a teacher
@@ -156,11 +166,13 @@ def _check_sparse_targets(
 
 def _prepare_teacher(
     topk_ids: Tensor, topk_logprobs: Tensor, tail_logmass: Tensor, vocab_size: int,
-    dtype: torch.dtype, topk_count: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dtype: torch.dtype, topk_count: Tensor | None = None, tail_model: str = "uniform",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(ids, logq_k, tail, log_rest, count)``: int64 ids; log-probs and tail cast to
     ``dtype`` and floored (see LOGPROB_FLOOR; the tail is 0 where ``k_t`` = V, never read);
-    ``log(V - k_t)``, the log of the number of ids in the tail; ``k_t`` as int64.
+    ``log(V - k_t)``, the log of the number of ids in the tail; ``k_t`` as int64; and where the
+    bucket tail applies (bool, per position: everywhere, nowhere, or with ``auto`` where pi*
+    leaves more than :data:`AUTO_BROAD` of its mass outside the kept ids).
 
     ``topk_count`` (ragged targets) says how many columns each position keeps; the columns past
     it must repeat column 0 (the record's padding rule), so gathering and scattering them touch
@@ -175,7 +187,11 @@ def _prepare_teacher(
     no_tail = count >= vocab_size
     tail = tail_logmass.to(dtype).clamp(min=LOGPROB_FLOOR).masked_fill(no_tail, 0.0)
     log_rest = (vocab_size - count).clamp_min(1).to(dtype).log()  # never read where no_tail
-    return ids, logq_k, tail, log_rest, count
+    if tail_model == "auto":
+        bucket = tail_logmass.to(dtype) > math.log(AUTO_BROAD)
+    else:
+        bucket = torch.full_like(no_tail, tail_model == "bucket")
+    return ids, logq_k, tail, log_rest, count, bucket
 
 
 def _keep(ids: Tensor, count: Tensor, dtype: torch.dtype) -> Tensor:
@@ -188,10 +204,11 @@ def _keep(ids: Tensor, count: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _sparse_kl_stats(
     logits: Tensor, ids: Tensor, logq_k: Tensor, tail: Tensor, log_rest: Tensor, count: Tensor,
-    tail_model: str, dtype: torch.dtype,
+    bucket: Tensor, dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """KL per position, with the student's probabilities on the kept ids (0 on padding
-    columns) and its mass P_out outside them."""
+    columns) and its mass P_out outside them. ``bucket`` (bool, per position) picks the bucket
+    tail there and the uniform tail elsewhere."""
     vocab_size = logits.shape[-1]
     logp = _student_logprobs(logits, dtype)                    # temporary 1
     logp_k = logp.gather(-1, ids)
@@ -201,12 +218,12 @@ def _sparse_kl_stats(
         return kl, p_k, torch.zeros_like(kl)
     p_rest = logp.exp().scatter_(-1, ids, 0.0)                 # temporary 2: p outside kept
     p_out = p_rest.sum(-1)
-    if tail_model == "uniform":
-        c = tail - log_rest                                    # log q_v for v outside kept
-        kl = kl + logp.sub_(c.unsqueeze(-1)).mul_(p_rest).sum(-1)
-    else:
-        kl = kl + p_out * (_safe_log(p_out) - tail)
-    return kl, p_k, p_out
+    bucket_term = p_out * (_safe_log(p_out) - tail)
+    if bool(bucket.all()):
+        return kl + bucket_term, p_k, p_out
+    c = tail - log_rest                                        # log q_v for v outside kept
+    uniform_term = logp.sub_(c.unsqueeze(-1)).mul_(p_rest).sum(-1)
+    return kl + torch.where(bucket, bucket_term, uniform_term), p_k, p_out
 
 
 def _safe_log(x: Tensor) -> Tensor:
@@ -217,23 +234,27 @@ def _safe_log(x: Tensor) -> Tensor:
 
 def _sparse_kl_grad_logits(
     logits: Tensor, ids: Tensor, logq_k: Tensor, tail: Tensor, log_rest: Tensor, count: Tensor,
-    tail_model: str, dtype: torch.dtype, kl: Tensor, p_out: Tensor, grad_kl: Tensor,
+    bucket: Tensor, dtype: torch.dtype, kl: Tensor, p_out: Tensor, grad_kl: Tensor,
 ) -> Tensor:
     """dKL/dz_j * grad_kl = p_j (w_j - KL) * grad_kl, in ``dtype``, with two [..., V] temporaries.
 
     ``w_j = log p_j - log q_j`` (uniform) or ``log P_c(j) - log Q_c(j)`` for j's category c
-    (bucket: the id itself inside the kept ids, the tail bucket outside). Padding columns of
-    ragged targets repeat column 0, so scattering them writes column 0's value again.
+    (bucket: the id itself inside the kept ids, the tail bucket outside), per position as
+    ``bucket`` says. Padding columns of ragged targets repeat column 0, so scattering them
+    writes column 0's value again.
     """
     vocab_size = logits.shape[-1]
     w = _student_logprobs(logits, dtype)                       # temporary 1, becomes w
     p = w.exp()                                                # temporary 2
     w_k = w.gather(-1, ids) - logq_k
     if not bool((count >= vocab_size).all()):
-        if tail_model == "uniform":
-            w.sub_((tail - log_rest).unsqueeze(-1))
+        w_bucket = (_safe_log(p_out) - tail).unsqueeze(-1)
+        if bool(bucket.all()):
+            w.copy_(w_bucket.expand_as(w))
         else:
-            w.copy_((_safe_log(p_out) - tail).unsqueeze(-1).expand_as(w))
+            w.sub_((tail - log_rest).unsqueeze(-1))
+            if bool(bucket.any()):
+                w.copy_(torch.where(bucket.unsqueeze(-1), w_bucket, w))
     w.scatter_(-1, ids, w_k)
     return w.sub_(kl.unsqueeze(-1)).mul_(p).mul_(grad_kl.unsqueeze(-1))
 
@@ -243,26 +264,26 @@ class _SparseReverseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, ids: Tensor, logq_k: Tensor, tail: Tensor,
-                log_rest: Tensor, count: Tensor, tail_model: str) -> Tensor:
+                log_rest: Tensor, count: Tensor, bucket: Tensor) -> Tensor:
         dtype = _compute_dtype(logits.dtype)
         with _autocast_off(logits):
             kl, p_k, p_out = _sparse_kl_stats(logits, ids, logq_k, tail, log_rest, count,
-                                              tail_model, dtype)
-        ctx.save_for_backward(logits, ids, logq_k, tail, log_rest, count, kl, p_k, p_out)
-        ctx.tail_model = tail_model
+                                              bucket, dtype)
+        ctx.save_for_backward(logits, ids, logq_k, tail, log_rest, count, bucket, kl, p_k,
+                              p_out)
         return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
-        logits, ids, logq_k, tail, log_rest, count, kl, p_k, p_out = ctx.saved_tensors
+        logits, ids, logq_k, tail, log_rest, count, bucket, kl, p_k, p_out = ctx.saved_tensors
         dtype = kl.dtype
         grad_kl = grad_kl.to(dtype)
         grad_logits = grad_logq = grad_tail = None
         if ctx.needs_input_grad[0]:
             with _autocast_off(logits):
                 grad_logits = _sparse_kl_grad_logits(
-                    logits, ids, logq_k, tail, log_rest, count, ctx.tail_model, dtype, kl,
+                    logits, ids, logq_k, tail, log_rest, count, bucket, dtype, kl,
                     p_out, grad_kl,
                 ).to(logits.dtype)
         if ctx.needs_input_grad[2]:       # dKL/dl_i = -p_i (0 on padding columns: p_k is)
@@ -302,9 +323,9 @@ def sparse_reverse_kl(
                           tail_logmass)
     _check_count(topk_count, topk_ids)
     dtype = _compute_dtype(student_logits.dtype)
-    ids, logq_k, tail_lm, log_rest, count = _prepare_teacher(
-        topk_ids, topk_logprobs, tail_logmass, vocab_size, dtype, topk_count)
-    return _SparseReverseKL.apply(student_logits, ids, logq_k, tail_lm, log_rest, count, tail)
+    ids, logq_k, tail_lm, log_rest, count, bucket = _prepare_teacher(
+        topk_ids, topk_logprobs, tail_logmass, vocab_size, dtype, topk_count, tail)
+    return _SparseReverseKL.apply(student_logits, ids, logq_k, tail_lm, log_rest, count, bucket)
 
 
 def _check_count(topk_count: Tensor | None, topk_ids: Tensor) -> None:
@@ -326,7 +347,7 @@ class _ChunkedSparseReverseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, ids: Tensor,
-                logq_k: Tensor, tail: Tensor, log_rest: Tensor, count: Tensor, tail_model: str,
+                logq_k: Tensor, tail: Tensor, log_rest: Tensor, count: Tensor, bucket: Tensor,
                 chunk_size: int) -> Tensor:
         dtype = _compute_dtype(hidden.dtype)
         n = hidden.shape[0]
@@ -339,16 +360,16 @@ class _ChunkedSparseReverseKL(torch.autograd.Function):
                 logits = _linear(hidden[s:e], weight, bias)
                 kl[s:e], p_k[s:e], p_out[s:e] = _sparse_kl_stats(
                     logits, ids[s:e], logq_k[s:e], tail[s:e], log_rest[s:e], count[s:e],
-                    tail_model, dtype)
-        ctx.save_for_backward(hidden, weight, bias, ids, logq_k, tail, log_rest, count, kl, p_k,
-                              p_out)
-        ctx.tail_model, ctx.chunk_size = tail_model, chunk_size
+                    bucket[s:e], dtype)
+        ctx.save_for_backward(hidden, weight, bias, ids, logq_k, tail, log_rest, count, bucket,
+                              kl, p_k, p_out)
+        ctx.chunk_size = chunk_size
         return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, ids, logq_k, tail, log_rest, count, kl, p_k, p_out = \
+        hidden, weight, bias, ids, logq_k, tail, log_rest, count, bucket, kl, p_k, p_out = \
             ctx.saved_tensors
         dtype = kl.dtype
         grad_kl = grad_kl.to(dtype)
@@ -368,7 +389,7 @@ class _ChunkedSparseReverseKL(torch.autograd.Function):
                     h = hidden[s:e]
                     g = _sparse_kl_grad_logits(
                         _linear(h, weight, bias), ids[s:e], logq_k[s:e], tail[s:e],
-                        log_rest[s:e], count[s:e], ctx.tail_model, dtype, kl[s:e], p_out[s:e],
+                        log_rest[s:e], count[s:e], bucket[s:e], dtype, kl[s:e], p_out[s:e],
                         grad_kl[s:e])
                     if grad_b is not None:
                         grad_b.add_(g.sum(0))
@@ -428,13 +449,13 @@ def chunked_sparse_reverse_kl(
     _check_sparse_targets(batch_shape, vocab_size, topk_ids, topk_logprobs, tail_logmass)
     _check_count(topk_count, topk_ids)
     dtype = _compute_dtype(hidden.dtype)
-    ids, logq_k, tail_lm, log_rest, count = _prepare_teacher(
-        topk_ids, topk_logprobs, tail_logmass, vocab_size, dtype, topk_count)
+    ids, logq_k, tail_lm, log_rest, count, bucket = _prepare_teacher(
+        topk_ids, topk_logprobs, tail_logmass, vocab_size, dtype, topk_count, tail)
     k = ids.shape[-1]
     kl = _ChunkedSparseReverseKL.apply(
         hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, lm_head_bias, ids.reshape(-1, k),
         logq_k.reshape(-1, k), tail_lm.reshape(-1), log_rest.reshape(-1), count.reshape(-1),
-        tail, chunk_size)
+        bucket.reshape(-1), chunk_size)
     return kl.reshape(batch_shape)
 
 

@@ -37,7 +37,7 @@ class StudentForward(nn.Module):
     student's own candidates, :mod:`student_trainer.candidates`).
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int, *, tail: str = "uniform",
+    def __init__(self, model: nn.Module, vocab_size: int, *, tail: str = "auto",
                  loss_chunk_size: int | None = None):
         super().__init__()
         self.model = model

@@ -300,37 +300,39 @@ def _kept_within_budget(log_star: Tensor, log_d: Tensor, config: TargetConfig
                         ) -> tuple[Tensor, Tensor, Tensor]:
     """``(log pi*, ids, count)`` under a tail budget EPS, padded to ``[n, top_k]``.
 
-    pi*'s own candidates: the fewest of its best ids whose mass reaches ``1 - EPS``. With
-    ``dpo_top`` = m, also the fewest of the dpo model's best m ids whose dpo mass reaches
-    ``1 - EPS`` (the student sits near the dpo model, so that is where it puts its mass). The
-    union holds at least ``min_k`` and at most ``top_k`` ids; when it would exceed ``top_k``,
-    pi*'s weakest own candidates go first. The kept ids are sorted by log pi* descending, and
-    the columns past ``count`` repeat column 0."""
+    Without ``dpo_top``: the fewest of pi*'s best ids whose mass reaches ``1 - EPS``. With
+    ``dpo_top`` = m the student's likely ids count too (a student near the dpo model puts its
+    mass on the dpo model's favourites, and the reverse KL weighs pi* there): the candidates
+    are pi*'s best ``top_k`` and the dpo model's best m, taken in order of the larger of their
+    two probabilities, and a position keeps the fewest of them that leave at most EPS of pi*'s
+    mass AND of the dpo model's mass out. Either way at least ``min_k`` and at most ``top_k``
+    ids; they are sorted by log pi* descending, and the columns past ``count`` repeat
+    column 0."""
     k, m, eps = config.top_k, config.dpo_top, config.tail_budget
     pi_values, pi_ids = torch.topk(log_star, k, dim=-1, largest=True, sorted=True)
-    n_pi = budget_counts(pi_values, eps).clamp_(min=config.min_k)
     slot = torch.arange(k, device=log_star.device)
-    pi_keep = slot < n_pi.unsqueeze(-1)
-    if m:
-        d_values, d_ids = torch.topk(log_d, m, dim=-1, largest=True, sorted=True)
-        n_d = budget_counts(d_values, eps)
-        d_keep = torch.arange(m, device=log_star.device) < n_d.unsqueeze(-1)
-        # pi* ids already named by the kept dpo ids are not counted twice
-        dup = ((pi_ids.unsqueeze(-1) == d_ids.unsqueeze(-2)) & d_keep.unsqueeze(-2)).any(-1)
-        pi_keep &= ~dup
-        # room for pi*'s own: top_k minus the dpo ids kept; the best pi* candidates first
-        room = k - d_keep.sum(-1, keepdim=True)
-        pi_keep &= pi_keep.cumsum(-1) <= room
-        ids = torch.cat([d_ids, pi_ids], dim=-1)
-        keep = torch.cat([d_keep, pi_keep], dim=-1)
-        values = log_star.gather(-1, ids)
+    if not m:
+        count = budget_counts(pi_values, eps).clamp_(min=config.min_k)
+        values, ids = pi_values, pi_ids
     else:
-        ids, keep, values = pi_ids, pi_keep, pi_values
-    # the kept entries first, by log pi* descending (an entry's log pi* is finite)
-    key = values.masked_fill(~keep, -math.inf)
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
-    values, ids = values.gather(-1, order), ids.gather(-1, order)
-    count = keep.sum(-1)
+        d_ids = torch.topk(log_d, m, dim=-1, largest=True, sorted=True).indices
+        dup = (d_ids.unsqueeze(-1) == pi_ids.unsqueeze(-2)).any(-1)  # already a pi* candidate
+        cand = torch.cat([pi_ids, d_ids], dim=-1)
+        valid = torch.cat([torch.ones_like(pi_ids, dtype=torch.bool), ~dup], dim=-1)
+        lp_star, lp_d = log_star.gather(-1, cand), log_d.gather(-1, cand)
+        score = torch.maximum(lp_star, lp_d).masked_fill(~valid, -math.inf)
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+        cand, lp_star, lp_d = (t.gather(-1, order) for t in (cand, lp_star, lp_d))
+        valid = valid.gather(-1, order)
+        left_pi = (1.0 - (lp_star.exp() * valid).cumsum(-1)).clamp_min_(0.0)
+        left_d = (1.0 - (lp_d.exp() * valid).cumsum(-1)).clamp_min_(0.0)
+        need = torch.maximum((left_pi > eps).sum(-1), (left_d > eps).sum(-1)) + 1
+        count = need.clamp_(min=config.min_k, max=k)
+        # the first `count` candidates, then sorted by log pi* (the rest pushed to the end)
+        first = torch.arange(cand.shape[-1], device=cand.device) < count.unsqueeze(-1)
+        key = lp_star.masked_fill(~first, -math.inf)
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+        values, ids = lp_star.gather(-1, order), cand.gather(-1, order)
     pad = slot >= count.unsqueeze(-1)
     values = torch.where(pad, values[:, :1], values)
     ids = torch.where(pad, ids[:, :1], ids)

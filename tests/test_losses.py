@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from student_trainer import losses
 from student_trainer.losses import (
     LOGPROB_FLOOR,
+    AUTO_BROAD,
     TAILS,
     aligndistil_loss,
     chunked_sparse_reverse_kl,
@@ -82,9 +83,12 @@ def brute_bucket_kl(student_logits: np.ndarray, ids, logq_k, tail) -> np.ndarray
 
 def brute(tail_model: str, z, ids, logq_k, tail) -> np.ndarray:
     z = np.asarray(z, dtype=np.float64)
-    if tail_model == "uniform":
-        return brute_kl(z, dense_teacher(z.shape[-1], ids, logq_k, tail))
-    return brute_bucket_kl(z, ids, logq_k, tail)
+    uniform = brute_kl(z, dense_teacher(z.shape[-1], ids, logq_k, tail))
+    bucket = brute_bucket_kl(z, ids, logq_k, tail)
+    if tail_model == "auto":  # per position: bucket where more than AUTO_BROAD is left out
+        return np.where(np.asarray(tail, dtype=np.float64) > math.log(AUTO_BROAD), bucket,
+                        uniform)
+    return uniform if tail_model == "uniform" else bucket
 
 
 def make_teacher(rng, batch_shape, vocab, k, scale, logprob_dtype=np.float16):
@@ -162,14 +166,15 @@ def test_gradient_matches_dense_autograd_at_scale(tail):
     z64 = z.detach().double().requires_grad_()
     logp = torch.log_softmax(z64, -1)
     ids64, l64 = ids.long(), logq_k.double()
-    if tail == "uniform":
-        logq = torch.from_numpy(dense_teacher(vocab, ids, logq_k.numpy(), tail_lm.numpy()))
-        kl = (logp.exp() * (logp - logq)).sum(-1)
-    else:
-        p = logp.exp()
-        p_k = p.gather(-1, ids64)
-        p_out = p.scatter(-1, ids64, 0.0).sum(-1)
-        kl = (p_k * (p_k.log() - l64)).sum(-1) + p_out * (p_out.log() - tail_lm.double())
+    logq = torch.from_numpy(dense_teacher(vocab, ids, logq_k.numpy(), tail_lm.numpy()))
+    kl_uniform = (logp.exp() * (logp - logq)).sum(-1)
+    p = logp.exp()
+    p_k = p.gather(-1, ids64)
+    p_out = p.scatter(-1, ids64, 0.0).sum(-1)
+    kl_bucket = (p_k * (p_k.log() - l64)).sum(-1) + p_out * (p_out.log() - tail_lm.double())
+    broad = tail_lm.double() > math.log(AUTO_BROAD)
+    kl = {"uniform": kl_uniform, "bucket": kl_bucket,
+          "auto": torch.where(broad, kl_bucket, kl_uniform)}[tail]
     (kl * upstream).sum().backward()
     torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-4, atol=1e-6)
 

@@ -85,26 +85,29 @@ def test_each_position_keeps_the_fewest_ids_that_reach_the_budget(pair, eps, min
             assert got.tail_logmass[t].exp() <= eps + 1e-12
 
 
-def test_dpo_top_under_a_budget_keeps_the_dpo_models_likeliest_too(pair):
+def test_dpo_top_under_a_budget_covers_the_dpo_models_mass_too(pair):
+    """With --dpo-top under a budget, a position keeps ids until at most EPS of pi*'s mass AND
+    of the dpo model's mass is left out (unless the cap decides): more ids than pi*'s budget
+    alone where the two disagree."""
     dpo, other, nxt = _logits(pair, seed=3)
-    eps, cap, m = 0.02, 12, 6
-    got = compute_targets(dpo, other, nxt, TargetConfig(top_k=cap, tail_budget=eps, dpo_top=m))
+    eps, cap, m = 0.02, 24, 23
+    config = TargetConfig(top_k=cap, tail_budget=eps, dpo_top=m)
+    got = compute_targets(dpo, other, nxt, config)
     pi_only = compute_targets(dpo, other, nxt, TargetConfig(top_k=cap, tail_budget=eps))
-    log_d = torch.log_softmax(dpo, -1)
+    log_pi, _ = teacher_logprobs(dpo, other, config)
+    p_d = torch.softmax(dpo, -1)
     grew = 0
     for t, k in enumerate(got.topk_count.tolist()):
-        kept = got.topk_ids[t, :k].tolist()
-        assert len(set(kept)) == k <= cap
-        # the dpo model's fewest ids reaching 1 - EPS of ITS mass (at most m of them) are kept
-        d_sorted = torch.sort(log_d[t], descending=True)
-        n_d = min(m, int((1 - d_sorted.values.exp().cumsum(0) > eps).sum()) + 1)
-        assert set(d_sorted.indices[:n_d].tolist()) <= set(kept)
-        # pi*'s own budget set is kept as long as the cap leaves room
-        own = pi_only.topk_ids[t, :int(pi_only.topk_count[t])].tolist()
-        if len(set(own) | set(d_sorted.indices[:n_d].tolist())) <= cap:
-            assert set(own) <= set(kept)
+        kept = got.topk_ids[t, :k]
+        assert len(set(kept.tolist())) == k <= cap
+        if k < cap:
+            assert 1 - log_pi[t, kept].exp().sum() <= eps + 1e-9
+            assert 1 - p_d[t, kept].sum() <= eps + 1e-9
+        rest = log_pi[t].clone()
+        rest[kept] = -torch.inf
+        torch.testing.assert_close(got.tail_logmass[t], torch.logsumexp(rest, 0))
         grew += k > pi_only.topk_count[t]
-    assert grew  # the dpo ids cost something on this pair
+    assert grew  # the dpo model's mass costs ids on this pair
 
 
 def _ragged_targets(V=40, N=9, cap=7, seed=0):

@@ -213,7 +213,8 @@ def warn_broad_tail(tail_mass_mean: float, config: TrainConfig) -> None:
         log.warning("the teacher keeps %.1f%% of its mass outside the top-k targets (mean over "
                     "the first step); --tail uniform spreads it evenly over the rest of the "
                     "vocabulary, which changes what the student learns (see "
-                    "benchmarks/results/fidelity.md): use a larger top-k or --tail bucket",
+                    "benchmarks/results/fidelity.md): use a larger top-k, --tail auto or "
+                    "--tail bucket",
                     100 * tail_mass_mean)
 
 
