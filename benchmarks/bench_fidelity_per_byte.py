@@ -160,12 +160,11 @@ def main() -> None:
 
     # Bytes: the targets of --bytes-num conversations; their teacher logits are computed once
     # (8 conversations at a time) and kept for every variant.
-    cached = [teacher_logits(dpo, rev, vocab, all_seqs[s:s + 8], pad)[1:]
+    cached = [teacher_logits(dpo, rev, vocab, all_seqs[s:s + 8], pad)
               for s in range(0, len(all_seqs), 8)]
 
-    def targets_of(config: TargetConfig):
-        return [compute_targets(z_d, z_r, torch.zeros(z_d.shape[0], dtype=torch.long), config)
-                for z_d, z_r in cached]
+    def targets_of(config: TargetConfig):  # with the actual next tokens, as a store holds them
+        return [compute_targets(z_d, z_r, b.target_ids, config) for b, z_d, z_r in cached]
 
     # Gradients: the teachers' logits on the first --num conversations, kept.
     batch, z_d, z_r = teacher_logits(dpo, rev, vocab, grad_seqs, pad)
@@ -231,7 +230,7 @@ def main() -> None:
             row["bytes_by_field"] = {f: b / merged.num_tokens for f, b in sorted(by_field.items())}
             row["bytes_tokens"] = merged.num_tokens
             row.update(k_stats(counts, tails_mass, config.top_k, config.tail_budget))
-        targets = compute_targets(z_d, z_r, torch.zeros(n, dtype=torch.long), config)
+        targets = compute_targets(z_d, z_r, batch.target_ids, config)
         ids, lp16 = targets.topk_ids, targets.topk_logprobs.half()
         tail, count = targets.tail_logmass, targets.topk_count
         if m:  # on-policy: the student's top m merged in, as the trainer does

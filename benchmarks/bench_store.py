@@ -192,7 +192,9 @@ def records_from_npz(path: str | os.PathLike) -> tuple[list[TargetRecord], int |
     batch = TargetBatch(example_index=z["example_index"].astype(np.int64), prompt_len=prompt_len,
                         seq_offsets=seq_offsets, input_ids=z["input_ids"].astype(np.int32),
                         pos_offsets=pos_offsets,
-                        **{name: z[name] for name in PER_POSITION_FIELDS})
+                        **{name: z[name] for name in PER_POSITION_FIELDS if name in z},
+                        **({} if "topk_count" in z else {"topk_count": np.full(
+                            len(z["alpha"]), z["topk_ids"].shape[1], dtype=np.int32)}))
     batch.check()
     vocab = int(z["vocab_size"]) if "vocab_size" in z else None
     records = [TargetRecord.create(**_record_fields(batch.record(i)), vocab_size=vocab)
@@ -208,7 +210,9 @@ def raw_bytes(records: Iterable[TargetRecord]) -> int:
     """Bytes of the records in the contract dtypes (the unit of the MB/s columns)."""
     total = 0
     for r in records:
-        total += 12 + r.input_ids.nbytes + sum(getattr(r, n).nbytes for n in PER_POSITION_FIELDS)
+        # topk_count is left out: a fixed-k store does not hold it (comparable with earlier runs)
+        total += 12 + r.input_ids.nbytes + sum(getattr(r, n).nbytes for n in PER_POSITION_FIELDS
+                                               if n != "topk_count")
     return total
 
 

@@ -416,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                     "off-policy")
     ap.add_argument("--seed", type=int, default=None, help="the one seed of --quick")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--budget", type=float, default=None, help="run the tail-budget study at "
-                    "this EPS (exact, the defaults, k = 64 and the budget with each tail model, "
-                    "off- and on-policy) instead of the k study")
+    ap.add_argument("--budget", type=float, default=None, help="run the defaults study (exact "
+                    "and the shipped defaults, off- and on-policy, and this tail budget with "
+                    "the auto tail off-policy) instead of the k study")
     ap.add_argument("--size", choices=["default", "small"], default="default",
                     help="the demo size of the grammar world")
     ap.add_argument("--replot", action="store_true", help="only redo the table and plots from "
@@ -431,8 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) if args.workdir else out / "work"
     if args.replot:
         result = json.loads((out / "fidelity.json").read_text(encoding="utf-8"))
-        known = all_settings() + QUICK + (budget_settings(args.budget) if args.budget else [])
-        settings = [next(s for s in known if s.name == n) for n in result["settings"]]
+        known = {s.name: s for s in all_settings() + QUICK
+                 + (budget_settings(args.budget) if args.budget else [])}
+        missing = [n for n in result["settings"] if n not in known]
+        if missing:
+            raise SystemExit(f"--replot: settings {missing} need the --budget the study ran with")
+        settings = [known[n] for n in result["settings"]]
         table = format_table(result["aggregate"], settings)
         (out / "fidelity_table.md").write_text(table + "\n", encoding="utf-8")
         print(table)

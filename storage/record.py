@@ -279,6 +279,8 @@ def _pad_ragged_topk(values: dict[str, Any]) -> None:
     """Per-position lists of unequal lengths (the wire's ragged form) -> padded rows repeating
     entry 0, with ``topk_count`` from the lengths (checked against a given one)."""
     ids, lps = values.get("topk_ids"), values.get("topk_logprobs")
+    if isinstance(ids, np.ndarray) and ids.ndim == 2:  # rectangular: nothing to pad
+        return
     rows = (list, tuple, np.ndarray)
     if not (isinstance(ids, rows) and isinstance(lps, rows)):
         return
@@ -293,8 +295,10 @@ def _pad_ragged_topk(values: dict[str, Any]) -> None:
     if min(lengths) < 1:
         raise RecordError("topk_ids: every position keeps at least one id")
     given = values.get("topk_count")
-    if given is not None and len(given) and list(np.asarray(given).tolist()) != lengths:
-        raise RecordError("topk_count: differs from the lengths of the topk_ids lists")
+    if given is not None:
+        given = np.asarray(given)
+        if given.ndim != 1 or (given.size and given.tolist() != lengths):
+            raise RecordError("topk_count: differs from the lengths of the topk_ids lists")
     width = max(lengths)
     values["topk_ids"] = [list(row) + [row[0]] * (width - len(row)) for row in ids]
     values["topk_logprobs"] = [list(row) + [row[0]] * (width - len(row)) for row in lps]

@@ -283,6 +283,14 @@ def decode_arrow(payload: bytes | pa.Buffer, *, vocab_size: int | None = None
     for i in range(n):
         values = {name: _row(name, cols[name], i) for name in cols}
         values.setdefault("example_index", -1)
+        ragged = {name: v for name, v in values.items() if isinstance(v, _Ragged)}
+        if ragged:  # padded already; the lengths are the counts (and must agree)
+            counts = {name: v.counts.tolist() for name, v in ragged.items()}
+            if len(ragged) != 2 or counts["topk_ids"] != counts["topk_logprobs"]:
+                raise WireError(f"arrow row {i}: topk_logprobs: per-position lengths differ "
+                                f"from topk_ids'")
+            values.update({name: v.padded for name, v in ragged.items()},
+                          topk_count=ragged["topk_ids"].counts)
         try:
             records.append(TargetRecord.create(vocab_size=vocab_size, **values))
         except RecordError as exc:
@@ -434,7 +442,18 @@ def _row(name: str, col: _Flat, i: int) -> Any:
     if widths.size == 0:
         return col.values[0:0].reshape(0, 0)
     k = int(widths[0])
-    if (widths != k).any():  # a ragged record: the lists go to TargetRecord.create as they are
-        return [col.values[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    if (widths != k).any():  # a ragged record: pad each row by repeating its first entry
+        if widths.min() < 1:
+            raise WireError(f"arrow row {i}: {name}: a position with no entries")
+        slot = np.arange(int(widths.max()))
+        index = starts[:, None] + np.where(slot < widths[:, None], slot, 0)
+        return _Ragged(col.values[index], widths.astype(np.int32))
     return col.values[int(starts[0]):int(ends[-1])].reshape(hi - lo, k)
+
+
+class _Ragged:
+    """A ragged ``[T, k_t]`` field of one Arrow row, padded to its widest position."""
+
+    def __init__(self, padded: np.ndarray, counts: np.ndarray) -> None:
+        self.padded, self.counts = padded, counts
 

@@ -30,21 +30,35 @@ HEAD_ROWS = 256
 
 @torch.no_grad()
 def student_top_ids(model: torch.nn.Module, sequences: Sequence[tuple[Sequence[int], int]],
-                    n: int, *, pad_id: int, vocab_size: int,
+                    n: int, *, pad_id: int, vocab_size: int, batch_size: int = 32,
                     forward=None) -> list[np.ndarray]:
     """The student's ``n`` likeliest next ids at every response position: one ``[T, n]`` int64
-    array per sequence. ``forward`` (the FSDP root's ``StudentForward``) replaces the plain
-    ``model`` when its parameters are sharded."""
-    batch = collate_sequences(list(sequences), pad_id)
-    if forward is not None:
-        top = forward(batch.input_ids, batch.attention_mask, batch.row_idx, batch.col_idx,
-                      mode="top", top_n=n)
-    else:
-        device = model.get_input_embeddings().weight.device
-        hidden = response_hidden(model, batch.input_ids.to(device),
-                                 batch.attention_mask.to(device), batch.row_idx, batch.col_idx)
-        top = top_ids_of_hidden(model, hidden, n, vocab_size)
-    top = top.cpu().numpy()
+    array per sequence, from passes of ``batch_size`` sequences in eval mode (no dropout, no
+    random numbers drawn). ``forward`` (the FSDP root's ``StudentForward``) replaces the plain
+    ``model`` when its parameters are sharded: then all sequences go in one pass, so every rank
+    makes the same number of collective calls whatever its share of the step."""
+    sequences = list(sequences)
+    module = forward if forward is not None else model
+    was_training = module.training
+    module.eval()
+    try:
+        parts = []
+        step = len(sequences) if forward is not None else max(1, batch_size)
+        for start in range(0, len(sequences), step):
+            batch = collate_sequences(sequences[start:start + step], pad_id)
+            if forward is not None:
+                top = forward(batch.input_ids, batch.attention_mask, batch.row_idx,
+                              batch.col_idx, mode="top", top_n=n)
+            else:
+                device = model.get_input_embeddings().weight.device
+                hidden = response_hidden(model, batch.input_ids.to(device),
+                                         batch.attention_mask.to(device), batch.row_idx,
+                                         batch.col_idx)
+                top = top_ids_of_hidden(model, hidden, n, vocab_size)
+            parts.append(top.cpu().numpy())
+    finally:
+        module.train(was_training)
+    top = np.concatenate(parts)
     lengths = [len(ids) - p for ids, p in sequences]
     return np.split(top, np.cumsum(lengths)[:-1])
 

@@ -184,6 +184,15 @@ def _prepare_teacher(
         count = torch.full(ids.shape[:-1], width, dtype=torch.long, device=ids.device)
     else:
         count = topk_count.to(device=ids.device, dtype=torch.long)
+        if count.numel():
+            lo, hi = torch.aminmax(count)
+            if int(lo) < 1 or int(hi) > width:
+                raise ValueError(f"topk_count must lie in [1, k = {width}]; got counts in "
+                                 f"[{int(lo)}, {int(hi)}]")
+        # whatever the caller padded with: the padding columns repeat column 0 from here on
+        pad = torch.arange(width, device=ids.device) >= count.unsqueeze(-1)
+        ids = torch.where(pad, ids[..., :1], ids)
+        logq_k = torch.where(pad, logq_k[..., :1], logq_k)
     no_tail = count >= vocab_size
     tail = tail_logmass.to(dtype).clamp(min=LOGPROB_FLOOR).masked_fill(no_tail, 0.0)
     log_rest = (vocab_size - count).clamp_min(1).to(dtype).log()  # never read where no_tail
@@ -253,8 +262,8 @@ def _sparse_kl_grad_logits(
             w.copy_(w_bucket.expand_as(w))
         else:
             w.sub_((tail - log_rest).unsqueeze(-1))
-            if bool(bucket.any()):
-                w.copy_(torch.where(bucket.unsqueeze(-1), w_bucket, w))
+            if bool(bucket.any()):  # row by row, no third [..., V] temporary
+                w[bucket] = w_bucket[bucket]
     w.scatter_(-1, ids, w_k)
     return w.sub_(kl.unsqueeze(-1)).mul_(p).mul_(grad_kl.unsqueeze(-1))
 

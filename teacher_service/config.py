@@ -189,6 +189,11 @@ class PrecomputeConfig(TeacherOptions, DatasetOptions):
 
     def validate(self) -> None:
         super().validate()
+        from storage.store.layout import get_layout
+
+        if self.tail_budget and not get_layout(self.layout).lossless:
+            raise ConfigError(f"--layout {self.layout} (8-bit log-probs) is not offered with "
+                              f"--tail-budget (ragged shards): pick a lossless layout")
         require_data(self.data, "--data")
         if self.overwrite and self.placement(os.environ)[1] > 1:
             raise ConfigError("--overwrite deletes the whole store: run it with one worker "

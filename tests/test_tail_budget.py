@@ -124,7 +124,7 @@ def _ragged_targets(V=40, N=9, cap=7, seed=0):
     return log_pi, ids, lps, tail, counts
 
 
-@pytest.mark.parametrize("tail_model", ["uniform", "bucket"])
+@pytest.mark.parametrize("tail_model", ["uniform", "bucket", "auto"])
 def test_the_ragged_loss_is_each_positions_own_fixed_k_loss(tail_model):
     """A position of a ragged batch pays exactly what it pays alone with its k_t entries (value
     and gradient), whatever the padding columns hold, and the uniform tail spreads over V - k_t."""
@@ -133,6 +133,15 @@ def test_the_ragged_loss_is_each_positions_own_fixed_k_loss(tail_model):
     logits = torch.randn(len(counts), V, dtype=torch.float64, requires_grad=True)
     kl = losses.sparse_reverse_kl(logits, ids, lps, tail, tail_model, topk_count=counts)
     kl.sum().backward()
+    # other padding (ids the position does not keep, any log-probs) changes nothing
+    junk = torch.arange(ids.shape[1]) >= counts[:, None]
+    other_ids = torch.where(junk, (ids + 1) % V, ids)
+    other_lps = torch.where(junk, torch.full_like(lps, -0.5), lps)
+    torch.testing.assert_close(losses.sparse_reverse_kl(
+        logits.detach(), other_ids, other_lps, tail, tail_model, topk_count=counts), kl.detach())
+    with pytest.raises(ValueError, match="topk_count must lie in"):
+        losses.sparse_reverse_kl(logits.detach(), ids, lps, tail, tail_model,
+                                 topk_count=counts * 0)
     for t, k in enumerate(counts.tolist()):
         z = logits.detach()[t:t + 1].clone().requires_grad_(True)
         alone = losses.sparse_reverse_kl(z, ids[t:t + 1, :k], lps[t:t + 1, :k], tail[t:t + 1],
@@ -153,6 +162,33 @@ def test_the_ragged_loss_is_each_positions_own_fixed_k_loss(tail_model):
                                                chunk_size=4, topk_count=counts)
     torch.testing.assert_close(chunked, losses.sparse_reverse_kl(
         hidden @ weight.T, ids, lps, tail, tail_model, topk_count=counts))
+
+
+def test_a_batch_of_ragged_records_of_different_widths_trains_on_each_records_own_loss(
+        teacher_pair):
+    """collate pads records of different widths to one tensor and passes the counts, so the
+    batch loss is the mean of each record's own loss (the trainer's per-sequence mean)."""
+    from student_trainer.api import aligndistil_batch_loss
+    from student_trainer.collate import collate_records
+    from student_trainer.modeling import StudentForward
+
+    _, model = load(teacher_pair[0])
+    V = model.config.vocab_size
+    records = []
+    for i, cap in enumerate((3, 7)):
+        _, ids, lps, tail, counts = _ragged_targets(V, N=5, cap=cap, seed=i)
+        records.append(TargetRecord.create(
+            example_index=i, input_ids=list(range(10, 16)), prompt_len=1,
+            alpha=np.full(5, 2.0), topk_ids=ids.numpy(), topk_logprobs=lps.numpy(),
+            tail_logmass=tail.numpy(), dpo_logprobs=np.full(5, -1.0),
+            reverse_logprobs=np.full(5, -2.0), topk_count=counts.numpy()))
+    batch = collate_records(records, pad_id=0)
+    assert batch.topk_ids.shape[1] == 7
+    assert batch.topk_count.tolist() == [c for r in records for c in r.topk_count.tolist()]
+    forward = StudentForward(model.double(), V, tail="auto")
+    whole = aligndistil_batch_loss(forward, batch)
+    alone = [aligndistil_batch_loss(forward, collate_records([r], pad_id=0)) for r in records]
+    torch.testing.assert_close(whole, sum(alone) / 2)
 
 
 def test_without_counts_the_padding_would_be_counted():
@@ -244,6 +280,11 @@ def test_inspect_stats_show_the_k_distribution_and_the_capped_share(budget_store
 
 def test_the_previous_release_refuses_a_version_3_store(budget_store, tmp_path):
     """Readers of versions 1 and 2 refuse version 3: the previous release's own code, run."""
+    known = subprocess.run(["git", "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"],
+                           cwd=REPO, capture_output=True)
+    if known.returncode != 0:
+        pytest.skip(f"needs the repository's history (commit {PREVIOUS_RELEASE}); a shallow "
+                    f"clone lacks it")
     archive = subprocess.run(["git", "archive", PREVIOUS_RELEASE, "storage"], cwd=REPO,
                              capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -344,6 +385,14 @@ def test_merging_the_students_candidates_gives_the_exact_union(pair):
                                    rtol=1e-4, atol=1e-4)
 
 
+def _score_requests(url: str) -> float:
+    import re
+
+    text = httpx.get(url + "/metrics").text
+    m = re.search(r'aligndistil_requests_total\{path="/v1/score",status="200"\} (\S+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
 def test_on_policy_with_the_students_candidates_against_a_live_server(teacher_pair, tmp_path):
     """--student-top 4 against a server with a tail budget: each step names the student's top
     4 ids per position (one request per step still) and trains on the union."""
@@ -362,7 +411,9 @@ def test_on_policy_with_the_students_candidates_against_a_live_server(teacher_pa
                   "--epochs", "2", "--max-new-tokens", "6", "--lr", "3e-3", "--save-every",
                   "0", "--no-progress", "--report-to", "none", "--device", "cpu",
                   "--log-level", "warning"]
+        before = _score_requests(url)
         assert main([*common, "--out", str(tmp_path / "with"), "--student-top", "4"]) == 0
+        assert _score_requests(url) - before == 2  # one request per step, ids named in it
         assert main([*common, "--out", str(tmp_path / "without")]) == 0
         with_rows = read_jsonl(tmp_path / "with" / "metrics.jsonl")
         without = read_jsonl(tmp_path / "without" / "metrics.jsonl")
@@ -375,3 +426,32 @@ def test_on_policy_with_the_students_candidates_against_a_live_server(teacher_pa
         assert main([*common, "--out", str(tmp_path / "big"), "--student-top", "9"]) == 2
     finally:
         assert stop_server(proc) == 0
+
+
+@pytest.mark.parametrize("mode", ["constant", "vanilla"])
+def test_inspect_summarises_a_store_whose_alpha_is_constant(tmp_path, mode):
+    """Modes without alpha's adaptive range: the manifests' statistics still summarise alpha
+    (it is one value), and inspect and precompute's closing lines print it."""
+    from storage.store.metadata import StoreMetadata
+    from storage.store.summary import format_summary, summarize
+    from storage.store.writer import TargetStoreWriter
+
+    meta = StoreMetadata(teachers={"dpo": "a", "reference": "b"}, tokenizer_sha256="x",
+                         vocab_size=40, top_k=7, r=20.0, eps=1e-3, tvd_norm="half-l1",
+                         mode=mode, source_fingerprint="t")
+    with TargetStoreWriter(tmp_path / "s", meta, shard_tokens=6, durable=False) as writer:
+        for i in range(4):
+            log_pi, _, _, _, _ = _ragged_targets(40, N=5, cap=7, seed=i)
+            lps, ids = torch.topk(log_pi, 7)
+            rest = log_pi.scatter(-1, ids, -torch.inf)
+            tail = torch.logsumexp(rest, -1)
+            writer.write(TargetRecord.create(
+                example_index=i, input_ids=list(range(1, 7)), prompt_len=1,
+                alpha=np.full(5, 2.0), topk_ids=ids.numpy(), topk_logprobs=lps.numpy(),
+                tail_logmass=tail.numpy(), dpo_logprobs=np.full(5, -1.0),
+                reverse_logprobs=np.full(5, -2.0)))
+    summary = summarize(TargetStore.open(tmp_path / "s"))
+    assert summary["alpha"]["p50"] == summary["alpha"]["p90"] == 2.0
+    assert "p50 2, p90 2" in format_summary(summary)
+    res = _cli("inspect", tmp_path / "s")
+    assert res.returncode == 0 and "alpha           mean 2" in res.stdout, res.stderr

@@ -101,12 +101,26 @@ class WorkerManifest:
             shards = [ShardEntry(**s) for s in data["shards"]]
             skipped = {str(k): int(v) for k, v in dict(data.get("skipped") or {}).items()}
             stats = data.get("shard_stats") or {}
-            if not isinstance(stats, dict):
-                raise TypeError("shard_stats is not an object")
+            if not isinstance(stats, dict) or not all(_stats_ok(v) for v in stats.values()):
+                raise TypeError("shard_stats: not an object of per-shard statistics")
             return cls(int(data["worker_index"]), bool(data["finished"]), shards, skipped,
                        dict(stats))
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreCorruptionError(where, f"malformed manifest ({exc})") from None
+
+
+def _stats_ok(stats: Any) -> bool:
+    """The shape :mod:`.shardstats` writes (what the summary reads from it)."""
+    if not isinstance(stats, dict):
+        return False
+    alpha, k, tail = stats.get("alpha"), stats.get("k"), stats.get("tail_mass")
+    return (isinstance(alpha, dict) and isinstance(alpha.get("n"), int)
+            and all(isinstance(alpha.get(f), (int, float)) or (alpha.get(f) is None
+                                                              and alpha["n"] == 0)
+                    for f in ("sum", "min", "max"))
+            and isinstance(alpha.get("hist", []), list)
+            and isinstance(k, dict) and all(isinstance(v, int) for v in k.values())
+            and isinstance(tail, dict) and isinstance(tail.get("sum"), (int, float)))
 
 
 def read_manifest(store: Path | StoreLocation, worker: int) -> WorkerManifest | None:

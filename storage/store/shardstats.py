@@ -52,8 +52,9 @@ def shard_stats(batch: TargetBatch, *, alpha_bounds: tuple[float, float] | None,
 
 def merge_alpha(stats: Iterable[dict[str, Any]], bounds: tuple[float, float] | None
                 ) -> dict[str, Any] | None:
-    """alpha's mean, min, max, p50 and p90 (from the histogram; without one, None) and the
-    shares in the 1% bands at either end of the range, over shards' statistics."""
+    """alpha's mean, min, max, p50 and p90 (from the histogram) and the shares in the 1% bands
+    at either end of the range, over shards' statistics. None when the statistics cannot give
+    the quantiles (a mode without a range whose alpha is not constant): read the arrays."""
     parts = [s["alpha"] for s in stats]
     n = sum(p["n"] for p in parts)
     if not n:
@@ -75,4 +76,8 @@ def merge_alpha(stats: Iterable[dict[str, Any]], bounds: tuple[float, float] | N
             out[key] = float(edges[i] + share * (edges[i + 1] - edges[i]))
         out.update(range=[lo, hi], frac_at_min=float(hist[:BAND_BINS].sum() / n),
                    frac_at_max=float(hist[-BAND_BINS:].sum() / n))
+    elif out["min"] == out["max"]:  # constant alpha (modes constant, vanilla)
+        out.update(p50=out["min"], p90=out["min"])
+    else:
+        return None
     return out

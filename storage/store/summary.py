@@ -87,7 +87,9 @@ def alpha_summary(store: TargetStore) -> dict[str, Any] | None:
     bounds = alpha_range(meta.mode, meta.r, meta.eps, meta.tvd_norm)
     kept = {name: st for m in store.manifests.values() for name, st in m.shard_stats.items()}
     if store.shards and all(s.name in kept for s in store.shards):
-        return merge_alpha([kept[s.name] for s in store.shards], bounds)
+        merged = merge_alpha([kept[s.name] for s in store.shards], bounds)
+        if merged is not None:
+            return merged
     parts = []
     for entry in store.shards:
         arrays = load_shard_arrays(store.location, entry, names={"alpha"})
@@ -137,7 +139,9 @@ def format_alpha(a: dict[str, Any] | None) -> str:
     ends = (f"; within 1% of its range [{a['range'][0]:g}, {a['range'][1]:g}]: "
             f"{100 * a['frac_at_min']:.1f}% at the bottom, {100 * a['frac_at_max']:.1f}% at the "
             f"top" if a["range"] else "")
-    return (f"alpha           mean {a['mean']:.4g}, p50 {a['p50']:.4g}, p90 {a['p90']:.4g}, max "
+    def g(v):
+        return "-" if v is None else f"{v:.4g}"
+    return (f"alpha           mean {a['mean']:.4g}, p50 {g(a['p50'])}, p90 {g(a['p90'])}, max "
             f"{a['max']:.4g} over {a['positions']} positions{ends}")
 
 

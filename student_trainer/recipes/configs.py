@@ -202,6 +202,9 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
         if self.strategy == "fsdp" and self.async_rollouts:
             raise ConfigError("--async-rollouts samples from a whole copy of the student in a "
                               "background thread; --strategy fsdp keeps only shards: drop one")
+        if self.student_top and self.objective != "aligndistil":
+            raise ConfigError(f"--student-top applies to --objective aligndistil (the loss on the "
+                              f"teacher's ids); --objective {self.objective} never reads them")
         if self.objective != "aligndistil" and self.mode != "on-policy":
             raise ConfigError(f"--objective {self.objective} is a policy gradient and needs "
                               f"samples from the student: use --mode on-policy")
@@ -297,8 +300,8 @@ SAVED_CONFIG = {"train": "train_config.yaml", "dpo": "dpo_config.yaml", "sft": "
 RESUME_FIXED = (
     "mode", "model", "store", "prompts", "top_k", "max_new_tokens", "max_prompt_len",
     "rollout_batch_size", "temperature", "top_p", "sampling_top_k", "rollout_backend",
-    "async_rollouts", "max_seq_len", "objective", "kl_coef", "tail", "beta0", "weighting",
-    "loss_chunk_size", "lr", "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule",
+    "async_rollouts", "student_top", "max_seq_len", "objective", "kl_coef", "tail", "beta0",
+    "weighting", "loss_chunk_size", "lr", "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule",
     "min_lr_ratio", "global_batch_size", "max_tokens", "epochs", "max_steps", "max_grad_norm",
     "seed", "bf16", "allow_incomplete", "split", "data_config", "strategy")
 

@@ -126,7 +126,8 @@ def run_eval(config: EvalConfig) -> dict:
                       kl_to_dpo_per_sequence=_mean(kl_seq),
                       kl_to_teacher=_mean(float(t.mean()) for t in to_teacher if len(t)),
                       teacher_top_k=info.get("top_k"),
-                      teacher_exact=info.get("top_k") == len(tokenizer))
+                      teacher_exact=info.get("top_k") == len(tokenizer)
+                      and not info.get("tail_budget"))
     result["examples"] = [{"prompt": s.prompt, "response": s.text,
                            **({"gold_reward": reward} if task else {})}
                           for s, reward in zip(samples[:config.examples],

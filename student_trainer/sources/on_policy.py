@@ -55,7 +55,7 @@ class OnPolicySource:
                  async_rollouts: bool = False, eos_ids: set[int] | None = None,
                  prompts_truncated: int = 0, teacher_info: dict | None = None,
                  student_top: int = 0, pad_id: int = 0, vocab_size: int | None = None,
-                 sharded_root: torch.nn.Module | None = None):
+                 sharded_root: torch.nn.Module | None = None, candidate_batch_size: int = 32):
         self.prompts = [list(p) for p in prompts]
         self.model = model
         self.rollouts, self.scorer, self.top_k = rollouts, scorer, top_k
@@ -70,6 +70,7 @@ class OnPolicySource:
         #: --student-top: also score the sampling student's top N ids at each position
         self.student_top, self.pad_id, self.vocab_size = student_top, pad_id, vocab_size
         self.sharded_root = sharded_root
+        self.candidate_batch_size = candidate_batch_size
         self._pool: ThreadPoolExecutor | None = None
         self._rollout_model: torch.nn.Module | None = None
 
@@ -116,7 +117,8 @@ class OnPolicySource:
         t0 = time.perf_counter()
         sharded = self.sharded_root if model is self.model else None
         top = student_top_ids(model, sequences, self.student_top, pad_id=self.pad_id,
-                              vocab_size=self.vocab_size, forward=sharded)
+                              vocab_size=self.vocab_size, forward=sharded,
+                              batch_size=self.candidate_batch_size)
         seconds = time.perf_counter() - t0
         scored = self.scorer.score_named([(ids, p, named) for (ids, p), named
                                           in zip(sequences, top)], top_k=self.top_k)
@@ -252,5 +254,5 @@ class OnPolicySource:
                    eos_ids=eos_id_set(tokenizer.eos_token_id), prompts_truncated=len(cut),
                    teacher_info=info, student_top=config.student_top,
                    pad_id=pad_token_id(tokenizer), vocab_size=len(tokenizer),
-                   sharded_root=sharded_root)
+                   sharded_root=sharded_root, candidate_batch_size=config.rollout_batch_size)
 
