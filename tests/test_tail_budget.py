@@ -455,3 +455,20 @@ def test_inspect_summarises_a_store_whose_alpha_is_constant(tmp_path, mode):
     assert "p50 2, p90 2" in format_summary(summary)
     res = _cli("inspect", tmp_path / "s")
     assert res.returncode == 0 and "alpha           mean 2" in res.stdout, res.stderr
+
+
+def test_settings_that_cannot_go_together_are_refused_before_any_work(teacher_pair, data,
+                                                                     tmp_path):
+    res = _cli("precompute", "--dpo-model", teacher_pair[0], "--reverse-model", teacher_pair[1],
+               "--data", data, "--out", tmp_path / "lossy", "--layout", "compact-lossy8",
+               "--tail-budget", 0.01)
+    assert res.returncode == 2 and "not offered with --tail-budget" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "lossy").exists()
+    res = _cli("serve", "--dpo-model", teacher_pair[0], "--reverse-model", teacher_pair[1],
+               "--tail-budget", 1.5)
+    assert res.returncode == 2 and "--tail-budget" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("train", "--mode", "on-policy", "--teacher-url", "http://127.0.0.1:9",
+               "--prompts", data, "--model", teacher_pair[0], "--out", tmp_path / "run",
+               "--student-top", 4, "--objective", "reinforce-token")
+    assert res.returncode == 2 and "--student-top applies to --objective aligndistil" in \
+        res.stderr, res.stderr
