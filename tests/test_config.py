@@ -55,7 +55,7 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("lr: 1e-4\nlearning_rate: 3\n", "unknown option 'learning_rate'"),
     ("epochs: two\n", "epochs: expected an integer"),
-    ("tail: gaussian\n", "tail: expected one of uniform, bucket"),
+    ("tail: gaussian\n", "tail: expected one of auto, uniform, bucket"),
     ("- a list\n", "expected a mapping"),
     ("lr: [1, 2\n", "not valid YAML"),
 ])
