@@ -335,54 +335,26 @@ def test_a_server_with_a_budget_sends_ragged_lists_in_json_and_arrow(teacher_pai
 
 
 def test_off_policy_training_from_a_version_3_store(budget_store, tmp_path, teacher_pair):
+    """Training reads the ragged store; --tail auto (the default) trains with the bucket tail
+    on targets made with a budget: the same losses as --tail bucket, not those of uniform."""
     from aligndistil.cli import main
 
     student = save_model_dir(tmp_path / "student", seed=7)
-    out = tmp_path / "run"
-    rc = main(["train", "--mode", "off-policy", "--store", str(budget_store), "--model",
-               str(student), "--out", str(out), "--epochs", "2", "--global-batch-size", "8",
-               "--max-tokens", "96", "--lr", "3e-3", "--no-progress", "--device", "cpu",
-               "--log-level", "warning"])
-    assert rc == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses_seen = [r["loss"] for r in rows if "loss" in r]
-    assert losses_seen and all(np.isfinite(losses_seen))
 
+    def run(name, *extra):
+        out = tmp_path / name
+        rc = main(["train", "--mode", "off-policy", "--store", str(budget_store), "--model",
+                   str(student), "--out", str(out), "--epochs", "2", "--global-batch-size", "8",
+                   "--max-tokens", "96", "--lr", "3e-3", "--no-progress", "--device", "cpu",
+                   "--log-level", "warning", *extra])
+        assert rc == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
 
-def test_merging_the_students_candidates_gives_the_exact_union(pair):
-    """merge_candidates(record, named ids, their log pi*) equals the targets built from the
-    dense teacher for the union of the kept ids and the named ones."""
-    from student_trainer.candidates import merge_candidates
-
-    dpo, other, nxt = _logits(pair, n=2, seed=7)
-    config = TargetConfig(top_k=8, tail_budget=0.02)
-    got = compute_targets(dpo.float(), other.float(), nxt, config)
-    log_pi, _ = teacher_logprobs(dpo, other, config)
-    T = len(nxt)
-    g = torch.Generator().manual_seed(0)
-    named = torch.stack([torch.randperm(pair.vocab_size, generator=g)[:5] for _ in range(T)])
-    named[:, 0] = got.topk_ids[:, 0]          # one already kept
-    named[::3, 4] = -1                         # padding
-    named[1::3, 3] = named[1::3, 2]            # a repeat
-    record = TargetRecord.create(
-        example_index=0, input_ids=list(range(T + 1)), prompt_len=1, alpha=got.alpha.numpy(),
-        topk_ids=got.topk_ids.numpy(), topk_logprobs=got.topk_logprobs.numpy(),
-        tail_logmass=got.tail_logmass.numpy(), dpo_logprobs=got.dpo_logprobs.numpy(),
-        reverse_logprobs=got.reverse_logprobs.numpy(), topk_count=got.topk_count.numpy())
-    named_lp = log_pi.gather(-1, named.clamp_min(0)).float().numpy()
-    merged = merge_candidates(record, named.numpy(), named_lp)
-    merged.validate(vocab_size=pair.vocab_size)
-    for t in range(T):
-        want = set(got.topk_ids[t, :int(got.topk_count[t])].tolist()) | \
-            {i for i in named[t].tolist() if i >= 0}
-        kept = merged.kept_rows("topk_ids")[t]
-        assert sorted(kept.tolist()) == sorted(want) and len(kept) == merged.topk_count[t]
-        np.testing.assert_allclose(merged.kept_rows("topk_logprobs")[t].astype(np.float64),
-                                   log_pi[t, kept].numpy(), atol=2e-3, rtol=1e-3)
-        rest = log_pi[t].clone()
-        rest[list(want)] = -torch.inf
-        np.testing.assert_allclose(merged.tail_logmass[t], torch.logsumexp(rest, 0).item(),
-                                   rtol=1e-4, atol=1e-4)
+    auto = run("auto")
+    assert auto and all(np.isfinite(auto))
+    assert run("bucket", "--tail", "bucket") == auto
+    assert run("uniform", "--tail", "uniform") != auto
 
 
 def _score_requests(url: str) -> float:
