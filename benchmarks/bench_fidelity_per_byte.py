@@ -147,7 +147,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer variants (a smoke run)")
     ap.add_argument("--out", default=str(RESULTS / "fidelity_per_byte"))
+    ap.add_argument("--report-only", action="store_true", help="redo OUT.md and OUT.png from "
+                    "OUT.json")
     args = ap.parse_args()
+    if args.report_only:
+        write_report(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out))
+        return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cpu = torch.device("cpu")
@@ -293,6 +298,10 @@ def write_report(result: dict, out: Path) -> None:
              f"included). DistillKit publishes "
              + ", ".join(f"{v:g} B/token ({k.split(' ', 1)[1]})"
                          for k, v in result["distillkit"].items()) + ".", "",
+             "The `auto` column is the loss's per-position rule (bucket where more than 5% of "
+             "pi*'s mass is left out, uniform elsewhere). The trainer's `--tail auto` uses the "
+             "bucket tail everywhere on targets made with a tail budget (no `--student-top`; "
+             "`losses.resolve_tail`), so for the EPS rows below it gets the bucket column.", "",
              "| variant | B/token | k mean / p90 / max | capped over EPS | uniform: cos | "
              "bucket: cos | auto: cos |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
