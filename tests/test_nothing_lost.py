@@ -53,7 +53,7 @@ def test_resume_refuses_changed_settings_and_continues_the_same_ones(world, tmp_
                  "--beta0", "0.2", "--tail", "bucket"]) == 2
     err = capsys.readouterr().err
     assert "--resume:" in err and "--lr 1e-06 -> 0.0003" in err
-    assert "--beta0 0.1 -> 0.2" in err and "--tail 'uniform' -> 'bucket'" in err
+    assert "--beta0 0.1 -> 0.2" in err and "--tail 'auto' -> 'bucket'" in err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     # Without --resume, the used folder is refused (not replaced, not mixed).
     assert main([*_train(world, out), "--max-steps", "4"]) == 2
