@@ -386,7 +386,7 @@ class TeacherClient:
         chunk, tokens = [], 0
         for item in sequences:
             # a named id weighs about a token in the JSON body (the server's body limit)
-            n = len(item[0]) + (int(np.asarray(item[2]).size) if len(item) == 3 else 0)
+            n = len(item[0]) + (sum(len(row) for row in item[2]) if len(item) == 3 else 0)
             if chunk and (len(chunk) >= per_request or tokens + n > self.max_request_tokens):
                 yield chunk
                 chunk, tokens = [], 0
