@@ -54,6 +54,7 @@ from student_trainer import losses  # noqa: E402
 from student_trainer.candidates import merge_candidates  # noqa: E402
 from student_trainer.collate import collate_sequences  # noqa: E402
 from teacher_service.targets import TargetConfig, compute_targets, teacher_logprobs  # noqa: E402
+from benchmarks.bench_grad_fidelity import cosine  # noqa: E402
 from benchmarks.machine_info import machine as machine_record  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -65,11 +66,6 @@ CAP = 128
 DPO_TOP = 32
 STUDENT_TOPS = (8, 16, 32)
 TAILS = ("uniform", "bucket", "auto")
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
 def load_batch(tok, path: str, num: int, max_len: int) -> list[tuple[list[int], int]]:

@@ -69,7 +69,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.errors import UserError
-from storage.ragged import offsets_from_lengths
+from storage.ragged import offsets_from_lengths, padded_index
 from storage.record import FIELD_DTYPES, WIRE_FIELDS, RecordError, TargetRecord
 
 #: What ``Accept`` / ``Content-Type`` say for the Arrow encoding.
@@ -445,9 +445,7 @@ def _row(name: str, col: _Flat, i: int) -> Any:
     if (widths != k).any():  # a ragged record: pad each row by repeating its first entry
         if widths.min() < 1:
             raise WireError(f"arrow row {i}: {name}: a position with no entries")
-        slot = np.arange(int(widths.max()))
-        index = starts[:, None] + np.where(slot < widths[:, None], slot, 0)
-        return _Ragged(col.values[index], widths.astype(np.int32))
+        return _Ragged(col.values[padded_index(starts, widths)], widths.astype(np.int32))
     return col.values[int(starts[0]):int(ends[-1])].reshape(hi - lo, k)
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from causal_lm.packed import pack_rows
 from causal_lm.positions import response_coordinates
 from storage.packing import batch_plan
+from storage.ragged import widen_columns
 from storage.record import TargetRecord
 
 
@@ -118,7 +119,7 @@ def collate_records(records: Sequence[TargetRecord], pad_id: int,
     k = max(r.top_k for r in records)  # ragged records: each padded to the widest
 
     def cat(name: str, dtype) -> Tensor:
-        return torch.from_numpy(np.concatenate([_widen(getattr(r, name), k)
+        return torch.from_numpy(np.concatenate([widen_columns(getattr(r, name), k)
                                                 for r in records]).astype(dtype))
 
     ragged = any(r.ragged or r.top_k != k for r in records)
@@ -132,14 +133,6 @@ def collate_records(records: Sequence[TargetRecord], pad_id: int,
         dpo_logprobs=cat("dpo_logprobs", np.float32),
         reverse_logprobs=cat("reverse_logprobs", np.float32),
     )
-
-
-def _widen(arr: np.ndarray, k: int) -> np.ndarray:
-    """A ``[T, j]`` topk array padded to ``[T, k]`` by repeating column 0 (the record's padding
-    rule), so ragged records of different widths share one tensor."""
-    if arr.ndim != 2 or arr.shape[1] == k:
-        return arr
-    return np.concatenate([arr, np.repeat(arr[:, :1], k - arr.shape[1], axis=1)], axis=1)
 
 
 def micro_batches(records: Sequence[TargetRecord], *, max_tokens: int, pad_id: int,

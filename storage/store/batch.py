@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..ragged import offsets_from_lengths
+from ..ragged import offsets_from_lengths, widen_columns
 
 from ..record import FIELD_DTYPES, PER_POSITION_FIELDS, TargetRecord
 
@@ -91,7 +91,7 @@ class TargetBatch:
             seq_offsets=offsets_from_lengths(seq_lens),
             input_ids=np.concatenate([r.input_ids for r in records]).astype(np.int32, copy=False),
             pos_offsets=offsets_from_lengths(pos_lens),
-            **{name: np.concatenate([_widen(getattr(r, name), k) for r in records]).astype(
+            **{name: np.concatenate([widen_columns(getattr(r, name), k) for r in records]).astype(
                 FIELD_DTYPES[name], copy=False) for name in PER_POSITION_FIELDS},
         )
 
@@ -136,7 +136,7 @@ class TargetBatch:
             input_ids=np.concatenate([b.input_ids for b in batches]),
             pos_offsets=offsets_from_lengths(
                 np.concatenate([np.diff(b.pos_offsets) for b in batches])),
-            **{name: np.concatenate([_widen(getattr(b, name), k) for b in batches])
+            **{name: np.concatenate([widen_columns(getattr(b, name), k) for b in batches])
                for name in PER_POSITION_FIELDS},
         )
 
@@ -153,14 +153,6 @@ class TargetBatch:
                 raise ValueError(f"{name}: {getattr(self, name).shape[0]} rows, expected {n}")
         if (np.diff(self.seq_offsets) - np.diff(self.pos_offsets) != self.prompt_len).any():
             raise ValueError("prompt_len: differs from sequence length - response length")
-
-
-def _widen(arr: np.ndarray, k: int) -> np.ndarray:
-    """A ``[n, j]`` topk array padded to ``[n, k]`` by repeating column 0 (the padding rule of
-    ragged records); anything else as is."""
-    if arr.ndim != 2 or arr.shape[1] == k:
-        return arr
-    return np.concatenate([arr, np.repeat(arr[:, :1], k - arr.shape[1], axis=1)], axis=1)
 
 
 def _ragged_gather(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..ragged import offsets_from_lengths
+from ..ragged import offsets_from_lengths, padded_index
 
 from ..record import FIELD_DTYPES
 from .batch import TargetBatch
@@ -267,10 +267,7 @@ def _pad_flat(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray
                          f"summing to {int(counts.sum())}")
     if counts.size and int(counts.min()) < 1:
         raise ValueError("topk_count: a position keeps no id")
-    width = int(counts.max()) if counts.size else 1
-    starts = offsets_from_lengths(counts)[:-1]
-    slot = np.arange(width)
-    index = starts[:, None] + np.where(slot < counts[:, None], slot, 0)
+    index = padded_index(offsets_from_lengths(counts)[:-1], counts)
     return ids[index], logprobs[index]
 
 
