@@ -123,6 +123,24 @@ def test_vllm_logprobs_equal_the_students(world):
     assert _max_diff(vllm_lp, hf_lp) < LOGPROB_TOL
 
 
+def test_the_rollouts_top_ids_are_the_students_own_candidates(world):
+    """--student-top's candidates from vLLM's logprobs: the same draws as ``generate``, and at
+    every response position the student's n likeliest ids (HF, teacher-forced), in order."""
+    engine, model, tok = world["engine"], world["model"], world["tokenizer"]
+    prompts = _prompt_ids(tok, PROMPTS)
+    sequences, top = engine.generate_with_top_ids(prompts, seed=5, n=4)
+    assert sequences == engine.generate(prompts, seed=5)
+    with torch.no_grad():
+        for (ids, p), ranked in zip(sequences, top):
+            logits = model(torch.tensor([ids])).logits[0, p - 1:len(ids) - 1].float()
+            assert ranked.shape == (len(ids) - p, 4)
+            expected = torch.topk(logits, 4, dim=-1)
+            for t in range(len(ids) - p):
+                # equal, except where two logits tie within kernel rounding
+                got = logits[t, torch.from_numpy(ranked[t])]
+                assert torch.allclose(got, expected.values[t], atol=1e-4), (t, ranked[t])
+
+
 def test_first_tokens_follow_the_students_next_token_distribution(world):
     """4,000 first response tokens for one prompt against the student's softmax at the prompt's
     last position, EOS included (a response may be just an EOS: sampling follows the student's

@@ -107,10 +107,17 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
     rollout_batch_size: Annotated[int, "on-policy: prompts per generate call", ">=1"] = 32
     rollout_backend: Annotated[Literal["hf", "vllm"], "sampler, temperature 1, no top-k/top-p: "
                                "hf = Hugging Face generate; vllm = an in-process vLLM engine "
-                               "that gets the student's weights before every rollout (the "
-                               "'vllm' extra; one process only)"] = "hf"
-    async_rollouts: Annotated[bool, "sample and score step s+1 while step s trains (samples one "
-                              "update stale; keeps a second copy of the student)"] = False
+                               "per rank that gets the student's weights before every rollout "
+                               "(the 'vllm' extra)"] = "hf"
+    max_staleness: Annotated[int, "on-policy: sample and score steps s+1..s+S while step s "
+                             "trains, from weights S updates old (0: synchronous; keeps S "
+                             "copies of the student's weights, and with hf one more model)",
+                             ">=0"] = 0
+    async_rollouts: Annotated[bool, "the same as --max-staleness 1 (kept for older "
+                              "commands)"] = False
+    save_samples: Annotated[bool, "on-policy: each rank appends what it sampled to "
+                            "OUT/samples/rank-R.jsonl (step, staleness, ids; after a resume the "
+                            "last line of a (step, rank, index) wins)"] = False
     max_seq_len: Annotated[int | None, "on-policy: prompt + response limit (none: the "
                            "server's)", ">=2"] = None
     request_timeout: Annotated[float, "seconds per request", ">0"] = 300.0
@@ -179,6 +186,11 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
     trust_remote_code: Annotated[bool, "allow model code from the model folder"] = False
     log_level: Annotated[str, "logging level"] = "info"
 
+    @property
+    def staleness(self) -> int:
+        """The most updates a step's samples may lag its weights (``--async-rollouts`` is 1)."""
+        return max(self.max_staleness, 1 if self.async_rollouts else 0)
+
     def validate(self) -> None:
         refuse_flash_without_bf16(self)
         if self.mode == "off-policy" and not self.store:
@@ -190,6 +202,8 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
                 ("--teacher-url", self.teacher_url), ("--prompts", self.prompts),
                 ("--top-k", self.top_k is not None), ("--max-seq-len", self.max_seq_len),
                 ("--async-rollouts", self.async_rollouts),
+                ("--max-staleness", self.max_staleness),
+                ("--save-samples", self.save_samples),
                 ("--student-top", self.student_top),
                 ("--rollout-backend", self.rollout_backend != "hf")) if given]
             if unused:
@@ -199,9 +213,14 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
                                                       and self.mode == "on-policy"):
             raise ConfigError("--fsdp-sampling only applies to --mode on-policy with --strategy "
                               "fsdp")
-        if self.strategy == "fsdp" and self.async_rollouts:
-            raise ConfigError("--async-rollouts samples from a whole copy of the student in a "
-                              "background thread; --strategy fsdp keeps only shards: drop one")
+        if self.async_rollouts and self.max_staleness > 1:
+            raise ConfigError(f"--async-rollouts is --max-staleness 1; it contradicts "
+                              f"--max-staleness {self.max_staleness}: drop it")
+        if self.strategy == "fsdp" and self.staleness and self.rollout_backend == "hf":
+            raise ConfigError("--max-staleness (or --async-rollouts) with --rollout-backend hf "
+                              "samples from a whole copy of the student in a background thread; "
+                              "--strategy fsdp keeps only shards: use --rollout-backend vllm, "
+                              "or drop one")
         if self.student_top and self.objective != "aligndistil":
             raise ConfigError(f"--student-top applies to --objective aligndistil (the loss on the "
                               f"teacher's ids); --objective {self.objective} never reads them")
@@ -300,8 +319,8 @@ SAVED_CONFIG = {"train": "train_config.yaml", "dpo": "dpo_config.yaml", "sft": "
 RESUME_FIXED = (
     "mode", "model", "store", "prompts", "top_k", "max_new_tokens", "max_prompt_len",
     "rollout_batch_size", "temperature", "top_p", "sampling_top_k", "rollout_backend",
-    "async_rollouts", "student_top", "max_seq_len", "objective", "kl_coef", "tail", "beta0",
-    "weighting", "loss_chunk_size", "lr", "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule",
+    "async_rollouts", "max_staleness", "student_top", "max_seq_len", "objective", "kl_coef",
+    "tail", "beta0", "weighting", "loss_chunk_size", "lr", "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule",
     "min_lr_ratio", "global_batch_size", "max_tokens", "epochs", "max_steps", "max_grad_norm",
     "seed", "bf16", "allow_incomplete", "split", "data_config", "strategy")
 

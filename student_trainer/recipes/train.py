@@ -359,6 +359,8 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
             scheduler.load_state_dict(state["scheduler"])
             _restore_rng(state["rng"], env, config.seed, start_step=int(state["step"]))
             start_step = int(state["step"])
+            if state.get("rollouts_in_flight"):
+                source.restore_in_flight(state["rollouts_in_flight"], config.global_batch_size)
             if env.is_main:
                 log.info("resumed from %s at step %d of %d", resume_from, start_step,
                          total_steps)
@@ -407,15 +409,19 @@ def train(run: Run) -> dict[str, Any]:
                                amp=run.amp, filler=not data.records)
             elapsed = time.perf_counter() - started
             completed = data.step + 1
-            stats.update(epoch=epoch, step_s=elapsed, data_wait_s=wait_s,
+            stats.update(epoch=epoch, step_s=elapsed, train_s=elapsed, data_wait_s=wait_s,
                          tokens_per_s=stats["tokens"] / max(elapsed + wait_s, 1e-9),
                          **data.timings, **sum_over_ranks(env, data.counts))
+            if config.mode == "on-policy":
+                stats["staleness"] = float(data.staleness)
+                if config.save_samples and data.rollout is not None:
+                    write_samples(run.out, env.rank, data.rollout)
             run.metrics.log(completed, stats)
             if not last:  # the first step of this process
                 warn_broad_tail(stats["tail_mass_mean"], config)
             last = stats
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4g}", kl=f"{stats['kl']:.4g}")
+            bar.set_postfix(step_postfix(stats))
             if config.save_every and completed % config.save_every == 0 \
                     and completed < run.total_steps:
                 save(run, run.out / checkpoint_name(completed), completed, epoch)
@@ -440,6 +446,36 @@ def train(run: Run) -> dict[str, Any]:
             "prompts_truncated": getattr(run.source, "prompts_truncated", 0)}
 
 
+#: on-policy phases in the progress bar: (short name, metric); seconds of rank 0's step
+PHASES = (("roll", "rollout_s"), ("sync", "weight_sync_s"), ("cand", "candidates_s"),
+          ("score", "score_s"), ("train", "train_s"), ("wait", "data_wait_s"))
+
+
+def step_postfix(stats: dict[str, float]) -> dict[str, str]:
+    """The progress bar's postfix: loss and KL; on-policy also where the step's time went
+    (with ``--max-staleness`` rollout and scoring overlap training; ``wait`` is what they left
+    exposed) and the staleness trained on."""
+    out = {"loss": f"{stats['loss']:.4g}", "kl": f"{stats['kl']:.4g}"}
+    if "rollout_s" in stats:
+        out.update({short: f"{stats[key]:.2f}s" for short, key in PHASES if key in stats})
+        out["stale"] = str(int(stats.get("staleness", 0)))
+    return out
+
+
+def write_samples(out: Path, rank: int, rollout) -> None:
+    """``--save-samples``: append a step's sampled sequences (this rank's) to
+    ``OUT/samples/rank-R.jsonl``, one line each."""
+    if rollout.filler:
+        return
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": rollout.step, "rank": rank, "index": i,
+                         "staleness": rollout.staleness, "prompt_len": p, "ids": list(ids)})
+             for i, (ids, p) in enumerate(rollout.sequences)]
+    with open(folder / f"rank-{rank}.jsonl", "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
 def sum_over_ranks(env: DistEnv, counts: dict[str, float]) -> dict[str, float]:
     """A step's counts (e.g. responses without EOS) over all ranks, not rank 0's alone."""
     if not counts or not env.enabled:
@@ -454,6 +490,8 @@ def save(run: Run, dest: Path, step: int, epoch: int) -> None:
     rng_states = gather_objects(run.env, capture_rng_state())
     state = {"step": step, "epoch": epoch, "data_position": {"step": step, "epoch": epoch},
              "scheduler": run.scheduler.state_dict(), "rng": rng_states, "run": run.run_info}
+    if hasattr(run.source, "in_flight") and dest.name != "final":
+        state["rollouts_in_flight"] = gather_objects(run.env, _in_flight(run.source, step))
     if fsdp.is_sharded(run.module):
         fsdp.save_sharded_checkpoint(dest, model=run.model, optimizer=run.optimizer,
                                      tokenizer=run.tokenizer, state=state, rank=run.env.rank,
@@ -464,6 +502,17 @@ def save(run: Run, dest: Path, step: int, epoch: int) -> None:
     if run.env.is_main:
         prune_checkpoints(run.out, run.config.save_total_limit)
     barrier(run.env)
+
+
+def _in_flight(source, step: int) -> dict:
+    """The source's samples of the steps queued after ``step`` (``--max-staleness``), or none
+    when producing them failed (those steps then sample again on resume, with a warning)."""
+    try:
+        return source.in_flight()
+    except Exception as exc:  # the teacher gave up, say: the checkpoint still saves the weights
+        log.warning("checkpoint at step %d keeps no samples of the steps in flight (%s)",
+                    step, exc)
+        return {}
 
 
 def open_source(config: TrainConfig, env: DistEnv, model, tokenizer, *,

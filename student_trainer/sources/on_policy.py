@@ -4,6 +4,14 @@ targets, step by step on the plan of :mod:`.plan`.
 The source owns what it opens: :meth:`OnPolicySource.open` connects the teacher client, checks
 the server's tokenizer against the student's, reads the prompts and starts the rollout backend;
 :meth:`OnPolicySource.close` closes all of them (and the background thread, if any).
+
+Staleness (``--max-staleness S``). Write ``w_j`` for the weights after ``j`` optimizer updates;
+step ``t`` trains ``w_t``. With ``S = 0`` step ``t`` samples from ``w_t``. With ``S > 0`` the
+rollouts and scoring of steps ``t + 1 .. t + S`` run in a background thread while step ``t``
+trains: just before step ``t`` trains, step ``t + S`` is queued with a copy of ``w_t``, so it
+samples from weights ``S`` updates old (the first ``S`` steps of a run sample from ``w_0``:
+``min(t, S)`` old). Every step reports the staleness it trained on. A checkpoint keeps the
+samples of the steps in flight, so a resumed run trains on what the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -12,12 +20,15 @@ import copy
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from storage.datasets import data_source
 from storage.record import TargetRecord
+from student_trainer.rollout.weights import weights_snapshot
 from student_trainer.sources.plan import (StepData, epoch_permutation, rank_block, step_range,
                                          steps_per_epoch)
 
@@ -31,6 +42,23 @@ class RolloutBackend(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass
+class Rollout:
+    """What one rank sampled for one step: enough to score it again after a resume."""
+    step: int
+    sequences: list[tuple[list[int], int]]   #: (prompt + response ids, prompt length)
+    candidates: list[np.ndarray] | None      #: --student-top: [T, N] ids per sequence
+    filler: bool                             #: this rank has no prompt in the step
+    staleness: int                           #: updates between the sampling and trained weights
+
+    def to_state(self) -> dict:
+        """Plain types and tensors (checkpoints load with ``weights_only=True``)."""
+        return {"sequences": [[list(map(int, ids)), int(p)] for ids, p in self.sequences],
+                "candidates": None if self.candidates is None else
+                [torch.from_numpy(np.asarray(c, dtype=np.int32)) for c in self.candidates],
+                "filler": self.filler, "staleness": self.staleness}
+
+
 class Scorer(Protocol):
     def score(self, sequences: Sequence[tuple[Sequence[int], int]], *, top_k: int | None = None
               ) -> list[TargetRecord]: ...
@@ -42,17 +70,16 @@ class OnPolicySource:
     """Prompts -> sampled responses (the student) -> teacher targets (the server).
 
     ``rollouts`` samples and ``scorer`` scores; this class decides what is generated when, and
-    owns (closes) both. With ``async_rollouts`` the rollouts and scoring of step
-    ``s + 1`` run in a background thread while step ``s`` trains, on a copy of the student
-    holding the weights from before step ``s``'s update: the samples of step ``s + 1`` are one
-    update stale (the usual price of pipelining; PPO-style trainers accept the same). Without
-    it every step samples from the current weights.
+    owns (closes) both. ``max_staleness``: see the module docstring. A backend that keeps its
+    own copy of the weights (vLLM: ``sync_weights``) is handed a snapshot of the student's
+    weights per queued step; the HF backend samples from a copy of the student that the
+    background thread loads each snapshot into.
     """
 
     def __init__(self, prompts: Sequence[Sequence[int]], *, model: torch.nn.Module,
                  rollouts: RolloutBackend | None, scorer: Scorer | None, seed: int,
                  top_k: int | None = None, rank: int = 0, world_size: int = 1,
-                 async_rollouts: bool = False, eos_ids: set[int] | None = None,
+                 max_staleness: int = 0, eos_ids: set[int] | None = None,
                  prompts_truncated: int = 0, teacher_info: dict | None = None,
                  student_top: int = 0, pad_id: int = 0, vocab_size: int | None = None,
                  sharded_root: torch.nn.Module | None = None, candidate_batch_size: int = 32):
@@ -66,13 +93,18 @@ class OnPolicySource:
         self.records_per_epoch = len(self.prompts)
         if self.records_per_epoch < 1:
             raise ValueError("no prompts")
-        self.async_rollouts = async_rollouts
+        self.max_staleness = int(max_staleness)
+        #: the backend holds its own weights, loaded before each rollout (vLLM)
+        self.engine_weights = hasattr(rollouts, "sync_weights")
         #: --student-top: also score the sampling student's top N ids at each position
         self.student_top, self.pad_id, self.vocab_size = student_top, pad_id, vocab_size
         self.sharded_root = sharded_root
         self.candidate_batch_size = candidate_batch_size
         self._pool: ThreadPoolExecutor | None = None
         self._rollout_model: torch.nn.Module | None = None
+        self._pending: dict[int, Future] = {}
+        #: steps whose samples a checkpoint kept (resume): scored again, not sampled
+        self._restored: dict[int, Rollout] = {}
 
     def steps_per_epoch(self, global_batch: int) -> int:
         return steps_per_epoch(self.records_per_epoch, global_batch)
@@ -88,73 +120,146 @@ class OnPolicySource:
         chosen = order[start:start + 1] if filler else order[lo:hi]
         return epoch, [self.prompts[i] for i in chosen], stop - start, filler
 
-    def _job(self, model, step: int, global_batch: int) -> StepData:
-        epoch, prompts, size, filler = self.prompts_for(step, global_batch)
+    # ------------------------------------------------------------------ one step
+    def _job(self, weights, step: int, global_batch: int, staleness: int,
+             sync_s: float = 0.0) -> StepData:
+        """Sample step ``step`` from ``weights`` (the live student, or a snapshot of its state
+        dict) and score it; ``sync_s``: seconds already spent copying the weights."""
+        timings = {"weight_sync_s": sync_s}
+        rollout = self._restored.pop(step, None)
+        if rollout is None:
+            rollout = self._sample(weights, step, global_batch, staleness, timings)
+        return self._score(rollout, step, global_batch, timings)
+
+    def _sample(self, weights, step: int, global_batch: int, staleness: int,
+                timings: dict[str, float]) -> Rollout:
+        _, prompts, _, filler = self.prompts_for(step, global_batch)
+        seed = (self.seed * 1_000_003 + step) * self.world_size + self.rank
         t0 = time.perf_counter()
-        sequences = self.rollouts.sample(
-            model, prompts, (self.seed * 1_000_003 + step) * self.world_size + self.rank)
+        if self.engine_weights:
+            self.rollouts.sync_weights(weights)
+        elif isinstance(weights, Mapping):  # a snapshot: into the background thread's copy
+            self._rollout_model.load_state_dict(weights)
         t1 = time.perf_counter()
-        timings = {"rollout_s": t1 - t0}
-        if self.student_top:
-            records, timings["candidates_s"] = self._score_with_candidates(model, sequences)
+        timings["weight_sync_s"] += t1 - t0
+        candidates = None
+        if self.student_top and hasattr(self.rollouts, "generate_with_top_ids"):
+            # vLLM ranks the ids while sampling: --student-top's candidates cost no pass
+            sequences, candidates = self.rollouts.generate_with_top_ids(prompts, seed,
+                                                                        self.student_top)
+        elif self.engine_weights:
+            sequences = self.rollouts.generate(prompts, seed)
+        else:
+            model = self._rollout_model if isinstance(weights, Mapping) else weights
+            sequences = self.rollouts.sample(model, prompts, seed)
+        timings["rollout_s"] = time.perf_counter() - t1
+        if self.student_top and candidates is None:
+            from student_trainer.candidates import student_top_ids
+
+            t2 = time.perf_counter()
+            model = self._rollout_model if isinstance(weights, Mapping) else weights
+            sharded = self.sharded_root if model is self.model else None
+            candidates = student_top_ids(model, sequences, self.student_top,
+                                         pad_id=self.pad_id, vocab_size=self.vocab_size,
+                                         forward=sharded, batch_size=self.candidate_batch_size)
+            timings["candidates_s"] = time.perf_counter() - t2
+        return Rollout(step, sequences, candidates, filler, staleness)
+
+    def _score(self, rollout: Rollout, step: int, global_batch: int,
+               timings: dict[str, float]) -> StepData:
+        epoch, prompts, size, filler = self.prompts_for(step, global_batch)
+        sequences = rollout.sequences
+        t0 = time.perf_counter()
+        if rollout.candidates is not None:
+            from student_trainer.candidates import merge_candidates
+
+            scored = self.scorer.score_named(
+                [(ids, p, named) for (ids, p), named in zip(sequences, rollout.candidates)],
+                top_k=self.top_k)
+            records = [merge_candidates(record, named, logprobs)
+                       for (record, logprobs), named in zip(scored, rollout.candidates)]
         else:
             records = self.scorer.score(sequences, top_k=self.top_k)
-        t2 = time.perf_counter()
-        timings["score_s"] = t2 - t1 - timings.get("candidates_s", 0.0)
+        timings["score_s"] = time.perf_counter() - t0
         # Responses that hit --max-new-tokens (or the length limit) before an EOS.
         unfinished = 0 if filler else \
             sum(1 for ids, _ in sequences if not ids or ids[-1] not in self.eos_ids)
         return StepData(step, epoch, [] if filler else records, timings,
                         {"responses_without_eos": float(unfinished)}, step_sequences=size,
-                        filler=records[0] if filler else None)
+                        filler=records[0] if filler else None, staleness=rollout.staleness,
+                        rollout=rollout)
 
-    def _score_with_candidates(self, model, sequences) -> tuple[list[TargetRecord], float]:
-        """Score with the student's top ``student_top`` ids named per position, and merge them
-        into each record (:mod:`student_trainer.candidates`); also the seconds the student's
-        pass took."""
-        from student_trainer.candidates import merge_candidates, student_top_ids
-
-        t0 = time.perf_counter()
-        sharded = self.sharded_root if model is self.model else None
-        top = student_top_ids(model, sequences, self.student_top, pad_id=self.pad_id,
-                              vocab_size=self.vocab_size, forward=sharded,
-                              batch_size=self.candidate_batch_size)
-        seconds = time.perf_counter() - t0
-        scored = self.scorer.score_named([(ids, p, named) for (ids, p), named
-                                          in zip(sequences, top)], top_k=self.top_k)
-        return [merge_candidates(record, named, logprobs)
-                for (record, logprobs), named in zip(scored, top)], seconds
-
+    # ------------------------------------------------------------------ the steps
     def iterate(self, start_step: int, total_steps: int, global_batch: int
                 ) -> Iterator[StepData]:
-        if not self.async_rollouts:
+        S = self.max_staleness
+        if S == 0:
             for step in range(start_step, total_steps):
-                yield self._job(self.model, step, global_batch)
+                yield self._job(self.model, step, global_batch, 0)
             return
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
-        future: Future | None = None
+        # Fill the pipeline: steps the checkpoint kept are scored again; the others (a fresh
+        # run's first S steps) sample from the weights now.
+        for step in range(start_step, min(start_step + S, total_steps)):
+            stale = self._restored[step].staleness if step in self._restored else \
+                step - start_step
+            if step not in self._restored and start_step > 0:
+                log.warning("step %d: its samples were not in the checkpoint; it samples "
+                            "from the resumed weights (%d updates old)", step, stale)
+            self._queue(step, global_batch, stale)
         for step in range(start_step, total_steps):
-            if future is None:  # the first step has nothing in flight
-                self._sync_rollout_model()
-                future = self._pool.submit(self._job, self._rollout_model, step, global_batch)
-            data = future.result()
-            future = None
-            if step + 1 < total_steps:
-                # Weights now are those before this step's update: step + 1 samples from them.
-                self._sync_rollout_model()
-                future = self._pool.submit(self._job, self._rollout_model, step + 1,
-                                           global_batch)
+            data = self._pending.pop(step).result()
+            if step + S < total_steps:  # sampled from the weights step `step` trains: w_step
+                self._queue(step + S, global_batch, S)
             yield data
 
-    def _sync_rollout_model(self) -> None:
-        """Copy the student's current weights into the rollout copy (made on first use)."""
-        with torch.no_grad():
-            if self._rollout_model is None:
+    def _queue(self, step: int, global_batch: int, staleness: int) -> None:
+        """Queue step ``step``'s job with a snapshot of the student's weights now."""
+        t0 = time.perf_counter()
+        if self._rollout_model is None and not self.engine_weights:
+            with torch.no_grad():
                 self._rollout_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-                return
-            for dst, src in zip(self._rollout_model.state_dict().values(),
-                                self.model.state_dict().values()):
-                dst.copy_(src)
+        snapshot = None if step in self._restored else weights_snapshot(
+            self.model, device="cpu" if self.engine_weights else self._device())
+        self._pending[step] = self._pool.submit(self._job, snapshot, step, global_batch,
+                                                staleness, time.perf_counter() - t0)
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ checkpoints
+    def in_flight(self) -> dict[int, dict]:
+        """This rank's samples of the steps queued but not trained yet, for a checkpoint
+        (waits for them to be sampled and scored)."""
+        return {step: future.result().rollout.to_state()
+                for step, future in sorted(self._pending.items())}
+
+    def restore_in_flight(self, saved: list[dict[int, dict]], global_batch: int) -> None:
+        """Take back the samples a checkpoint kept (``saved``: every rank's :meth:`in_flight`,
+        in rank order). On another number of ranks a step's sequences are split again: they
+        are the step's prompts in order, each rank's block contiguous (:mod:`.plan`)."""
+        steps = sorted({step for by_rank in saved for step in by_rank})
+        for step in steps:
+            parts = [by_rank.get(step) for by_rank in saved]
+            if any(p is None for p in parts):
+                continue
+            if len(saved) == self.world_size:
+                mine = parts[self.rank]
+                self._restored[step] = _rollout_from_state(step, mine)
+                continue
+            _, prompts, _, filler = self.prompts_for(step, global_batch)
+            if filler:  # trained with weight 0: sampled afresh
+                continue
+            whole = [p for p in parts if not p["filler"]]
+            sequences = [seq for p in whole for seq in p["sequences"]]
+            candidates = None if any(p["candidates"] is None for p in whole) else \
+                [c for p in whole for c in p["candidates"]]
+            epoch, start, stop = step_range(step, self.records_per_epoch, global_batch)
+            lo, hi = rank_block(start, stop, self.rank, self.world_size)
+            self._restored[step] = _rollout_from_state(step, {
+                "sequences": sequences[lo - start:hi - start],
+                "candidates": None if candidates is None else candidates[lo - start:hi - start],
+                "filler": False, "staleness": whole[0]["staleness"]})
 
     def close(self) -> None:
         """Stop the background thread, then close the rollout backend and the client."""
@@ -188,11 +293,6 @@ class OnPolicySource:
         if config.rollout_backend == "vllm":
             from student_trainer.rollout.vllm_engine import require_vllm
 
-            if distributed:
-                raise ConfigError("--rollout-backend vllm runs one in-process engine and "
-                                  "supports a single process only (vLLM creates and tears down "
-                                  "the default torch.distributed group the DDP ranks share); "
-                                  "use --rollout-backend hf with torchrun")
             require_vllm()  # a missing extra fails before the first request
         client = TeacherClient(config.teacher_url, api_key=config.api_key,
                                timeout=config.request_timeout,
@@ -237,9 +337,11 @@ class OnPolicySource:
             if config.rollout_backend == "vllm":
                 from student_trainer.rollout.vllm_engine import VLLMRollouts
 
+                # under torchrun: one engine per rank, in torchrun's process group
                 rollouts = VLLMRollouts(config.model, tokenizer, rollout_config,
                                         max_seq_len=max_seq_len, seed=config.seed,
-                                        trust_remote_code=config.trust_remote_code)
+                                        trust_remote_code=config.trust_remote_code,
+                                        max_logprobs=config.student_top)
             else:
                 rollouts = HFRollouts(rollout_config, pad_token_id=pad_token_id(tokenizer),
                                       eos_token_id=tokenizer.eos_token_id,
@@ -250,9 +352,17 @@ class OnPolicySource:
             raise
         return cls(prompts, model=model, rollouts=rollouts, scorer=client, seed=config.seed,
                    top_k=config.top_k, rank=rank, world_size=world_size,
-                   async_rollouts=config.async_rollouts,
+                   max_staleness=config.staleness,
                    eos_ids=eos_id_set(tokenizer.eos_token_id), prompts_truncated=len(cut),
                    teacher_info=info, student_top=config.student_top,
                    pad_id=pad_token_id(tokenizer), vocab_size=len(tokenizer),
                    sharded_root=sharded_root, candidate_batch_size=config.rollout_batch_size)
 
+
+
+def _rollout_from_state(step: int, state: dict) -> Rollout:
+    candidates = state.get("candidates")
+    return Rollout(step, [(list(ids), int(p)) for ids, p in state["sequences"]],
+                   None if candidates is None else [np.asarray(c, dtype=np.int64)
+                                                    for c in candidates],
+                   bool(state["filler"]), int(state["staleness"]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -35,6 +35,8 @@ class StepData:
     counts: dict[str, float] = field(default_factory=dict)  #: e.g. responses cut without EOS
     step_sequences: int = 0         #: the step's records over all ranks (the loss's divisor)
     filler: TargetRecord | None = None  #: with no records: one to run with weight 0
+    staleness: int = 0              #: on-policy: updates between the sampling and trained weights
+    rollout: Any = None             #: on-policy: the samples (kept by checkpoints while in flight)
 
 
 class BatchSource(Protocol):
