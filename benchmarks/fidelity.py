@@ -26,7 +26,9 @@ read from the k = V store (median, p90), the figures bench_grad_fidelity reports
 flags), off-policy, and writes ``DIR/fidelity.json`` with ``seed, exact_gain, k64_gain,
 retained, median_tail_mass`` and ``default_gain, default_retained`` (its gain over the exact
 run's), ``default_kl_ratio`` (its KL(student || pi*) over the exact student's) and
-``default_bytes_per_token``. ``--budget EPS`` runs the defaults study instead of the k
+``default_bytes_per_token``. ``--staleness`` runs exact on-policy AlignDistil at
+``--max-staleness`` 0, 1 and 2 (``benchmarks/results/staleness``). ``--budget EPS`` runs the
+defaults study instead of the k
 study: exact and the shipped defaults, off- and on-policy, and EPS with a cap of 64 and the
 auto tail, off-policy (``benchmarks/results/fidelity_defaults``). Stages
 whose outputs exist are skipped on a rerun (``--workdir`` keeps them); ``--replot`` redoes the
@@ -62,6 +64,7 @@ class Setting:
     layout: str = "compact"
     dpo_top: int = 0     # precompute --dpo-top: the kept ids include the dpo model's top N
     budget: float = 0.0  # --tail-budget (k is then the cap)
+    staleness: int = 0   # on-policy: train --max-staleness
 
     @property
     def name(self) -> str:
@@ -73,7 +76,8 @@ class Setting:
         lossy = "-lossy8" if self.layout != "compact" else ""
         tail = "" if self.k == EXACT else f"-{self.tail}"
         dpo = f"-dpo{self.dpo_top}" if self.dpo_top else ""
-        return f"{self.mode}/{k}{tail}{lossy}{dpo}"
+        stale = f"-stale{self.staleness}" if self.staleness else ""
+        return f"{self.mode}/{k}{tail}{lossy}{dpo}{stale}"
 
     def target_flags(self, V: int) -> list:
         """precompute's / serve's flags for these targets ([] for the defaults)."""
@@ -102,6 +106,12 @@ def all_settings() -> list[Setting]:
 
 QUICK = [Setting("off-policy", EXACT), Setting("off-policy", 64, "uniform"),
          Setting("off-policy", DEFAULT, None)]
+
+
+def staleness_settings(levels=(0, 1, 2)) -> list[Setting]:
+    """The staleness study: exact on-policy AlignDistil (k = V) trained with --max-staleness S,
+    so that only the samples' age differs between the runs."""
+    return [Setting("on-policy", EXACT, staleness=s) for s in levels]
 
 
 def budget_settings(budget: float, cap: int = 64) -> list[Setting]:
@@ -222,6 +232,7 @@ def run_seed(seed: int, workdir: Path, settings: list[Setting], size: DemoSize,
         runner.step(f"train-{s.name}", ["train", "--mode", "on-policy", "--teacher-url", url,
                                         "--prompts", world_dir / "prompts_train.jsonl",
                                         *ask, *s.tail_flags(), "--out", out,
+                                        "--max-staleness", s.staleness,
                                         "--epochs", size.on_policy_epochs,
                                         "--max-new-tokens", size.max_new_tokens,
                                         "--rollout-batch-size", size.global_batch_size,
@@ -419,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=None, help="run the defaults study (exact "
                     "and the shipped defaults, off- and on-policy, and this tail budget with "
                     "the auto tail off-policy) instead of the k study")
+    ap.add_argument("--staleness", action="store_true", help="run the staleness study (exact "
+                    "on-policy at --max-staleness 0, 1, 2) instead of the k study")
     ap.add_argument("--size", choices=["default", "small"], default="default",
                     help="the demo size of the grammar world")
     ap.add_argument("--replot", action="store_true", help="only redo the table and plots from "
@@ -431,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir) if args.workdir else out / "work"
     if args.replot:
         result = json.loads((out / "fidelity.json").read_text(encoding="utf-8"))
-        known = {s.name: s for s in all_settings() + QUICK
+        known = {s.name: s for s in all_settings() + QUICK + staleness_settings()
                  + (budget_settings(args.budget) if args.budget else [])}
         missing = [n for n in result["settings"] if n not in known]
         if missing:
@@ -443,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         print(plot(result["aggregate"], result["per_seed"], workdir, out))
         return 0
     seeds = [args.seed if args.seed is not None else 0] if args.quick else args.seeds
-    settings = QUICK if args.quick else (budget_settings(args.budget) if args.budget
-                                         else all_settings())
+    settings = QUICK if args.quick else (
+        staleness_settings() if args.staleness else
+        budget_settings(args.budget) if args.budget else all_settings())
     size = WORLD_SIZES[WORLD][args.size]
     eval_samples = args.eval_samples or (8 if args.quick else 16)
     started = time.perf_counter()

@@ -468,7 +468,8 @@ def run_world(args) -> dict:
         argv = cli("train", "--mode", "on-policy", "--teacher-url", url, "--prompts", prompts,
                    "--out", work / "ad-on", "--max-steps", args.on_steps,
                    "--max-new-tokens", args.max_new_tokens, "--rollout-batch-size", args.batch,
-                   *common)
+                   "--rollout-backend", args.rollout_backend,
+                   "--max-staleness", args.max_staleness, *common)
         commands.append(shlex.join(["serve", *map(str, server_args[1:])]) + " &")
         commands.append(shlex.join(argv[2:]))
         print("[aligndistil train on-policy]", flush=True)
@@ -483,6 +484,7 @@ def run_world(args) -> dict:
         "steps_per_epoch": steps_per_epoch, "off_steps": off_steps, "on_steps": args.on_steps,
         "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "lr": args.lr,
         "max_seq_len": args.max_seq_len, "vocab": vocab_of(args.student),
+        "rollout_backend": args.rollout_backend, "max_staleness": args.max_staleness,
         "params": params_of(args.student),
         "precompute": precompute,
         "off_policy": {k: summarise(v, steps_per_epoch) for k, v in off.items()},
@@ -569,7 +571,10 @@ def format_report(results: dict) -> str:
                   f"{r['params'] / 1e6:.1f}M parameters per model, V = {r['vocab']:,}; "
                   f"{r['rows']} sequences, {r['batch']} per optimizer step "
                   f"({r['steps_per_epoch']} steps per epoch); aligndistil top-k = {r['top_k']}; "
-                  f"on-policy {r['max_new_tokens']} new tokens at most. "
+                  f"on-policy {r['max_new_tokens']} new tokens at most; aligndistil samples "
+                  f"with {r.get('rollout_backend', 'hf')} rollouts"
+                  f"{', --max-staleness ' + str(r['max_staleness']) if r.get('max_staleness') else ''}"
+                  f" (TRL with HF generate). "
                   f"Machine: {m['cpu']}, {m['cpus']} cores, torch {r['versions']['torch']}, "
                   f"transformers {r['versions']['transformers']}, "
                   f"TRL {r['versions'].get('trl', '?')}; {r['date']}.", ""]
@@ -644,6 +649,11 @@ def parse_args(argv=None):
     p.add_argument("--trl-defaults", action="store_true",
                    help="one more off-policy row: TRL with GKDConfig's own defaults (bf16 "
                         "autocast, gradient checkpointing, fused AdamW)")
+    p.add_argument("--rollout-backend", choices=["hf", "vllm"], default="hf",
+                   help="aligndistil on-policy: its sampler (vllm: run this script in an "
+                        "environment with the vllm extra)")
+    p.add_argument("--max-staleness", type=int, default=0,
+                   help="aligndistil on-policy: train --max-staleness")
     p.add_argument("--workdir", help="scratch folder (default: work/vs_trl/NAME)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "vs_trl"))
     return p.parse_args(argv)

@@ -269,12 +269,11 @@ def test_on_policy_sigkill_then_resume_gives_the_uninterrupted_weights(models, t
     from s, from the weights restored bit for bit, and the teacher server (one client at a
     time, so the same engine batches) scores the same sequences to the same targets.
 
-    With ``--async-rollouts`` a resumed run is NOT the uninterrupted one: there step s samples
-    from the weights before step s - 1's update, which the checkpoint of step s does not keep,
-    so the first step after a resume samples from the current weights instead (one update
-    fresher) and the trajectories part (measured: the losses agree up to the checkpoint, differ
-    from the next step on, and the final weights differ by up to ~5e-2). What holds, and is
-    checked here: it resumes at the checkpoint, finishes, and logs each step exactly once.
+    With ``--async-rollouts`` (``--max-staleness 1``) step s samples from the weights before
+    step s - 1's update, which a checkpoint of step s no longer holds; the checkpoint keeps the
+    samples of the step in flight instead, so the resumed run is the uninterrupted one too, bit
+    for bit. (Before it kept them, the first step after a resume sampled from the current
+    weights and the final weights differed by up to ~5e-2.)
     """
     from live_server import start_server, stop_server
 
@@ -303,6 +302,10 @@ def test_on_policy_sigkill_then_resume_gives_the_uninterrupted_weights(models, t
                               resumed_log), resumed_log)
         _check_resumed_run(out, ref_out, text, saved, steps=ON_STEPS)
 
+        async_ref = tmp_path / "async_uninterrupted"
+        Uninterrupted(_cli() + _on_policy_argv(world, url, async_ref, "--async-rollouts"),
+                      async_ref, tmp_path / "async_uninterrupted.log", ON_STEPS,
+                      world["student"]).result()
         out, log = tmp_path / "async", tmp_path / "async_killed.log"
         run = _spawn(_cli() + _on_policy_argv(world, url, out, "--async-rollouts"), log)
         try:
@@ -313,8 +316,6 @@ def test_on_policy_sigkill_then_resume_gives_the_uninterrupted_weights(models, t
         resumed_log = tmp_path / "async_resumed.log"
         text = _finish(_spawn(_cli() + _on_policy_argv(world, url, out, "--async-rollouts",
                                                        "--resume"), resumed_log), resumed_log)
-        assert f"resumed from {out / checkpoint_name(saved)} at step {saved}" in text
-        assert [r["step"] for r in _rows(out)] == list(range(1, ON_STEPS + 1))
-        assert read_step(out / "final") == ON_STEPS
+        _check_resumed_run(out, async_ref, text, saved, steps=ON_STEPS)
     finally:
         assert stop_server(proc) == 0

@@ -530,7 +530,7 @@ def open_source(config: TrainConfig, env: DistEnv, model, tokenizer, *,
     from student_trainer.sources.on_policy import OnPolicySource
 
     return OnPolicySource.open(config, model=model, tokenizer=tokenizer, rank=env.rank,
-                               world_size=env.world_size, distributed=env.enabled,
+                               world_size=env.world_size,
                                sharded_root=sharded_root)
 
 

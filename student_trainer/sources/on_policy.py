@@ -278,7 +278,7 @@ class OnPolicySource:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, config, *, model: torch.nn.Module, tokenizer, rank: int, world_size: int,
-             distributed: bool, sharded_root: torch.nn.Module | None = None
+             sharded_root: torch.nn.Module | None = None
              ) -> "OnPolicySource":
         """The source for a :class:`~student_trainer.recipes.configs.TrainConfig`: the client
         (checked against the student's tokenizer), the prompts, the rollout backend
