@@ -181,3 +181,50 @@ def test_staleness_flags_are_checked(world, tmp_path, capsys):
     assert main(_args(world, tmp_path / "b", "--max-staleness", "-1")) == 2
     assert main(_args(world, tmp_path / "c", "--max-staleness", "1", "--strategy", "fsdp")) == 2
     assert "use --rollout-backend vllm" in capsys.readouterr().err
+
+
+def test_vllm_flags_are_checked(world, tmp_path, capsys):
+    assert main(_args(world, tmp_path / "a", "--vllm-sleep")) == 2
+    assert "apply to --rollout-backend vllm" in capsys.readouterr().err
+    assert main(_args(world, tmp_path / "b", "--rollout-backend", "vllm", "--vllm-sleep",
+                      "--max-staleness", "1")) == 2
+    assert "engine samples while training runs" in capsys.readouterr().err
+    assert main(_args(world, tmp_path / "c", "--rollout-backend", "vllm",
+                      "--vllm-gpu-memory", "1.5")) == 2
+
+
+def test_a_sleeping_engine_wakes_before_each_weight_sync_and_sleeps_after_each_rollout():
+    """--vllm-sleep's call order. vLLM's sleep mode exists on GPUs only, so the engine here is
+    a stand-in recording calls (a mock: the real one cannot run on this machine)."""
+    from student_trainer.rollout.vllm_engine import VLLMRollouts
+
+    calls = []
+
+    class Recorder:
+        def sleep(self, level):
+            calls.append(f"sleep{level}")
+
+        def wake_up(self):
+            calls.append("wake")
+
+        def collective_rpc(self, name, kwargs):
+            list(kwargs["weights_iterator"])
+            calls.append(name)
+
+        def reset_prefix_cache(self):
+            return True
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append("generate")
+            return []
+
+    engine = object.__new__(VLLMRollouts)
+    engine.llm, engine.sleep, engine.sleeping = Recorder(), True, False
+    engine.config, engine.max_seq_len = CONFIG, 64
+    engine._vllm, engine.eos_ids = None, set()
+    engine._sampling_params = lambda *a: None
+    for _ in range(2):
+        engine.sync_weights({"w": torch.zeros(1)})
+        engine.generate([[1, 2]], seed=0)
+    assert calls == ["reload_weights", "generate", "sleep1",
+                     "wake", "reload_weights", "generate", "sleep1"]

@@ -109,6 +109,13 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
                                "hf = Hugging Face generate; vllm = an in-process vLLM engine "
                                "per rank that gets the student's weights before every rollout "
                                "(the 'vllm' extra)"] = "hf"
+    vllm_gpu_memory: Annotated[float, "--rollout-backend vllm on a GPU: the share of each "
+                               "rank's GPU its engine takes (weights and KV cache)",
+                               ">0"] = 0.3
+    vllm_sleep: Annotated[bool, "--rollout-backend vllm on a GPU: the engine sleeps between a "
+                          "rollout and the next weight sync (vLLM's sleep mode, level 1), "
+                          "freeing its KV cache and weights' GPU memory while training; "
+                          "needs --max-staleness 0 (untested here: no GPU)"] = False
     max_staleness: Annotated[int, "on-policy: sample and score steps s+1..s+S while step s "
                              "trains, from weights S updates old (0: synchronous; keeps S "
                              "copies of the student's weights, and with hf one more model)",
@@ -216,6 +223,16 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
         if self.async_rollouts and self.max_staleness > 1:
             raise ConfigError(f"--async-rollouts is --max-staleness 1; it contradicts "
                               f"--max-staleness {self.max_staleness}: drop it")
+        if (self.vllm_sleep or self.vllm_gpu_memory != 0.3) and self.rollout_backend != "vllm":
+            raise ConfigError("--vllm-sleep and --vllm-gpu-memory apply to --rollout-backend "
+                              "vllm")
+        if self.vllm_gpu_memory >= 1:
+            raise ConfigError(f"--vllm-gpu-memory {self.vllm_gpu_memory}: a share of the GPU, "
+                              f"below 1 (the trainer needs the rest)")
+        if self.vllm_sleep and self.staleness:
+            raise ConfigError("--vllm-sleep frees the engine's memory while training, but with "
+                              "--max-staleness (or --async-rollouts) the engine samples while "
+                              "training runs: drop one")
         if self.strategy == "fsdp" and self.staleness and self.rollout_backend == "hf":
             raise ConfigError("--max-staleness (or --async-rollouts) with --rollout-backend hf "
                               "samples from a whole copy of the student in a background thread; "

@@ -116,8 +116,11 @@ class VLLMRollouts:
     def __init__(self, model_dir: str | Path, tokenizer, config: RolloutConfig, *,
                  max_seq_len: int | None = None, dtype: str = "float32", seed: int = 0,
                  gpu_memory_utilization: float = 0.3, trust_remote_code: bool = False,
-                 enforce_eager: bool = True, max_logprobs: int = 20):
+                 enforce_eager: bool = True, max_logprobs: int = 20, sleep: bool = False):
         config.validate()
+        if sleep and not torch.cuda.is_available():
+            raise ConfigError("--vllm-sleep needs a GPU: vLLM's sleep mode frees GPU memory, "
+                              "and its CPU build has none (the CPU worker ignores sleep())")
         vllm = require_vllm()
         self._vllm = vllm
         self.config = config
@@ -137,6 +140,11 @@ class VLLMRollouts:
                           tensor_parallel_size=1)
         if max_seq_len:
             kwargs["max_model_len"] = int(max_seq_len)
+        #: --vllm-sleep: the engine sleeps (level 1: weights to CPU memory, KV cache dropped)
+        #: between a rollout and the next weight sync, so training has that GPU memory
+        self.sleep, self.sleeping = sleep, False
+        if sleep:
+            kwargs["enable_sleep_mode"] = True
         with _process_state_kept():
             self.llm = vllm.LLM(**kwargs)
         # responses are capped to fit the engine (HF would run past the positions instead)
@@ -179,9 +187,13 @@ class VLLMRollouts:
             return []
         params = [self._sampling_params(len(p), request_seed(seed, i), logprobs)
                   for i, p in enumerate(prompts)]
+        self._wake()
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                         use_tqdm=False)
+        if self.sleep:
+            self.llm.sleep(level=1)
+            self.sleeping = True
         results = []
         for p, out in zip(prompts, outputs):
             sample = out.outputs[0]
@@ -213,6 +225,7 @@ class VLLMRollouts:
         a Hugging Face causal LM (a DDP wrapper of one, or one whose parameters FSDP sharded:
         gathered here, a collective every rank makes), or a snapshot of its state dict
         (:func:`~student_trainer.rollout.weights.weights_snapshot`)."""
+        self._wake()
         with torch.no_grad():
             weights = (model.items() if isinstance(model, Mapping)
                        else full_state_items(model))
@@ -221,6 +234,11 @@ class VLLMRollouts:
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update; "
                                "refusing to sample with KV blocks of the old weights")
+
+    def _wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
 
     # ------------------------------------------------------------------ the end
     def close(self) -> None:

@@ -341,7 +341,9 @@ class OnPolicySource:
                 rollouts = VLLMRollouts(config.model, tokenizer, rollout_config,
                                         max_seq_len=max_seq_len, seed=config.seed,
                                         trust_remote_code=config.trust_remote_code,
-                                        max_logprobs=config.student_top)
+                                        max_logprobs=config.student_top,
+                                        gpu_memory_utilization=config.vllm_gpu_memory,
+                                        sleep=config.vllm_sleep)
             else:
                 rollouts = HFRollouts(rollout_config, pad_token_id=pad_token_id(tokenizer),
                                       eos_token_id=tokenizer.eos_token_id,
