@@ -312,3 +312,50 @@ def test_on_policy_training_with_vllm_rollouts(world, server, mode):
     finally:
         engine.config = saved
     assert rows[0]["response_tokens"] == sum(len(ids) - n for ids, n in replay)
+
+
+def test_with_max_staleness_the_engine_samples_from_the_queued_snapshot(world, server):
+    """S = 2 through the vLLM engine: a fake training loop gives the student version t + 1
+    after step t; each step's samples must be the engine's samples from version max(t - 2, 0)
+    with the step's seed (the snapshot it was queued with, synced in the background thread),
+    and a control shows another version samples otherwise."""
+    from student_trainer.client import TeacherClient
+    from student_trainer.prompts import load_prompts
+    from student_trainer.sources.on_policy import OnPolicySource
+
+    engine, tok = world["engine"], world["tokenizer"]
+    model = copy.deepcopy(world["model"])
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def version(m, j):
+        with torch.no_grad():
+            for i, (name, p) in enumerate(m.state_dict().items()):
+                g = torch.Generator().manual_seed(1000 + i)
+                p.copy_(initial[name] + 0.3 * j * torch.randn(p.shape, generator=g))
+
+    saved = engine.config
+    engine.config = dataclasses.replace(saved, max_new_tokens=6)
+    source = OnPolicySource(load_prompts(server["prompts"], tok, max_prompt_len=63),
+                            model=model, rollouts=engine, scorer=TeacherClient(server["url"]),
+                            seed=5, max_staleness=2, eos_ids={tok.eos_token_id})
+    try:  # not source.close(): the module's engine outlives this source
+        version(model, 0)
+        seen = []
+        for data in source.iterate(0, 5, 2):
+            seen.append((data.step, data.staleness, data.rollout.sequences))
+            version(model, data.step + 1)
+        source._pool.shutdown(wait=True)
+        reference = copy.deepcopy(world["model"])
+        for t, stale, sequences in seen:
+            assert stale == min(t, 2)
+            version(reference, t - stale)
+            engine.sync_weights(reference)
+            expected = engine.generate(source.prompts_for(t, 2)[1], seed=5 * 1_000_003 + t)
+            assert sequences == expected, f"step {t}: not sampled from version {t - stale}"
+        version(reference, 3)  # the control: step 3 from another version samples otherwise
+        engine.sync_weights(reference)
+        assert engine.generate(source.prompts_for(3, 2)[1], seed=5 * 1_000_003 + 3) != seen[3][2]
+    finally:
+        engine.config = saved
+        engine.sync_weights(world["model"])
+        source.scorer.close()

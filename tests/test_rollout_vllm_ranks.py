@@ -183,3 +183,18 @@ def test_fsdp_ranks_feed_their_engines_the_gathered_weights(world):
             runs[strategy] = _samples(out)
         assert len(runs["ddp"]) == 2 * len(PROMPTS)
         assert runs["ddp"] == runs["fsdp"], f"--max-staleness {stale}"
+
+
+def test_one_process_fsdp_runs_its_engine_in_its_group_of_one(world):
+    """FSDP without torchrun makes a process group of one: the engine joins it (no torchrun
+    environment to launch from) and leaves it whole, and samples what a plain run samples."""
+    args = ("--rollout-backend", "vllm", "--global-batch-size", "4", "--max-steps", "3",
+            "--epochs", "2", "--max-new-tokens", "6", "--lr", "3e-3", "--save-every", "0")
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        out = world["root"] / f"single-{strategy}"
+        _run([sys.executable, "-m", "aligndistil.cli", "train", "--mode", "on-policy",
+              *_args(world, out, world["many"], *args, "--strategy", strategy)])
+        runs[strategy] = _samples(out)
+        assert (out / "final").is_dir()
+    assert len(runs["ddp"]) == 12 and runs["ddp"] == runs["fsdp"]

@@ -7,10 +7,9 @@ Why the weights are synced every step: on-policy AlignDistil must sample from th
 trained. vLLM holds its own copy of the weights (in its own layout: fused QKV / gate-up
 projections, and on CPU pre-packed GEMM weights), loaded once from ``--model``. After every
 optimizer step that copy is stale, so before each rollout :meth:`VLLMRollouts.sync_weights`
-streams the student's current tensors into the engine. The trainer passes the model it would
-have sampled from with Hugging Face, so the staleness is exactly the HF backend's: none without
-``--async-rollouts``; with it, step ``s + 1`` is sampled (in a background thread) from the
-weights before step ``s``'s update, i.e. one update stale, the same as the HF path.
+streams the student's current tensors into the engine: the live model's (synchronous), or
+the snapshot of them its step was queued with (``--max-staleness S``, in a background thread;
+``sources/on_policy.py``), so the staleness is exactly the HF backend's.
 
 How: the engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here before
 vLLM is imported), so the weights iterator reaches the worker by reference, without
@@ -132,12 +131,19 @@ class VLLMRollouts:
                       # generation_config.json; ours are explicit.
                       generation_config="vllm", gpu_memory_utilization=gpu_memory_utilization,
                       max_logprobs=max(20, int(max_logprobs)))
-        #: under torchrun: one engine per rank in torchrun's process group (module docstring)
+        #: the trainer's process group exists (torchrun, or FSDP's group of one): vLLM joins it
+        #: and must not destroy it (close)
         self.shares_process_group = torch.distributed.is_available() and \
             torch.distributed.is_initialized()
-        if self.shares_process_group:
+        env = {}
+        if self.shares_process_group and torch.distributed.get_world_size() > 1:
+            # one engine per rank in torchrun's process group (module docstring)
             kwargs.update(distributed_executor_backend="external_launcher",
                           tensor_parallel_size=1)
+            if torch.cuda.is_available():
+                # vLLM picks the GPU by LOCAL_RANK; with one visible GPU per process (a
+                # scheduler's allocation) that is not the device index: give it ours
+                env["LOCAL_RANK"] = str(torch.cuda.current_device())
         if max_seq_len:
             kwargs["max_model_len"] = int(max_seq_len)
         #: --vllm-sleep: the engine sleeps (level 1: weights to CPU memory, KV cache dropped)
@@ -145,7 +151,7 @@ class VLLMRollouts:
         self.sleep, self.sleeping = sleep, False
         if sleep:
             kwargs["enable_sleep_mode"] = True
-        with _process_state_kept():
+        with _process_state_kept(), _environment(env):
             self.llm = vllm.LLM(**kwargs)
         # responses are capped to fit the engine (HF would run past the positions instead)
         self.max_seq_len = max_seq_len or self.llm.llm_engine.model_config.max_model_len
@@ -259,6 +265,21 @@ class VLLMRollouts:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """``os.environ`` with ``values`` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -129,6 +129,8 @@ class OnPolicySource:
         rollout = self._restored.pop(step, None)
         if rollout is None:
             rollout = self._sample(weights, step, global_batch, staleness, timings)
+        else:  # sampled before the resume: nothing to sample now
+            timings["rollout_s"] = 0.0
         return self._score(rollout, step, global_batch, timings)
 
     def _sample(self, weights, step: int, global_batch: int, staleness: int,
@@ -197,7 +199,12 @@ class OnPolicySource:
             for step in range(start_step, total_steps):
                 yield self._job(self.model, step, global_batch, 0)
             return
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+        device = self._device()
+        # a new thread's current CUDA device is 0: the rank's own GPU for the engine's calls
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="rollout",
+            initializer=torch.cuda.set_device if device.type == "cuda" else None,
+            initargs=(device,) if device.type == "cuda" else ())
         # Fill the pipeline: steps the checkpoint kept are scored again; the others (a fresh
         # run's first S steps) sample from the weights now.
         for step in range(start_step, min(start_step + S, total_steps)):
@@ -230,9 +237,15 @@ class OnPolicySource:
     # ------------------------------------------------------------------ checkpoints
     def in_flight(self) -> dict[int, dict]:
         """This rank's samples of the steps queued but not trained yet, for a checkpoint
-        (waits for them to be sampled and scored)."""
-        return {step: future.result().rollout.to_state()
-                for step, future in sorted(self._pending.items())}
+        (waits for them to be sampled and scored: a save drains the pipeline). A step whose
+        job failed is left out (a resume restores a step only if every rank kept it)."""
+        kept = {}
+        for step, future in sorted(self._pending.items()):
+            try:
+                kept[step] = future.result().rollout.to_state()
+            except Exception as exc:  # e.g. the teacher gave up: that step samples again
+                log.warning("step %d in flight is not kept by the checkpoint (%s)", step, exc)
+        return kept
 
     def restore_in_flight(self, saved: list[dict[int, dict]], global_batch: int) -> None:
         """Take back the samples a checkpoint kept (``saved``: every rank's :meth:`in_flight`,
@@ -248,18 +261,20 @@ class OnPolicySource:
                 self._restored[step] = _rollout_from_state(step, mine)
                 continue
             _, prompts, _, filler = self.prompts_for(step, global_batch)
-            if filler:  # trained with weight 0: sampled afresh
-                continue
             whole = [p for p in parts if not p["filler"]]
             sequences = [seq for p in whole for seq in p["sequences"]]
             candidates = None if any(p["candidates"] is None for p in whole) else \
                 [c for p in whole for c in p["candidates"]]
             epoch, start, stop = step_range(step, self.records_per_epoch, global_batch)
             lo, hi = rank_block(start, stop, self.rank, self.world_size)
+            if filler:  # a filler runs the step's first sequence with weight 0
+                lo, hi = start, start + 1
+            # Every rank restores the same steps: one that sampled instead would gather weights
+            # for its snapshot (a collective under FSDP) that the others never join.
             self._restored[step] = _rollout_from_state(step, {
                 "sequences": sequences[lo - start:hi - start],
                 "candidates": None if candidates is None else candidates[lo - start:hi - start],
-                "filler": False, "staleness": whole[0]["staleness"]})
+                "filler": filler, "staleness": whole[0]["staleness"]})
 
     def close(self) -> None:
         """Stop the background thread, then close the rollout backend and the client."""
