@@ -267,8 +267,9 @@ def crash_resume_harness(pair_dirs, tmp_path: Path, *, n_examples: int, group_si
 
 def _wait_for_commit(store: Path, proc: subprocess.Popen, target: int, rng) -> float:
     """Run the process in bursts until ``target`` shards are committed, then for a random
-    0-1.5 of the running time between two commits (so the kill falls at a random phase of
-    writing the next shard). Returns that extra time in seconds; the process is stopped."""
+    0-1.5 of the running time between two commits, stopping early at the next commit (so the
+    kill falls at a random phase of writing the next shard, or just after its commit). Returns
+    the drawn time in seconds; the process is stopped."""
     deadline = time.monotonic() + 240
     last_count, ran, last_ran, interval = _committed(store), 0.0, None, 0.2
     while proc.poll() is None and time.monotonic() < deadline:
@@ -278,8 +279,13 @@ def _wait_for_commit(store: Path, proc: subprocess.Popen, target: int, rng) -> f
                 interval = (ran - last_ran) / (count - last_count)
             last_count, last_ran = count, ran
             if count >= target:
+                # A random phase of writing the next shard, but never past its commit: on a
+                # busy machine one burst may run long (the test starved of CPU) and inflate
+                # `interval`, and a delay of that size could run the store to its end.
                 delay = float(rng.uniform(0.0, 1.5)) * interval
-                run_for(proc, delay)
+                extra = 0.0
+                while extra < delay and proc.poll() is None and _committed(store) <= count:
+                    extra += burst(proc)
                 return delay
         ran += burst(proc)
     raise AssertionError(f"precompute never reached {target} committed shards "
