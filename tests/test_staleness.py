@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from aligndistil.cli import main
-from live_server import start_server, stop_server
-from tiny_models import save_model_dir
+from trainer_support import on_policy_world
 from student_trainer.client import TeacherClient
 from student_trainer.metrics import read_jsonl
 from student_trainer.modeling import load_student
@@ -23,24 +22,13 @@ from student_trainer.prompts import load_prompts
 from student_trainer.rollout.hf_generate import HFRollouts, RolloutConfig, generate_responses
 from student_trainer.sources.on_policy import OnPolicySource
 
-PROMPTS = ["sort 3 1 2", "copy 5 6", "reverse the list 7 8 9", "hello how are you ?",
-           "what is 4 and 5 ?", "sort 9 8", "copy the numbers 1 2 3", "answer yes or no"]
 CONFIG = RolloutConfig(max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, teacher_pair):
-    root = tmp_path_factory.mktemp("staleness")
-    dpo_dir, rev_dir = teacher_pair
-    student = save_model_dir(root / "student", seed=7)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    proc, url = start_server(dpo_dir, rev_dir, "--top-k", "8", "--max-seq-len", "64",
-                             log_path=root / "server.log")
-    try:
-        yield {"root": root, "student": student, "prompts": prompts, "url": url}
-    finally:
-        stop_server(proc)
+    with on_policy_world(tmp_path_factory.mktemp("staleness"), teacher_pair) as w:
+        yield w
 
 
 def _version(model: torch.nn.Module, j: int) -> None:

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
 from pathlib import Path
@@ -13,6 +15,31 @@ import numpy as np
 import uvicorn
 
 from live_server import free_port
+
+#: the on-policy tests' prompts (tiny models' vocabulary)
+ON_POLICY_PROMPTS = ["sort 3 1 2", "copy 5 6", "reverse the list 7 8 9", "hello how are you ?",
+                     "what is 4 and 5 ?", "sort 9 8", "copy the numbers 1 2 3",
+                     "answer yes or no"]
+
+
+@contextlib.contextmanager
+def on_policy_world(root: Path, teacher_pair):
+    """A student, a prompt file and a live ``aligndistil serve`` (top-k 8, max_seq_len 64) over
+    ``teacher_pair``, for on-policy runs: ``{root, student, prompts, url, pair}``."""
+    from live_server import start_server, stop_server
+    from tiny_models import save_model_dir
+
+    dpo_dir, rev_dir = teacher_pair
+    student = save_model_dir(root / "student", seed=7)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ON_POLICY_PROMPTS))
+    proc, url = start_server(dpo_dir, rev_dir, "--top-k", "8", "--max-seq-len", "64",
+                             log_path=root / "server.log")
+    try:
+        yield {"root": root, "student": student, "prompts": prompts, "url": url,
+               "pair": (dpo_dir, rev_dir)}
+    finally:
+        stop_server(proc)
 
 
 def teacher_app(dpo_dir, reverse_dir, *, top_k: int = 8, middleware=None,
