@@ -121,7 +121,6 @@ def sync_seconds(model_dirs: list[Path]) -> list[dict]:
 def render(result: dict) -> str:
     rows = result["runs"]
     base = {(r["ranks"], r["staleness"]): r for r in rows if r["backend"] == "hf"}
-    one = {(r["backend"], r["staleness"]): r for r in rows if r["ranks"] == 1}
     lines = [
         "# On-policy step: where the time goes (`benchmarks/bench_onpolicy.py`)", "",
         "No GPU was available: not measured on a GPU. CPU only, "
@@ -165,7 +164,6 @@ def render(result: dict) -> str:
                 gains[ranks] = hf["step_s"] / v["step_s"]
         if len(gains) == 2:
             lines.append(f"- S = {s}: {gains[1]:.2f}x at 1 rank, {gains[2]:.2f}x at 2 ranks")
-    del one
     if result.get("sync"):
         lines += ["", "Weight sync into an in-process vLLM engine against the model's size "
                   "(median of 5 calls):", "", "| model | parameters | float32 MiB | sync s |",
@@ -222,7 +220,8 @@ def main(argv=None) -> None:
     result = {"runs": runs, "sync": sync, "pair": str(args.pair), "prompts": args.prompts,
               "batch": args.batch, "steps": args.steps, "max_new_tokens": args.max_new_tokens,
               "max_prompt_len": args.max_prompt_len, "threads": args.threads,
-              "machine": machine(args.threads), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
+              "machine": machine(args.threads),
+              "date": dt.datetime.now(dt.timezone.utc).isoformat(),
               "seconds": time.perf_counter() - started,
               "command": ".venv-vllm/bin/python benchmarks/bench_onpolicy.py " +
                          " ".join(argv if argv is not None else sys.argv[1:])}

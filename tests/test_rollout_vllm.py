@@ -322,16 +322,10 @@ def test_with_max_staleness_the_engine_samples_from_the_queued_snapshot(world, s
     from student_trainer.client import TeacherClient
     from student_trainer.prompts import load_prompts
     from student_trainer.sources.on_policy import OnPolicySource
+    from trainer_support import set_weight_version
 
     engine, tok = world["engine"], world["tokenizer"]
     model = copy.deepcopy(world["model"])
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def version(m, j):
-        with torch.no_grad():
-            for i, (name, p) in enumerate(m.state_dict().items()):
-                g = torch.Generator().manual_seed(1000 + i)
-                p.copy_(initial[name] + 0.3 * j * torch.randn(p.shape, generator=g))
 
     saved = engine.config
     engine.config = dataclasses.replace(saved, max_new_tokens=6)
@@ -339,20 +333,21 @@ def test_with_max_staleness_the_engine_samples_from_the_queued_snapshot(world, s
                             model=model, rollouts=engine, scorer=TeacherClient(server["url"]),
                             seed=5, max_staleness=2, eos_ids={tok.eos_token_id})
     try:  # not source.close(): the module's engine outlives this source
-        version(model, 0)
+        set_weight_version(model, 0)
         seen = []
         for data in source.iterate(0, 5, 2):
             seen.append((data.step, data.staleness, data.rollout.sequences))
-            version(model, data.step + 1)
+            set_weight_version(model, data.step + 1)
         source._pool.shutdown(wait=True)
         reference = copy.deepcopy(world["model"])
         for t, stale, sequences in seen:
             assert stale == min(t, 2)
-            version(reference, t - stale)
+            set_weight_version(reference, t - stale)
             engine.sync_weights(reference)
             expected = engine.generate(source.prompts_for(t, 2)[1], seed=5 * 1_000_003 + t)
             assert sequences == expected, f"step {t}: not sampled from version {t - stale}"
-        version(reference, 3)  # the control: step 3 from another version samples otherwise
+        # the control: step 3 from another version samples otherwise
+        set_weight_version(reference, 3)
         engine.sync_weights(reference)
         assert engine.generate(source.prompts_for(3, 2)[1], seed=5 * 1_000_003 + 3) != seen[3][2]
     finally:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from aligndistil.cli import main
-from trainer_support import on_policy_world
+from trainer_support import on_policy_world, set_weight_version
 from student_trainer.client import TeacherClient
 from student_trainer.metrics import read_jsonl
 from student_trainer.modeling import load_student
@@ -31,17 +31,6 @@ def world(tmp_path_factory, teacher_pair):
         yield w
 
 
-def _version(model: torch.nn.Module, j: int) -> None:
-    """Give ``model`` the weights "after j updates": the initial ones moved by j * delta,
-    large enough that every version samples other responses."""
-    with torch.no_grad():
-        for i, p in enumerate(model.parameters()):
-            g = torch.Generator().manual_seed(1000 + i)
-            if not hasattr(p, "_initial"):
-                p._initial = p.detach().clone()
-            p.copy_(p._initial + 0.3 * j * torch.randn(p.shape, generator=g))
-
-
 @pytest.mark.parametrize("staleness", [0, 2])
 def test_step_t_samples_from_the_weights_of_step_t_minus_s(world, staleness):
     """The source drives a fake training loop that sets the weights to version t + 1 after
@@ -55,19 +44,20 @@ def test_step_t_samples_from_the_weights_of_step_t_minus_s(world, staleness):
                             scorer=TeacherClient(world["url"]), seed=5,
                             max_staleness=staleness, eos_ids={tok.eos_token_id})
     steps, batch = 5, 2
-    _version(model, 0)
+    set_weight_version(model, 0)
     seen = []
     try:
         for data in source.iterate(0, steps, batch):
             seen.append((data.step, data.staleness, data.rollout.sequences,
                          len(data.records)))
-            _version(model, data.step + 1)  # "train" step t: now the weights after t + 1
+            # "train" step t: now the weights after t + 1
+            set_weight_version(model, data.step + 1)
     finally:
         source.close()
     reference = load_student(world["student"], device=torch.device("cpu"))[0]
     for t, stale, sequences, records in seen:
         assert stale == min(t, staleness)
-        _version(reference, t - stale)
+        set_weight_version(reference, t - stale)
         _, chosen, _, _ = source.prompts_for(t, batch)
         expected = generate_responses(reference, chosen, pad_token_id=tok.pad_token_id,
                                       eos_token_id=tok.eos_token_id, config=CONFIG,
@@ -75,7 +65,7 @@ def test_step_t_samples_from_the_weights_of_step_t_minus_s(world, staleness):
         assert sequences == expected, f"step {t}: not sampled from version {t - stale}"
         assert records == batch
     # the versions differ enough that the check above can fail (a control)
-    _version(reference, 3)
+    set_weight_version(reference, 3)
     other = generate_responses(reference, source.prompts_for(3, batch)[1],
                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                config=CONFIG, seed=5 * 1_000_003 + 3, max_seq_len=64)

@@ -22,6 +22,20 @@ ON_POLICY_PROMPTS = ["sort 3 1 2", "copy 5 6", "reverse the list 7 8 9", "hello 
                      "answer yes or no"]
 
 
+def set_weight_version(model, j: int) -> None:
+    """Give ``model`` the weights "after j updates": its first weights (kept on each parameter
+    at the first call) moved by j times a fixed random delta, large enough that every version
+    samples other responses. For checking which weights a rollout sampled from."""
+    import torch
+
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            g = torch.Generator().manual_seed(1000 + i)
+            if not hasattr(p, "_initial"):
+                p._initial = p.detach().clone()
+            p.copy_(p._initial + 0.3 * j * torch.randn(p.shape, generator=g))
+
+
 @contextlib.contextmanager
 def on_policy_world(root: Path, teacher_pair):
     """A student, a prompt file and a live ``aligndistil serve`` (top-k 8, max_seq_len 64) over

@@ -337,8 +337,9 @@ RESUME_FIXED = (
     "mode", "model", "store", "prompts", "top_k", "max_new_tokens", "max_prompt_len",
     "rollout_batch_size", "temperature", "top_p", "sampling_top_k", "rollout_backend",
     "async_rollouts", "max_staleness", "student_top", "max_seq_len", "objective", "kl_coef",
-    "tail", "beta0", "weighting", "loss_chunk_size", "lr", "weight_decay", "adam_betas", "warmup_ratio", "lr_schedule",
-    "min_lr_ratio", "global_batch_size", "max_tokens", "epochs", "max_steps", "max_grad_norm",
+    "tail", "beta0", "weighting", "loss_chunk_size", "lr", "weight_decay", "adam_betas",
+    "warmup_ratio", "lr_schedule", "min_lr_ratio", "global_batch_size", "max_tokens", "epochs",
+    "max_steps", "max_grad_norm",
     "seed", "bf16", "allow_incomplete", "split", "data_config", "strategy")
 
 

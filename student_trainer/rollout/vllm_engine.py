@@ -157,13 +157,6 @@ class VLLMRollouts:
         self.max_seq_len = max_seq_len or self.llm.llm_engine.model_config.max_model_len
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], seed: int
-               ) -> list[tuple[list[int], int]]:
-        """The rollout-backend call: load ``model``'s current weights, then :meth:`generate`
-        (vLLM samples from exactly the weights Hugging Face would use)."""
-        self.sync_weights(model)
-        return self.generate(prompts, seed)
-
     def generate(self, prompts: Sequence[Sequence[int]], seed: int
                  ) -> list[tuple[list[int], int]]:
         """Sample one response per prompt: ``[(prompt + response ids, len(prompt)), ...]``, as

@@ -144,6 +144,8 @@ class OnPolicySource:
             self._rollout_model.load_state_dict(weights)
         t1 = time.perf_counter()
         timings["weight_sync_s"] += t1 - t0
+        #: the HF backend's sampling model: the live student, or the copy holding the snapshot
+        model = self._rollout_model if isinstance(weights, Mapping) else weights
         candidates = None
         if self.student_top and hasattr(self.rollouts, "generate_with_top_ids"):
             # vLLM ranks the ids while sampling: --student-top's candidates cost no pass
@@ -152,14 +154,12 @@ class OnPolicySource:
         elif self.engine_weights:
             sequences = self.rollouts.generate(prompts, seed)
         else:
-            model = self._rollout_model if isinstance(weights, Mapping) else weights
             sequences = self.rollouts.sample(model, prompts, seed)
         timings["rollout_s"] = time.perf_counter() - t1
         if self.student_top and candidates is None:
             from student_trainer.candidates import student_top_ids
 
             t2 = time.perf_counter()
-            model = self._rollout_model if isinstance(weights, Mapping) else weights
             sharded = self.sharded_root if model is self.model else None
             candidates = student_top_ids(model, sequences, self.student_top,
                                          pad_id=self.pad_id, vocab_size=self.vocab_size,
