@@ -2,19 +2,23 @@
 with exact AlignDistil, for fixed k and for tail budgets, with and without the student's own
 candidates.
 
-Teachers: a SmolLM2-135M pair (``--pair``: ``make_smollm2_pair.py``'s perturbed copy, or a DPO
-pair trained both ways). Student: the pair's dpo model, as in ``bench_grad_fidelity.py`` (a
-student at the teacher's base is where pi*'s tail matters most). Data: ShareGPT conversations
+Teachers: a SmolLM2-135M pair (``--pair``: ``make_smollm2_pair.py``'s perturbed copy, or
+``make_smollm2_dpo_pair.py``'s DPO pair trained both ways). Student (``--student``): by default
+the pair's dpo model, as in ``bench_grad_fidelity.py``; for a trained pair, the model both
+teachers were trained from, where AlignDistil starts its student. Data: ShareGPT conversations
 (``make_sharegpt_jsonl.py``) with the chat template, cut to ``--max-len`` tokens.
 
 Per variant, through the engine's own target code (``compute_targets``) and the store's own
 encoder:
 
 - **bytes per token**: the targets of ``--bytes-num`` conversations encoded as one shard with
-  the default layout (the zarr chunk bytes; the per-array metadata files, a few KB per shard
-  whatever its size, are left out), in total and by array;
+  the default layout (``compact``) and with the ``packed`` layout (the zarr chunk bytes; the
+  per-array metadata files, a few KB per shard whatever its size, are left out), in total and
+  by array;
 - **gradient cosine** with the exact loss (``beta_t = beta0 / alpha_t``, per-sequence mean),
   w.r.t. the student's logits and all its parameters, on the first ``--num`` conversations;
+  for ``packed``, with the targets after its lossy round trip (encode, decode) and the tail
+  model the trainer's ``--tail auto`` picks for them;
 - k per position (mean, p50, p90, max) and the share of positions that hit the cap with more
   than EPS left out.
 
@@ -47,7 +51,7 @@ from storage.datasets import read_examples  # noqa: E402
 from storage.ragged import offsets_from_lengths  # noqa: E402
 from storage.record import TargetRecord  # noqa: E402
 from storage.store.batch import TargetBatch  # noqa: E402
-from storage.store.layout import DEFAULT_LAYOUT, get_layout  # noqa: E402
+from storage.store.layout import DEFAULT_LAYOUT, decode_shard, encode_shard, get_layout  # noqa: E402
 from storage.store.shardio import encode_shard_files  # noqa: E402
 from storage.tokenization import tokenize_example  # noqa: E402
 from student_trainer import losses  # noqa: E402
@@ -111,9 +115,14 @@ def as_batch(seqs, targets) -> TargetBatch:
         topk_count=targets.topk_count.numpy().astype(np.int32))
 
 
-def shard_bytes(batch: TargetBatch, vocab: int, ragged: bool) -> dict[str, int]:
-    """Chunk bytes per array of the batch written as one shard with the default layout."""
-    files = encode_shard_files(batch, get_layout(DEFAULT_LAYOUT), vocab, ragged=ragged)
+PACKED = "packed"
+
+
+def shard_bytes(batch: TargetBatch, vocab: int, ragged: bool,
+                layout: str = DEFAULT_LAYOUT) -> dict[str, int]:
+    """Chunk bytes per array of the batch written as one shard with ``layout``."""
+    files = encode_shard_files(batch, get_layout(layout), vocab,
+                               ragged=ragged or get_layout(layout).ragged_only)
     out: dict[str, int] = {}
     for name, data in files.items():
         if name.endswith("zarr.json"):
@@ -121,6 +130,12 @@ def shard_bytes(batch: TargetBatch, vocab: int, ragged: bool) -> dict[str, int]:
         array = name.split("/", 1)[0]
         out[array] = out.get(array, 0) + len(data)
     return out
+
+
+def packed_round_trip(batch: TargetBatch, vocab: int) -> TargetBatch:
+    """The batch as a packed shard gives it back (lossy: 8-bit log-probs, float16 scalars)."""
+    arrays = encode_shard(batch, get_layout(PACKED), vocab, ragged=True)
+    return decode_shard({name: (a.data, a.attributes) for name, a in arrays.items()})
 
 
 def k_stats(counts: np.ndarray, tails: np.ndarray, cap: int, eps: float) -> dict:
@@ -142,6 +157,15 @@ def main() -> None:
     ap.add_argument("--beta0", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer variants (a smoke run)")
+    ap.add_argument("--student", default=None, help="the student (default: the pair's dpo)")
+    ap.add_argument("--ks", type=int, nargs="+", default=list(FIXED_KS))
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    ap.add_argument("--candidate-budgets", type=float, nargs="+", default=[0.01, 0.002],
+                    help="budgets measured with the student's top N merged in")
+    ap.add_argument("--candidate-ks", type=int, nargs="*", default=[],
+                    help="fixed k (pi*'s top k, the on-policy default's form) measured with the "
+                    "student's top N merged in")
+    ap.add_argument("--student-tops", type=int, nargs="+", default=list(STUDENT_TOPS))
     ap.add_argument("--out", default=str(RESULTS / "fidelity_per_byte"))
     ap.add_argument("--report-only", action="store_true", help="redo OUT.md and OUT.png from "
                     "OUT.json")
@@ -172,17 +196,19 @@ def main() -> None:
     base = TargetConfig(top_k=CAP, r=args.r, chunk_size=64)
     log_pi, alpha = teacher_logprobs(z_d, z_r, base)
     n = log_pi.shape[0]
-    student, _ = load_model_and_tokenizer(pair / "dpo", device=cpu, train=True)
+    student_dir = Path(args.student) if args.student else pair / "dpo"
+    student, _ = load_model_and_tokenizer(student_dir, device=cpu, train=True)
     hidden = response_hidden(student, batch.input_ids, batch.attention_mask, batch.row_idx,
                              batch.col_idx)
     logits = head_logits(student, hidden, vocab).float()
     leaf = logits.detach().requires_grad_(True)
     params = [p for p in student.parameters() if p.requires_grad]
     alpha_b = batch.unflatten(alpha, 1.0)
-    student_top = {m: torch.topk(logits.detach(), m, dim=-1).indices for m in STUDENT_TOPS}
+    student_top = {m: torch.topk(logits.detach(), m, dim=-1).indices for m in args.student_tops}
 
-    def objective(kl):
-        return losses.aligndistil_loss(batch.unflatten(kl), alpha_b, batch.response_mask,
+    def objective(kl, alpha_of=None):
+        weights = alpha_b if alpha_of is None else batch.unflatten(alpha_of, 1.0)
+        return losses.aligndistil_loss(batch.unflatten(kl), weights, batch.response_mask,
                                        beta0=args.beta0)
 
     def gradients(loss_of_logits):
@@ -196,23 +222,28 @@ def main() -> None:
     print(f"exact loss {exact_loss:.5f} over {n} positions", flush=True)
 
     variants = []  # (name, config, tails, student_top)
-    for k in (FIXED_KS if not args.quick else (32, 64)):
+    for k in (args.ks if not args.quick else (32, 64)):
         variants.append((f"k={k}", TargetConfig(top_k=k, r=args.r, chunk_size=64), TAILS, 0))
         variants.append((f"k={k}, dpo-top {k // 2}",
                          TargetConfig(top_k=k, r=args.r, chunk_size=64, dpo_top=k // 2),
                          TAILS, 0))
-    for eps in (BUDGETS if not args.quick else (0.01,)):
+    for eps in (args.budgets if not args.quick else (0.01,)):
         variants.append((f"EPS={eps:g}", TargetConfig(top_k=CAP, r=args.r, chunk_size=64,
                                                       tail_budget=eps), TAILS, 0))
         # the dpo model's mass to the same budget, within the cap (--dpo-top cap - 1)
         variants.append((f"EPS={eps:g}, dpo budget",
                          TargetConfig(top_k=CAP, r=args.r, chunk_size=64, tail_budget=eps,
                                       dpo_top=CAP - 1), TAILS, 0))
-    for eps in ((0.01, 0.002) if not args.quick else (0.01,)):
-        for m in (STUDENT_TOPS if not args.quick else (16,)):
+    for eps in (args.candidate_budgets if not args.quick else (0.01,)):
+        for m in (args.student_tops if not args.quick else (16,)):
             variants.append((f"EPS={eps:g} + student top {m}",
                              TargetConfig(top_k=CAP, r=args.r, chunk_size=64, tail_budget=eps),
                              TAILS, m))
+
+    for k in args.candidate_ks:
+        for m in args.student_tops:
+            variants.append((f"k={k} + student top {m}",
+                             TargetConfig(top_k=k, r=args.r, chunk_size=64), TAILS, m))
 
     rows = []
     for name, config, tails, m in variants:
@@ -230,8 +261,23 @@ def main() -> None:
             row["bytes_per_token"] = sum(by_field.values()) / merged.num_tokens
             row["bytes_by_field"] = {f: b / merged.num_tokens for f, b in sorted(by_field.items())}
             row["bytes_tokens"] = merged.num_tokens
+            packed = shard_bytes(merged, vocab, ragged, PACKED)
+            row["packed_bytes_per_token"] = sum(packed.values()) / merged.num_tokens
+            row["packed_bytes_by_field"] = {f: b / merged.num_tokens
+                                            for f, b in sorted(packed.items())}
             row.update(k_stats(counts, tails_mass, config.top_k, config.tail_budget))
         targets = compute_targets(z_d, z_r, batch.target_ids, config)
+        if not m:  # the same targets after the packed layout's lossy round trip
+            back = packed_round_trip(as_batch(grad_seqs, targets), vocab)
+            tail_model = losses.resolve_tail("auto", config.tail_budget, False)
+            loss, gl, gp = gradients(lambda z: objective(losses.sparse_reverse_kl(
+                z, torch.from_numpy(back.topk_ids).long(),
+                torch.from_numpy(back.topk_logprobs).float(),
+                torch.from_numpy(back.tail_logmass), tail=tail_model,
+                topk_count=torch.from_numpy(back.topk_count).long()),
+                torch.from_numpy(back.alpha)))
+            row[PACKED] = {"tail": tail_model, "loss": loss, "cos_logits": cosine(gl, exact_gl),
+                           "cos_params": cosine(gp, exact_gp)}
         ids, lp16 = targets.topk_ids, targets.topk_logprobs.half()
         tail, count = targets.tail_logmass, targets.topk_count
         if m:  # on-policy: the student's top m merged in, as the trainer does
@@ -263,13 +309,16 @@ def main() -> None:
 
     top1 = log_pi.max(-1).values.exp()
     result = {"pair": str(pair), "pair_label": args.pair_label, "data": args.data,
+              "student": str(student_dir),
               "grad_sequences": len(grad_seqs), "grad_positions": n,
               "bytes_sequences": len(all_seqs), "vocab": vocab, "r": args.r,
               "beta0": args.beta0, "exact_loss": exact_loss,
               "pi_star_top1_median": float(top1.median()), "layout": DEFAULT_LAYOUT,
               "distillkit": DISTILLKIT, "rows": rows,
               "seconds": round(time.perf_counter() - started, 1),
-              "machine": machine_record(args.threads)}
+              "machine": machine_record(args.threads),
+              "command": " ".join([".venv/bin/python benchmarks/bench_fidelity_per_byte.py",
+                                   *sys.argv[1:]])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -284,7 +333,8 @@ def write_report(result: dict, out: Path) -> None:
         return f"{v['cos_params']:.4f} ({v['cos_logits']:.3f})" if v else "-"
 
     lines = [f"# Fidelity per byte: {result['pair_label']}", "",
-             f"Teachers: `{result['pair']}` ({result['pair_label']}); student = its dpo model; "
+             f"Teachers: `{result['pair']}` ({result['pair_label']}); student = "
+             f"`{result.get('student', result['pair'] + '/dpo')}`; "
              f"adaptive, r = {result['r']:g}, beta0 = {result['beta0']}; pi* top-1 median "
              f"{result['pi_star_top1_median']:.3f}. Gradient cosines with exact AlignDistil on "
              f"{result['grad_sequences']} ShareGPT conversations ({result['grad_positions']} "
@@ -295,11 +345,17 @@ def write_report(result: dict, out: Path) -> None:
              + ", ".join(f"{v:g} B/token ({k.split(' ', 1)[1]})"
                          for k, v in result["distillkit"].items()) + ".", "",
              "The `auto` column is the loss's per-position rule (bucket where more than 5% of "
-             "pi*'s mass is left out, uniform elsewhere). The trainer's `--tail auto` uses the "
-             "bucket tail everywhere on targets made with a tail budget (no `--student-top`; "
-             "`losses.resolve_tail`), so for the EPS rows below it gets the bucket column.", "",
+             "pi*'s mass is left out, uniform elsewhere). The trainer's `--tail auto` "
+             "(`losses.resolve_tail`) now uses the bucket tail everywhere unless the student's "
+             "candidates are merged (`--student-top`), so without them it gets the bucket "
+             "column; before 2026-12-06 it did so only for targets made with a tail budget.",
+             "",
+             "The `packed` columns: the same targets in the packed layout (ids as sorted "
+             "per-position sets, 8-bit log-spaced log-probs, float16 scalars; lossy), the "
+             "gradient taken after its round trip with the tail named in the cell.", "",
              "| variant | B/token | k mean / p90 / max | capped over EPS | uniform: cos | "
-             "bucket: cos | auto: cos |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "bucket: cos | auto: cos | packed B/token | packed: cos |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("student_top"):
             continue
@@ -307,7 +363,9 @@ def write_report(result: dict, out: Path) -> None:
                   else "-")
         lines.append(f"| {r['variant']} | {r['bytes_per_token']:.1f} | {r['k_mean']:.1f} / "
                      f"{r['k_p90']:.0f} / {r['k_max']} | {capped} | {cos(r, 'uniform')} | "
-                     f"{cos(r, 'bucket')} | {cos(r, 'auto')} |")
+                     f"{cos(r, 'bucket')} | {cos(r, 'auto')} | "
+                     f"{r.get('packed_bytes_per_token', float('nan')):.1f} | "
+                     f"{cos(r, PACKED)} {r.get(PACKED, {}).get('tail', '')} |")
     cand = [r for r in rows if r.get("student_top")]
     if cand:
         lines += ["", "On-policy, the student's own top N ids merged in (`--student-top N`; "
@@ -318,17 +376,19 @@ def write_report(result: dict, out: Path) -> None:
             lines.append(f"| {r['variant']} | {r['union_k_mean']:.1f} / {r['union_k_p90']:.0f} "
                          f"/ {r['union_k_max']} | {cos(r, 'uniform')} | {cos(r, 'bucket')} | "
                          f"{cos(r, 'auto')} |")
-    fields = sorted({f for r in rows for f in r.get("bytes_by_field", {})})
-    lines += ["", "Bytes per token by array:", "",
-              "| variant | " + " | ".join(fields) + " |",
-              "|---|" + "---:|" * len(fields)]
-    for r in rows:
-        if "bytes_by_field" in r:
-            lines.append(f"| {r['variant']} | " + " | ".join(
-                f"{r['bytes_by_field'].get(f, 0):.2f}" for f in fields) + " |")
+    for key, title in (("bytes_by_field", "Bytes per token by array:"),
+                       ("packed_bytes_by_field", "Bytes per token by array, packed layout:")):
+        fields = sorted({f for r in rows for f in r.get(key, {})})
+        if not fields:
+            continue
+        lines += ["", title, "", "| variant | " + " | ".join(fields) + " |",
+                  "|---|" + "---:|" * len(fields)]
+        lines += [f"| {r['variant']} | " + " | ".join(f"{r[key].get(f, 0):.2f}" for f in fields)
+                  + " |" for r in rows if key in r]
     lines += ["", f"{result['seconds']} s on {result['machine']}.", "",
-              "Command: `.venv/bin/python benchmarks/bench_fidelity_per_byte.py --pair PAIR "
-              "--data CHAT_JSONL --out OUT`"]
+              "Command: `" + result.get("command", ".venv/bin/python "
+                                        "benchmarks/bench_fidelity_per_byte.py --pair PAIR "
+                                        "--data CHAT_JSONL --out OUT") + "`"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(result, out.with_suffix(".png"))
@@ -355,6 +415,13 @@ def plot(result: dict, path: Path) -> None:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls,
                     label=f"{label}, {tail_model}")
+    for label, marker, pick in families:
+        pts = [(r["packed_bytes_per_token"], r[PACKED]["cos_params"], r["variant"])
+               for r in result["rows"] if "packed_bytes_per_token" in r and pick(r)
+               and PACKED in r]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls="-",
+                    color="black", lw=0.8, label=f"{label}, packed")
             for x, y, name in pts:
                 ax.annotate(name.split(",")[0], (x, y), fontsize=5, xytext=(3, -8),
                             textcoords="offset points")

@@ -65,11 +65,13 @@ class Setting:
     dpo_top: int = 0     # precompute --dpo-top: the kept ids include the dpo model's top N
     budget: float = 0.0  # --tail-budget (k is then the cap)
     staleness: int = 0   # on-policy: train --max-staleness
+    student_top: int = 0  # on-policy: train --student-top (the student's own candidates)
 
     @property
     def name(self) -> str:
+        cand = f"-cand{self.student_top}" if self.student_top else ""
         if self.k == DEFAULT:
-            return f"{self.mode}/default"
+            return f"{self.mode}/default{cand}"
         k = "exact" if self.k == EXACT else f"k{self.k}"
         if self.budget:
             k = f"eps{self.budget:g}-cap{self.k}"
@@ -77,7 +79,7 @@ class Setting:
         tail = "" if self.k == EXACT else f"-{self.tail}"
         dpo = f"-dpo{self.dpo_top}" if self.dpo_top else ""
         stale = f"-stale{self.staleness}" if self.staleness else ""
-        return f"{self.mode}/{k}{tail}{lossy}{dpo}{stale}"
+        return f"{self.mode}/{k}{tail}{lossy}{dpo}{stale}{cand}"
 
     def target_flags(self, V: int) -> list:
         """precompute's / serve's flags for these targets ([] for the defaults)."""
@@ -123,6 +125,13 @@ def budget_settings(budget: float, cap: int = 64) -> list[Setting]:
         out += [Setting(mode, EXACT), Setting(mode, DEFAULT, None)]
     out.append(Setting("off-policy", cap, "auto", budget=budget))
     return out
+
+
+def candidates_settings(tops=(8, 32)) -> list[Setting]:
+    """The candidates study: exact and the shipped defaults on-policy, and the defaults with the
+    student's own top N ids scored too (train --student-top N)."""
+    return [Setting("on-policy", EXACT), Setting("on-policy", DEFAULT, None),
+            *[Setting("on-policy", DEFAULT, None, student_top=n) for n in tops]]
 
 
 # ------------------------------------------------------------------------------ one seed
@@ -233,6 +242,7 @@ def run_seed(seed: int, workdir: Path, settings: list[Setting], size: DemoSize,
                                         "--prompts", world_dir / "prompts_train.jsonl",
                                         *ask, *s.tail_flags(), "--out", out,
                                         "--max-staleness", s.staleness,
+                                        "--student-top", s.student_top,
                                         "--epochs", size.on_policy_epochs,
                                         "--max-new-tokens", size.max_new_tokens,
                                         "--rollout-batch-size", size.global_batch_size,
@@ -432,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
                     "the auto tail off-policy) instead of the k study")
     ap.add_argument("--staleness", action="store_true", help="run the staleness study (exact "
                     "on-policy at --max-staleness 0, 1, 2) instead of the k study")
+    ap.add_argument("--candidates", type=int, nargs="+", default=None, metavar="N",
+                    help="run the candidates study (exact and the shipped defaults on-policy, "
+                    "and the defaults with train --student-top N) instead of the k study")
     ap.add_argument("--size", choices=["default", "small"], default="default",
                     help="the demo size of the grammar world")
     ap.add_argument("--replot", action="store_true", help="only redo the table and plots from "
@@ -445,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         result = json.loads((out / "fidelity.json").read_text(encoding="utf-8"))
         known = {s.name: s for s in all_settings() + QUICK + staleness_settings()
+                 + (candidates_settings(args.candidates) if args.candidates else [])
                  + (budget_settings(args.budget) if args.budget else [])}
         missing = [n for n in result["settings"] if n not in known]
         if missing:
@@ -458,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.seed if args.seed is not None else 0] if args.quick else args.seeds
     settings = QUICK if args.quick else (
         staleness_settings() if args.staleness else
+        candidates_settings(args.candidates) if args.candidates else
         budget_settings(args.budget) if args.budget else all_settings())
     size = WORLD_SIZES[WORLD][args.size]
     eval_samples = args.eval_samples or (8 if args.quick else 16)

@@ -26,7 +26,9 @@ top-k. The tail is modelled two ways:
     bucket <= uniform; it does not care how the student spreads mass inside the tail.
 
 ``auto`` (the trainer's default)
-    Per position: ``bucket`` where pi* leaves more than :data:`AUTO_BROAD` (5%) of its mass
+    The trainer resolves it to ``bucket`` everywhere unless the student's own candidates are
+    merged into the kept ids (:func:`resolve_tail`); passed to the loss as is, it is the
+    per-position rule: ``bucket`` where pi* leaves more than :data:`AUTO_BROAD` (5%) of its mass
     outside the kept ids, ``uniform`` elsewhere. A broad tail spread evenly misprices the ids
     the student likes (the grammar world's lesson); a thin one is cheap to spread and
     ``uniform`` then sees a student that moves mass onto a few ids outside the kept ones.
@@ -102,14 +104,22 @@ _STUDENT_LOGP_FLOOR: float = -1.0e30
 
 
 def resolve_tail(tail: str, tail_budget: float, student_candidates: bool) -> str:
-    """The tail model a run uses. ``auto`` becomes ``bucket`` everywhere for targets made with a
-    tail budget, unless the student's own candidates are merged in: a budget keeps few ids where
-    pi* is peaked, the student's mass there sits outside them, and spreading pi*'s tail evenly
-    misprices exactly those ids (SmolLM2: parameter-gradient cosine 0.38-0.75 with uniform vs
-    0.72-0.94 with bucket over the budgets measured, benchmarks/results/fidelity_per_byte.md).
-    With the student's candidates merged, its mass is inside the kept ids and the per-position
-    rule applies (uniform 0.97 vs bucket 0.92 there)."""
-    if tail == "auto" and tail_budget and not student_candidates:
+    """The tail model a run uses. ``auto`` becomes ``bucket`` at every position, unless the
+    student's own candidates are merged in (then the per-position rule applies).
+
+    Without the student's ids, the kept ids are the teacher's, and the student's mass outside
+    them is priced by the tail model. ``uniform`` says each of those ids has a
+    ``1/(V - k)`` share of pi*'s tail, far below what pi* really gives the few ids a student
+    near the teachers favours, and that mispricing swamps the true gradient, which is small
+    when the student starts at the teachers' base. Measured (parameter-gradient cosine with
+    exact AlignDistil, benchmarks/results/fidelity_per_byte_dpo_pair.md; a SmolLM2-135M DPO
+    pair and its base as the student): bucket 0.89-0.93 against uniform 0.10-0.17 and the
+    per-position rule 0.16-0.29 at k = 8-16. In the broad grammar world bucket is the faithful
+    one too (benchmarks/results/fidelity.md). With the student's candidates merged, its mass
+    is inside the kept ids and the per-position rule applies. ``tail_budget`` is kept for the
+    callers' logs."""
+    del tail_budget
+    if tail == "auto" and not student_candidates:
         return "bucket"
     return tail
 

@@ -178,9 +178,12 @@ class PrecomputeConfig(TeacherOptions, DatasetOptions):
                            "EOS, and counted (none: 2048, the released scripts' length, or the "
                            "models' maximum if smaller)", ">=2"] = None
 
-    layout: Annotated[Literal["compact", "compact-lossy8"], "how shards are encoded: compact "
-                      "(lossless, the default) or compact-lossy8 (log pi* as 8-bit codes on each "
-                      "row's range: smaller, lossy; benchmarks/results/store.md)"] = "compact"
+    layout: Annotated[Literal["compact", "compact-lossy8", "packed"], "how shards are encoded: "
+                      "compact (lossless, the default); compact-lossy8 (log pi* as 8-bit codes "
+                      "on each row's range; not with --tail-budget); packed (each position's "
+                      "ids as a sorted set, log pi* as 8-bit log-spaced codes, float16 "
+                      "scalars: the smallest, lossy, format version 3; "
+                      "benchmarks/results/fidelity_per_byte.md)"] = "compact"
     overwrite: Annotated[bool, "delete the store at --out first (one worker only): to start "
                          "over after changing the data or the settings"] = False
 
@@ -191,9 +194,9 @@ class PrecomputeConfig(TeacherOptions, DatasetOptions):
         super().validate()
         from storage.store.layout import get_layout
 
-        if self.tail_budget and not get_layout(self.layout).lossless:
-            raise ConfigError(f"--layout {self.layout} (8-bit log-probs) is not offered with "
-                              f"--tail-budget (ragged shards): pick a lossless layout")
+        if self.tail_budget and not get_layout(self.layout).ragged_capable:
+            raise ConfigError(f"--layout {self.layout} is not offered with --tail-budget "
+                              f"(ragged shards): pick compact or packed")
         require_data(self.data, "--data")
         if self.overwrite and self.placement(os.environ)[1] > 1:
             raise ConfigError("--overwrite deletes the whole store: run it with one worker "

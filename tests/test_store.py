@@ -614,9 +614,9 @@ def test_inspect_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     path = write_store(tmp_path / "s", make_records(52, 2))
     doc = json.loads((path / "zarr.json").read_text())
-    doc["attributes"]["aligndistil"]["format_version"] = 4
+    doc["attributes"]["aligndistil"]["format_version"] = 5
     (path / "zarr.json").write_text(json.dumps(doc))
     for args in ([], ["--verify"], ["--example", "0"]):
         out = _cli(str(path), *args)
-        assert out.returncode == 2 and "format_version 4 is not supported" in out.stderr
+        assert out.returncode == 2 and "format_version 5 is not supported" in out.stderr
         assert "Traceback" not in out.stderr

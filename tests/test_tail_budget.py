@@ -223,8 +223,19 @@ def budget_store(teacher_pair, data, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def fixed_store(teacher_pair, data, tmp_path_factory):
+    """The budget store's data and teachers at a fixed k = 16 (format version 1)."""
+    out = tmp_path_factory.mktemp("fixed_store") / "targets"
+    res = _cli("precompute", "--dpo-model", teacher_pair[0], "--reverse-model", teacher_pair[1],
+               "--data", data, "--out", out, "--top-k", 16, "--device", "cpu", "--group-size",
+               8, "--shard-tokens", 60)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
 def test_precompute_writes_a_version_3_store_of_the_engines_ragged_records(
-        budget_store, teacher_pair, pair, data):
+        budget_store, fixed_store, teacher_pair, pair, data):
     doc = json.loads((budget_store / "zarr.json").read_text())["attributes"]["aligndistil"]
     assert doc["format_version"] == 3 and doc["tail_budget"] == 0.02 and doc["min_k"] == 1
     store = TargetStore.open(budget_store)
@@ -243,11 +254,7 @@ def test_precompute_writes_a_version_3_store_of_the_engines_ragged_records(
             np.testing.assert_allclose(got_row, want_row, rtol=2e-3, atol=2e-3)
 
     # the shards hold the kept entries only: fewer bytes than the cap everywhere takes
-    fixed = budget_store.parent / "fixed"
-    res = _cli("precompute", "--dpo-model", teacher_pair[0], "--reverse-model", teacher_pair[1],
-               "--data", data, "--out", fixed, "--top-k", 16, "--device", "cpu", "--group-size",
-               8, "--shard-tokens", 60)
-    assert res.returncode == 0, res.stderr
+    fixed = fixed_store
 
     def topk_chunk_bytes(store):  # the data of every topk array (metadata files aside)
         return sum(f.stat().st_size for f in Path(store, "shards").glob("*/topk_*/c/**/*")
@@ -334,16 +341,20 @@ def test_a_server_with_a_budget_sends_ragged_lists_in_json_and_arrow(teacher_pai
         assert stop_server(proc) == 0
 
 
-def test_off_policy_training_from_a_version_3_store(budget_store, tmp_path, teacher_pair):
+@pytest.mark.parametrize("which", ["budget", "fixed"])
+def test_off_policy_training_from_a_version_3_store(budget_store, fixed_store, tmp_path,
+                                                    teacher_pair, which):
     """Training reads the ragged store; --tail auto (the default) trains with the bucket tail
-    on targets made with a budget: the same losses as --tail bucket, not those of uniform."""
+    on stored targets, a budget's or a fixed k's: the same losses as --tail bucket, not those
+    of uniform (the fixed store's auto was the per-position rule before)."""
     from aligndistil.cli import main
 
     student = save_model_dir(tmp_path / "student", seed=7)
+    store = budget_store if which == "budget" else fixed_store
 
     def run(name, *extra):
         out = tmp_path / name
-        rc = main(["train", "--mode", "off-policy", "--store", str(budget_store), "--model",
+        rc = main(["train", "--mode", "off-policy", "--store", str(store), "--model",
                    str(student), "--out", str(out), "--epochs", "2", "--global-batch-size", "8",
                    "--max-tokens", "96", "--lr", "3e-3", "--no-progress", "--device", "cpu",
                    "--log-level", "warning", *extra])

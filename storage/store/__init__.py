@@ -15,8 +15,8 @@ Public API::
     store[i]                                                      # random access -> TargetRecord
     for batch in store.iter_batches(256, epoch=e, seed=s, rank=r, world_size=W): ...
 
-On-disk layout, format_version 1 and 2
---------------------------------------
+On-disk layout, format_version 1 to 4
+-------------------------------------
 ::
 
     STORE/
@@ -24,7 +24,9 @@ On-disk layout, format_version 1 and 2
                                (format_version, teachers, tokenizer_sha256, vocab_size, top_k,
                                r, eps, tvd_norm, mode, source_fingerprint, num_workers, layout,
                                extra, created_with; version 2 adds dpo_top > 0: the kept
-                               ids include the dpo model's top dpo_top)
+                               ids include the dpo model's top dpo_top; version 3 adds
+                               tail_budget, min_k and ragged shards; version 4 is a ragged
+                               store in the packed layout)
       manifest-w0000.json      worker 0's committed shards, replaced atomically on each commit:
                                {"manifest_version": 1, "worker_index": 0, "finished": bool,
                                 "shards": [{"name", "num_examples", "num_tokens",
@@ -45,16 +47,19 @@ On-disk layout, format_version 1 and 2
         alpha/ tail_logmass/ dpo_logprobs/ reverse_logprobs/
                                float32 [N]           N = sum (L - prompt_len), concatenated
         topk_ids/              [N, k] or [k, N]      see the array's attributes
-        topk_ids_dictionary/   int32 [D]             freq-dict encoding only
-        topk_logprobs/         [N, k] or [k, N]      see the array's attributes
-        topk_logprobs_first/   float16 [N]           lossy q8 encoding only (row max)
-        topk_logprobs_last/    float16 [N]           lossy q8 encoding only (row min)
+                               (ragged, v3 and v4: [sum topk_count], flat)
+        topk_count/            [N]                   ragged only: the entries of each position
+        topk_ids_dictionary/   int32 [D]             freq-dict encodings only
+        topk_logprobs/         [N, k] or [k, N]      see the array's attributes (ragged: flat)
+        topk_logprobs_first/   float16 [N]           lossy q8 encodings only (row max)
+        topk_logprobs_last/    float16 [N]           lossy q8 encodings only (row min)
 
 Example ``b`` of a shard owns ``input_ids[sum(seq_len[:b]) : sum(seq_len[:b+1])]`` and rows
 ``sum(T[:b]) : sum(T[:b+1])`` of the per-position arrays, ``T = seq_len - prompt_len``. Each
 array's attributes say how it is encoded (``encoding``: ``plain`` | ``widen-int32`` |
-``freq-dict`` | ``fp16-bits-rowdelta`` | ``q8-rowrange``; ``transposed``: stored as
-``[k, N]``), see :mod:`storage.store.layout`;
+``widen-float32`` | ``freq-dict`` | ``freq-dict-posdelta`` | ``fp16-bits-rowdelta`` |
+``q8-rowrange`` | ``q8-poslog``; ``transposed``: stored as ``[k, N]``), see
+:mod:`storage.store.layout`;
 the codecs are in each array's own ``zarr.json`` (Blosc). Any zarr v3 reader can open the
 arrays; decoding the encodings gives back the record contract's dtypes exactly.
 

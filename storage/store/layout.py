@@ -32,6 +32,24 @@ apply to the flat arrays (``fp16-bits-rowdelta`` runs along the flat array, acro
 boundaries; ``q8-rowrange`` is not offered for ragged shards), and decoding pads each position
 to the shard's widest by repeating its first entry.
 
+``packed`` (LOSSY; ragged shards only, so a fixed-k store in this layout is ragged with every
+position at k; format version 4, which version-3 readers refuse) spends the bytes where they matter:
+
+- ``freq-dict-posdelta`` ids: within each position the entries are sorted by frequency code
+  and each code is stored as its difference from the position's previous one (the first as
+  is). The kept ids of a position are a set; their order by log-prob costs about
+  log2(k!)/k bits an id, which the sorted form does not pay.
+- ``q8-poslog`` log-probs: per position, 8-bit codes of ``log1p(first - lp) /
+  log1p(first - last)`` (``first``/``last``: the position's largest and smallest kept
+  log-prob, float16 companions), so the grid is finest at the top of the distribution, where
+  the student's mass is, and coarsest deep in the tail. The largest value is exact, and the
+  error of a value d nats below it is at most ``(1 + d) * log1p(range) / 510`` nats.
+- the per-position scalars (``alpha``, ``tail_logmass``, ``dpo_logprobs``,
+  ``reverse_logprobs``) as float16 (``widen-float32``).
+
+Decoding puts each position back in log-prob order (the record contract); entries whose codes
+tie keep the id order.
+
 How an array was encoded is also written into its own zarr attributes (``encoding``,
 ``transposed``), and decoding follows those attributes, not the preset name, so any shard a
 supported preset ever wrote stays readable.
@@ -55,8 +73,9 @@ from .errors import StoreFormatError
 class Layout:
     name: str
     narrow_ids: bool = True
-    ids: str = "plain"                     # "plain" | "freq-dict" (top-k ids only)
-    logprobs: str = "fp16-rowdelta"        # "fp16" | "fp16-rowdelta" | "q8-rowrange"
+    ids: str = "plain"            # "plain" | "freq-dict" | "freq-dict-posdelta" (top-k ids)
+    logprobs: str = "fp16-rowdelta"  # "fp16" | "fp16-rowdelta" | "q8-rowrange" | "q8-poslog"
+    scalars: str = "fp32"         # per-position alpha/tail/teacher log-probs: "fp32" | "fp16"
     transpose_ids: bool = False
     transpose_logprobs: bool = True
     cname: str = "zstd"
@@ -66,6 +85,15 @@ class Layout:
 
     @property
     def lossless(self) -> bool:
+        return self.logprobs not in ("q8-rowrange", "q8-poslog") and self.scalars == "fp32"
+
+    @property
+    def ragged_only(self) -> bool:
+        """Its encodings exist for ragged shards only (format version 3, even at a fixed k)."""
+        return self.ids == "freq-dict-posdelta" or self.logprobs == "q8-poslog"
+
+    @property
+    def ragged_capable(self) -> bool:
         return self.logprobs != "q8-rowrange"
 
     def describe(self) -> dict[str, Any]:
@@ -85,8 +113,17 @@ LAYOUTS: dict[str, Layout] = {
     "compact-max": Layout("compact-max", ids="freq-dict", clevel=9, shuffle="shuffle"),
     "compact-lossy8": Layout("compact-lossy8", ids="freq-dict", logprobs="q8-rowrange",
                              clevel=6, shuffle="shuffle"),
+    "packed": Layout("packed", ids="freq-dict-posdelta", logprobs="q8-poslog", scalars="fp16",
+                     clevel=6, shuffle="shuffle"),
 }
 DEFAULT_LAYOUT = "compact"
+
+
+def needs_ragged(name: str) -> bool:
+    """Whether the layout ``name`` writes ragged shards only (False for a name not known
+    here: the metadata check that calls this must not fail on it first)."""
+    layout = LAYOUTS.get(name)
+    return bool(layout and layout.ragged_only)
 
 #: Arrays of a v1 shard: per example, then per token of input_ids, then per response position.
 PER_EXAMPLE_ARRAYS = ("example_index", "prompt_len", "seq_len")
@@ -125,6 +162,9 @@ def encode_shard(batch: TargetBatch, layout: Layout, vocab_size: int, *,
     (format version 3) stores only each position's kept entries, plus ``topk_count``."""
     if ragged:
         return _encode_ragged(batch, layout, vocab_size)
+    if layout.ragged_only:
+        raise StoreFormatError(f"layout {layout.name} writes ragged shards only (format version "
+                               f"4)")
     if batch.topk_count.size and int(batch.topk_count.min()) < batch.top_k:
         raise StoreFormatError("a batch whose positions keep different numbers of ids needs a "
                                "ragged shard (format version 3, tail_budget > 0)")
@@ -183,8 +223,10 @@ def _encode_scalars(batch: TargetBatch, layout: Layout, vocab_size: int
     ids = batch.input_ids.astype(id_dtype, copy=False)
     out["input_ids"] = EncodedArray(ids, _chunks(ids.shape, 0, 2 * ct), id_enc)
     for name in ("alpha", "tail_logmass", "dpo_logprobs", "reverse_logprobs"):
-        arr = getattr(batch, name)
-        out[name] = EncodedArray(arr, _chunks(arr.shape, 0, ct), plain)
+        arr, attrs = getattr(batch, name), plain
+        if layout.scalars == "fp16":
+            arr, attrs = arr.astype(np.float16), {"encoding": "widen-float32"}
+        out[name] = EncodedArray(arr, _chunks(arr.shape, 0, ct), attrs)
     return out
 
 
@@ -198,8 +240,18 @@ def _encode_ragged(batch: TargetBatch, layout: Layout, vocab_size: int
     width = batch.top_k
     keep = np.arange(width) < counts[:, None]
     ids = batch.topk_ids[keep]                    # [sum count], position-major
+    logprobs = batch.topk_logprobs[keep]
     flat_chunks = (max(1, min(layout.chunk_tokens * 8, ids.shape[0])),)
-    if layout.ids == "freq-dict":
+    if layout.ids == "freq-dict-posdelta":
+        codes, dictionary = freq_dict_encode(ids, vocab_size)
+        position = np.repeat(np.arange(counts.size), counts)
+        order = np.lexsort((codes, position))     # by position, then by code
+        ids, logprobs, codes = ids[order], logprobs[order], codes[order]
+        out["topk_ids"] = EncodedArray(position_deltas(codes, counts), flat_chunks, {
+            "encoding": "freq-dict-posdelta", "companions": [ID_DICTIONARY, "topk_count"],
+            "ragged": True, "position_order": "code"})
+        out[ID_DICTIONARY] = EncodedArray(dictionary, dictionary.shape, {"encoding": "plain"})
+    elif layout.ids == "freq-dict":
         codes, dictionary = freq_dict_encode(ids, vocab_size)
         out["topk_ids"] = EncodedArray(codes, flat_chunks, {
             "encoding": "freq-dict", "companions": [ID_DICTIONARY], "ragged": True})
@@ -208,9 +260,14 @@ def _encode_ragged(batch: TargetBatch, layout: Layout, vocab_size: int
         id_dtype = _id_dtype(layout, vocab_size)
         out["topk_ids"] = EncodedArray(ids.astype(id_dtype), flat_chunks, {
             "encoding": "plain" if id_dtype == np.int32 else "widen-int32", "ragged": True})
-    logprobs = batch.topk_logprobs[keep]
     if layout.logprobs == "fp16":
         lp, attrs = logprobs, {"encoding": "plain"}
+    elif layout.logprobs == "q8-poslog":
+        lp, first, last = poslog_encode(logprobs, counts)
+        attrs = {"encoding": "q8-poslog", "companions": [*LOGPROB_COMPANIONS, "topk_count"]}
+        pos_chunks = _chunks(first.shape, 0, layout.chunk_tokens)
+        out["topk_logprobs_first"] = EncodedArray(first, pos_chunks, {"encoding": "plain"})
+        out["topk_logprobs_last"] = EncodedArray(last, pos_chunks, {"encoding": "plain"})
     else:  # one long row: the first entry of a position is a delta from the previous one's last
         lp, attrs = rowdelta_encode(logprobs[None, :])[0], {"encoding": "fp16-bits-rowdelta"}
     out["topk_logprobs"] = EncodedArray(lp, flat_chunks, {**attrs, "ragged": True})
@@ -241,6 +298,8 @@ def decode_shard(arrays: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]]) -> 
     topk_ids, topk_logprobs = get("topk_ids"), get("topk_logprobs")
     if "topk_count" in arrays:  # ragged (format version 3): pad each position to the widest
         counts = get("topk_count")
+        if arrays["topk_ids"][1].get("position_order") == "code":
+            topk_ids, topk_logprobs = _by_logprob(counts, topk_ids, topk_logprobs)
         topk_ids, topk_logprobs = _pad_flat(counts, topk_ids, topk_logprobs)
     else:
         counts = np.full(topk_ids.shape[0], topk_ids.shape[1] if topk_ids.ndim == 2 else 0,
@@ -257,6 +316,18 @@ def decode_shard(arrays: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]]) -> 
                              f"{FIELD_DTYPES[name]}")
     batch.check()
     return batch
+
+
+def _by_logprob(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Flat entries stored in another order -> each position's entries by log-prob, descending
+    (a stable sort: ties keep their stored order)."""
+    if ids.shape != logprobs.shape or int(counts.sum()) != ids.shape[0]:
+        raise ValueError(f"topk_ids: a ragged shard holds {ids.shape} entries for counts "
+                         f"summing to {int(counts.sum())}")
+    position = np.repeat(np.arange(counts.size), counts)
+    order = np.lexsort((-logprobs.astype(np.float32), position))
+    return ids[order], logprobs[order]
 
 
 def _pad_flat(counts: np.ndarray, ids: np.ndarray, logprobs: np.ndarray
@@ -279,6 +350,8 @@ def _decode_array(name: str, data: np.ndarray, attrs: Mapping[str, Any],
     if encoding == "plain":
         out = data.T if transposed else data
         return np.ascontiguousarray(out, dtype=data.dtype)
+    if encoding == "widen-float32":
+        return np.ascontiguousarray(data, dtype=np.float32)
     if encoding == "widen-int32":
         out = np.empty(data.T.shape if transposed else data.shape, dtype=np.int32)
         out[...] = data.T if transposed else data
@@ -288,6 +361,14 @@ def _decode_array(name: str, data: np.ndarray, attrs: Mapping[str, Any],
         if transposed:
             return np.ascontiguousarray(dictionary[data].T)
         return dictionary[data]
+    if encoding == "freq-dict-posdelta":
+        dictionary = arrays[ID_DICTIONARY][0]
+        counts = _decode_array("topk_count", *arrays["topk_count"], arrays)
+        return dictionary[position_sums(data, counts)]
+    if encoding == "q8-poslog":
+        counts = _decode_array("topk_count", *arrays["topk_count"], arrays)
+        return poslog_decode(data, arrays["topk_logprobs_first"][0],
+                             arrays["topk_logprobs_last"][0], counts)
     if encoding == "fp16-bits-rowdelta":
         if attrs.get("ragged"):
             return np.cumsum(data, dtype=np.uint16).view(np.float16)
@@ -324,6 +405,59 @@ def freq_dict_encode(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.n
     code_of[order] = np.arange(order.size)
     code_dtype = np.uint16 if used <= 65536 else np.uint32
     return code_of[ids].astype(code_dtype), order[:used].astype(np.int32)
+
+
+def position_deltas(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Flat per-position runs -> each value minus the previous one of its position (a
+    position's first value as is); same dtype, modular, exact."""
+    out = values.copy()
+    if values.size:
+        out[1:] = values[1:] - values[:-1]
+        starts = offsets_from_lengths(counts)[:-1]
+        starts = starts[counts > 0]
+        out[starts] = values[starts]
+    return out
+
+
+def position_sums(deltas: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`position_deltas` (int64)."""
+    if int(counts.sum()) != deltas.shape[0]:
+        raise ValueError(f"topk_ids: a ragged shard holds {deltas.shape[0]} entries for counts "
+                         f"summing to {int(counts.sum())}")
+    running = np.cumsum(deltas.astype(np.int64))
+    before = offsets_from_lengths(counts)[:-1]
+    # the running sum just before each position's first entry, repeated over the position
+    base = np.where(before > 0, running[np.maximum(before - 1, 0)] if running.size else 0, 0)
+    return running - np.repeat(base, counts)
+
+
+def poslog_encode(logprobs: np.ndarray, counts: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lossy: flat float16 log-probs -> (uint8 codes of ``log1p(first - lp) / log1p(first -
+    last)``, first, last) with ``first``/``last`` each position's largest/smallest (float16)."""
+    lp = logprobs.astype(np.float32)
+    starts = offsets_from_lengths(counts)[:-1]
+    first = np.maximum.reduceat(lp, starts) if lp.size else np.zeros(0, np.float32)
+    last = np.minimum.reduceat(lp, starts) if lp.size else np.zeros(0, np.float32)
+    first, last = first.astype(np.float16), last.astype(np.float16)
+    scale = np.log1p(first.astype(np.float32) - last.astype(np.float32))
+    scale = np.repeat(np.where(scale > 0, scale, 1.0), counts)
+    depth = np.log1p(np.repeat(first.astype(np.float32), counts) - lp)
+    q = np.clip(np.rint(255.0 * depth / scale), 0, 255).astype(np.uint8)
+    return q, first, last
+
+
+def poslog_decode(q: np.ndarray, first: np.ndarray, last: np.ndarray,
+                  counts: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`poslog_encode` (up to the quantisation), flat float16."""
+    if first.shape != counts.shape or last.shape != counts.shape \
+            or int(counts.sum()) != q.shape[0]:
+        raise ValueError(f"topk_logprobs: {q.shape[0]} codes and {first.shape[0]} positions do "
+                         f"not match the counts ({counts.shape[0]} positions)")
+    f = np.repeat(first.astype(np.float32), counts)
+    scale = np.repeat(np.log1p(first.astype(np.float32) - last.astype(np.float32)), counts)
+    out = f - np.expm1(q.astype(np.float32) * scale / 255.0)
+    return np.minimum(out, 0.0).astype(np.float16)
 
 
 def _cumsum_axis0(data: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreFormatError, StoreMetadataMismatchError, StoreNotFoundError
-from .layout import DEFAULT_LAYOUT
+from .layout import DEFAULT_LAYOUT, needs_ragged
 from .location import StoreLocation, open_location
 
 #: The on-disk format this code writes and reads (see the package docstring for the layout).
@@ -28,12 +28,17 @@ from .location import StoreLocation, open_location
 #: pi*'s top-k, so it must refuse them). A store with ``dpo_top`` = 0 is written as version 1.
 #: Version 3 adds ``tail_budget`` > 0: each position keeps its own number of ids (ragged
 #: ``topk_*`` arrays plus ``topk_count``), which readers of versions 1 and 2 cannot decode.
-FORMAT_VERSION = 3
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+#: Version 4 is a ragged store in a layout whose encodings version-3 readers do not know
+#: (``packed``: ids as sorted per-position sets, 8-bit log-spaced log-probs, float16 scalars),
+#: at a fixed k or with a tail budget.
+FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
 
 
-def format_version_for(dpo_top: int, tail_budget: float = 0.0) -> int:
+def format_version_for(dpo_top: int, tail_budget: float = 0.0, layout: str = "") -> int:
     """The lowest format version that can hold a store with these settings."""
+    if needs_ragged(layout):
+        return 4
     if tail_budget:
         return 3
     return 2 if dpo_top else 1
@@ -91,13 +96,13 @@ class StoreMetadata:
             raise ValueError(f"tail_budget: must be in [0, 1), got {self.tail_budget!r}")
         if not isinstance(self.min_k, int) or not 1 <= self.min_k <= self.top_k:
             raise ValueError(f"min_k: must satisfy 1 <= min_k <= top_k, got {self.min_k!r}")
-        needed = format_version_for(self.dpo_top, self.tail_budget)
+        needed = format_version_for(self.dpo_top, self.tail_budget, self.layout)
         if self.format_version == 0:
             object.__setattr__(self, "format_version", needed)
         elif self.format_version != needed:
             raise ValueError(f"format_version {self.format_version} does not match dpo_top "
-                             f"{self.dpo_top}, tail_budget {self.tail_budget} (format_version "
-                             f"{needed})")
+                             f"{self.dpo_top}, tail_budget {self.tail_budget}, layout "
+                             f"{self.layout} (format_version {needed})")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -121,7 +126,7 @@ class StoreMetadata:
                 f"reads format_version {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))} "
                 f"(a newer aligndistil may have written it)")
         known = {f for f in cls.__dataclass_fields__}
-        # dpo_top: version 2 on; tail_budget, min_k: version 3 only
+        # dpo_top: version 2 on; tail_budget, min_k: version 3 on
         optional = ("extra", "created_with", "dpo_top", "tail_budget", "min_k")
         missing = [k for k in known if k not in data and k not in optional]
         if missing:
