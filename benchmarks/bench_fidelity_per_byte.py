@@ -415,6 +415,9 @@ def plot(result: dict, path: Path) -> None:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls,
                     label=f"{label}, {tail_model}")
+            for x, y, name in pts:
+                ax.annotate(name.split(",")[0], (x, y), fontsize=5, xytext=(3, -8),
+                            textcoords="offset points")
     for label, marker, pick in families:
         pts = [(r["packed_bytes_per_token"], r[PACKED]["cos_params"], r["variant"])
                for r in result["rows"] if "packed_bytes_per_token" in r and pick(r)
@@ -422,9 +425,6 @@ def plot(result: dict, path: Path) -> None:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls="-",
                     color="black", lw=0.8, label=f"{label}, packed")
-            for x, y, name in pts:
-                ax.annotate(name.split(",")[0], (x, y), fontsize=5, xytext=(3, -8),
-                            textcoords="offset points")
     for name, x in result["distillkit"].items():
         ax.axvline(x, color="grey", ls=":", lw=1)
         ax.text(x, ax.get_ylim()[0], " " + name, rotation=90, fontsize=7, va="bottom")

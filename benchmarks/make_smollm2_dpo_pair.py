@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 device="cpu"))
             save()
     for name, extra in (("dpo", []), ("reverse", ["--reverse"])):
-        if not (out / name / "dpo_summary.json").is_file():
+        if f"{name}_summary" not in info or not (out / name / "dpo_summary.json").is_file():
             run(cli + ["dpo", "--model", args.base, "--data", str(out / "pairs_train.jsonl"),
                        "--out", str(out / name), "--beta", str(args.beta), "--lr", str(args.lr),
                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),

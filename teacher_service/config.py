@@ -182,7 +182,7 @@ class PrecomputeConfig(TeacherOptions, DatasetOptions):
                       "compact (lossless, the default); compact-lossy8 (log pi* as 8-bit codes "
                       "on each row's range; not with --tail-budget); packed (each position's "
                       "ids as a sorted set, log pi* as 8-bit log-spaced codes, float16 "
-                      "scalars: the smallest, lossy, format version 3; "
+                      "scalars: the smallest, lossy, format version 4; "
                       "benchmarks/results/fidelity_per_byte.md)"] = "compact"
     overwrite: Annotated[bool, "delete the store at --out first (one worker only): to start "
                          "over after changing the data or the settings"] = False

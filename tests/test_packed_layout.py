@@ -49,11 +49,12 @@ def ragged_records(seed: int, n: int, vocab: int = 1000, cap: int = 12) -> list[
 
 def assert_close_to(got: TargetRecord, want: TargetRecord) -> None:
     """Same ids per position (a set; back in log-prob order), log-probs within the layout's
-    bound, the largest exact, scalars within float16 rounding."""
+    bound, the largest exact, alpha exact, the other scalars within float16 rounding."""
     got.validate()                                            # sorted, <= 0, finite
     np.testing.assert_array_equal(got.input_ids, want.input_ids)
     np.testing.assert_array_equal(got.topk_count, want.topk_count)
-    for name in ("alpha", "tail_logmass", "dpo_logprobs", "reverse_logprobs"):
+    np.testing.assert_array_equal(got.alpha, want.alpha)
+    for name in ("tail_logmass", "dpo_logprobs", "reverse_logprobs"):
         np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-3,
                                    atol=1e-6)
     rows = zip(got.kept_rows("topk_ids"), got.kept_rows("topk_logprobs"),
@@ -63,7 +64,11 @@ def assert_close_to(got: TargetRecord, want: TargetRecord) -> None:
         w_of = dict(zip(w_ids.tolist(), w_lp.astype(np.float32).tolist()))
         want_lp = np.array([w_of[i] for i in g_ids.tolist()], np.float32)
         top, span = np.float32(w_lp[0]), np.float32(w_lp[0]) - np.float32(w_lp[-1])
-        bound = (1 + (top - want_lp)) * np.log1p(span) / 510 + 2e-3 * (1 + np.abs(want_lp))
+        half_ulp = np.maximum(np.abs(np.spacing(want_lp.astype(np.float16))),
+                              np.abs(np.spacing(g_lp))).astype(np.float32) / 2
+        # the grid step, float16 rounding of the result, float32 arithmetic in the decoder
+        bound = (1 + (top - want_lp)) * np.expm1(np.log1p(span) / 510) * (1 + 1e-3) \
+            + half_ulp + 1e-4
         assert (np.abs(g_lp.astype(np.float32) - want_lp) <= bound).all()
         assert g_lp[0] == w_lp[0]                             # the largest is exact
 
@@ -71,6 +76,8 @@ def assert_close_to(got: TargetRecord, want: TargetRecord) -> None:
 def test_position_deltas_and_poslog_invert_on_awkward_runs():
     counts = np.array([1, 3, 1, 4, 2])
     codes = np.array([7, 0, 5, 65535, 9, 1, 2, 3, 60000, 0, 65535], np.uint16)
+    # exact in any order (modular), sorted or not
+    np.testing.assert_array_equal(position_sums(position_deltas(codes, counts), counts), codes)
     for k in range(len(counts)):  # each position sorted ascending, as the encoder leaves it
         s = counts[:k].sum()
         codes[s:s + counts[k]] = np.sort(codes[s:s + counts[k]])
@@ -99,6 +106,17 @@ def test_a_packed_store_round_trips_within_the_bound(tmp_path, kind):
     for want, got in zip(records, store.iter_records(shuffle=False)):
         assert_close_to(got, want)
     assert not LAYOUTS["packed"].lossless
+
+
+def test_a_fixed_k_packed_store_refuses_a_narrower_record(tmp_path):
+    """A packed store without a tail budget is ragged on disk but holds k at every position,
+    as a compact fixed-k store does."""
+    from storage.record import RecordError
+    from storage.store import TargetStoreWriter
+
+    with TargetStoreWriter(tmp_path / "s", make_meta(layout="packed", top_k=12)) as w:
+        with pytest.raises(RecordError, match="keeps fewer than k ids"):
+            w.write(ragged_records(2, 1)[0])
 
 
 def _cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
@@ -138,7 +156,8 @@ def test_a_version_3_reader_refuses_a_packed_store(tmp_path):
     if known.returncode != 0:
         pytest.skip(f"needs the repository's history (commit {release}); a shallow clone "
                     f"lacks it")
-    write_store(tmp_path / "s", ragged_records(1, 4), make_meta(layout="packed", top_k=12))
+    write_store(tmp_path / "s", ragged_records(1, 4),
+                make_meta(layout="packed", top_k=12, tail_budget=0.01))
     import io
     import tarfile
     archive = subprocess.run(["git", "archive", release, "storage"], cwd=REPO,

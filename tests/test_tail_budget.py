@@ -351,6 +351,10 @@ def test_off_policy_training_from_a_version_3_store(budget_store, fixed_store, t
 
     student = save_model_dir(tmp_path / "student", seed=7)
     store = budget_store if which == "budget" else fixed_store
+    opened = TargetStore.open(store)
+    tails = np.exp(np.concatenate([opened[i].tail_logmass for i in range(len(opened))]))
+    # the per-position rule would differ from bucket: it takes uniform where at most 5% is out
+    assert (tails <= losses.AUTO_BROAD).any()
 
     def run(name, *extra):
         out = tmp_path / name

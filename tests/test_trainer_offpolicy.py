@@ -219,7 +219,7 @@ def test_chunked_loss_and_bucket_tail_train(world, tmp_path):
     without --student-top) and --tail uniform run."""
     runs = {}
     for name, extra in (("plain", []), ("chunked", ["--loss-chunk-size", "7"]),
-                        ("uniform", ["--tail", "uniform"])):
+                        ("bucket", ["--tail", "bucket"]), ("uniform", ["--tail", "uniform"])):
         out = tmp_path / name
         assert main(["train", "--mode", "off-policy", "--store", str(world["store"]),
                      "--model", str(world["student"]), "--out", str(out), "--max-steps", "2",
@@ -230,6 +230,8 @@ def test_chunked_loss_and_bucket_tail_train(world, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     # bucket <= uniform (log-sum inequality), on the same first batch and weights
     assert runs["plain"][0]["kl"] < runs["uniform"][0]["kl"]
+    # the default (auto, no --student-top) is the bucket tail
+    assert [r["loss"] for r in runs["plain"]] == [r["loss"] for r in runs["bucket"]]
 
 
 def test_report_to_is_checked_before_any_work(world, tmp_path, capsys, monkeypatch):

@@ -43,12 +43,14 @@ position at k; format version 4, which version-3 readers refuse) spends the byte
   log1p(first - last)`` (``first``/``last``: the position's largest and smallest kept
   log-prob, float16 companions), so the grid is finest at the top of the distribution, where
   the student's mass is, and coarsest deep in the tail. The largest value is exact, and the
-  error of a value d nats below it is at most ``(1 + d) * log1p(range) / 510`` nats.
-- the per-position scalars (``alpha``, ``tail_logmass``, ``dpo_logprobs``,
-  ``reverse_logprobs``) as float16 (``widen-float32``).
+  error of a value d nats below it is at most ``(1 + d) * expm1(log1p(range) / 510)`` nats
+  (about ``(1 + d) * log1p(range) / 510``) plus half a float16 step at the value.
+- the per-position ``tail_logmass``, ``dpo_logprobs`` and ``reverse_logprobs`` as float16
+  (``widen-float32``); ``alpha`` stays float32 (``beta0 / alpha`` must not meet a float16
+  zero when ``--eps`` is tiny).
 
 Decoding puts each position back in log-prob order (the record contract); entries whose codes
-tie keep the id order.
+tie keep their frequency-code order.
 
 How an array was encoded is also written into its own zarr attributes (``encoding``,
 ``transposed``), and decoding follows those attributes, not the preset name, so any shard a
@@ -89,7 +91,7 @@ class Layout:
 
     @property
     def ragged_only(self) -> bool:
-        """Its encodings exist for ragged shards only (format version 3, even at a fixed k)."""
+        """Its encodings exist for ragged shards only (format version 4, even at a fixed k)."""
         return self.ids == "freq-dict-posdelta" or self.logprobs == "q8-poslog"
 
     @property
@@ -224,7 +226,7 @@ def _encode_scalars(batch: TargetBatch, layout: Layout, vocab_size: int
     out["input_ids"] = EncodedArray(ids, _chunks(ids.shape, 0, 2 * ct), id_enc)
     for name in ("alpha", "tail_logmass", "dpo_logprobs", "reverse_logprobs"):
         arr, attrs = getattr(batch, name), plain
-        if layout.scalars == "fp16":
+        if layout.scalars == "fp16" and name != "alpha":
             arr, attrs = arr.astype(np.float16), {"encoding": "widen-float32"}
         out[name] = EncodedArray(arr, _chunks(arr.shape, 0, ct), attrs)
     return out
@@ -234,7 +236,7 @@ def _encode_ragged(batch: TargetBatch, layout: Layout, vocab_size: int
                    ) -> dict[str, EncodedArray]:
     if layout.logprobs == "q8-rowrange":
         raise StoreFormatError(f"layout {layout.name}: q8-rowrange is not offered for ragged "
-                               f"shards (tail_budget > 0); pick a lossless layout")
+                               f"shards (tail_budget > 0); pick compact or packed")
     out = _encode_scalars(batch, layout, vocab_size)
     counts = batch.topk_count
     width = batch.top_k
@@ -408,8 +410,9 @@ def freq_dict_encode(ids: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.n
 
 
 def position_deltas(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Flat per-position runs -> each value minus the previous one of its position (a
-    position's first value as is); same dtype, modular, exact."""
+    """Flat per-position runs of unsigned integers -> each value minus the previous one of its
+    position (a position's first value as is); same dtype, modular, so exact for any order
+    (the encoder sorts each position first, which keeps the differences small)."""
     out = values.copy()
     if values.size:
         out[1:] = values[1:] - values[:-1]
@@ -420,15 +423,18 @@ def position_deltas(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def position_sums(deltas: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`position_deltas` (int64)."""
+    """Inverse of :func:`position_deltas`, in the same modular arithmetic (int64 out)."""
     if int(counts.sum()) != deltas.shape[0]:
         raise ValueError(f"topk_ids: a ragged shard holds {deltas.shape[0]} entries for counts "
                          f"summing to {int(counts.sum())}")
-    running = np.cumsum(deltas.astype(np.int64))
+    running = np.cumsum(deltas, dtype=deltas.dtype)  # wraps like the encoder's differences
     before = offsets_from_lengths(counts)[:-1]
     # the running sum just before each position's first entry, repeated over the position
-    base = np.where(before > 0, running[np.maximum(before - 1, 0)] if running.size else 0, 0)
-    return running - np.repeat(base, counts)
+    base = np.zeros(counts.shape, dtype=deltas.dtype)
+    if running.size:
+        base = np.where(before > 0, running[np.maximum(before - 1, 0)], base).astype(
+            deltas.dtype)
+    return (running - np.repeat(base, counts)).astype(np.int64)
 
 
 def poslog_encode(logprobs: np.ndarray, counts: np.ndarray

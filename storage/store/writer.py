@@ -123,7 +123,7 @@ class TargetStoreWriter:
         """Buffer one record (validated against the store's vocab size and k)."""
         self._check_open()
         record.validate(vocab_size=self.metadata.vocab_size)
-        ragged = self.metadata.format_version >= 3
+        ragged = bool(self.metadata.tail_budget)  # a fixed-k packed store keeps k everywhere
         if record.top_k > self.metadata.top_k or (record.top_k != self.metadata.top_k
                                                    and not ragged):
             raise RecordError(f"topk_ids: record {record.example_index} has k = {record.top_k}, "
@@ -131,7 +131,7 @@ class TargetStoreWriter:
         if record.ragged and not ragged:
             raise RecordError(f"topk_count: record {record.example_index} keeps fewer than k ids "
                               f"at some positions; only a store with a tail budget (format "
-                              f"version 3) holds such records")
+                              f"version 3 or 4) holds such records")
         self._buffer.append(record)
         self._buffer_tokens += record.response_len
         if self._buffer_tokens >= self.shard_tokens:
