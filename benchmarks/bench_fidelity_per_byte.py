@@ -385,6 +385,8 @@ def write_report(result: dict, out: Path) -> None:
                   "|---|" + "---:|" * len(fields)]
         lines += [f"| {r['variant']} | " + " | ".join(f"{r[key].get(f, 0):.2f}" for f in fields)
                   + " |" for r in rows if key in r]
+    for note in result.get("notes", []):
+        lines += ["", note]
     lines += ["", f"{result['seconds']} s on {result['machine']}.", "",
               "Command: `" + result.get("command", ".venv/bin/python "
                                         "benchmarks/bench_fidelity_per_byte.py --pair PAIR "

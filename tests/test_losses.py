@@ -733,3 +733,14 @@ def test_kl_parts_split_the_kl_at_the_teachers_kept_ids():
         logq_rest = float(tail[i]) - math.log(vocab - k)
         tail_part = sum(float(p[i, v] * (logp[i, v] - logq_rest)) for v in rest)
         assert float(kl[i]) == pytest.approx(float(top[i]) + tail_part, rel=1e-9, abs=1e-12)
+
+
+def test_auto_resolves_to_the_bucket_tail_with_or_without_the_students_candidates():
+    """The trainer's --tail auto: bucket at every position, whatever the targets (a fixed k,
+    a budget, the student's ids merged); explicit choices pass through."""
+    from student_trainer.losses import resolve_tail
+
+    for budget in (0.0, 0.01):
+        for candidates in (False, True):
+            assert resolve_tail("auto", budget, candidates) == "bucket"
+            assert resolve_tail("uniform", budget, candidates) == "uniform"

@@ -138,9 +138,8 @@ class TrainConfig(SamplingOptions, DatasetOptions, HubOptions, AttentionOptions)
     kl_coef: Annotated[float, "reinforce-*: beta, the weight of the KL penalty to pi_dpo (the "
                        "paper's Figure 2: 0.08)", ">=0"] = 0.08
     tail: Annotated[Literal["auto", "uniform", "bucket"], "how the teacher's mass outside its "
-                    "kept ids is modelled (auto: bucket; with --student-top, bucket at "
-                    "positions that leave more than 5% out, uniform elsewhere; "
-                    "docs/training.md)"] = "auto"
+                    "kept ids is modelled (auto: bucket, the student's mass outside the kept "
+                    "ids as one category; docs/training.md)"] = "auto"
     beta0: Annotated[float, "beta_t = beta0 / alpha_t", ">0"] = 0.1
     weighting: Annotated[Literal["alpha", "uniform"], "alpha: beta_t = beta0/alpha_t (released "
                          "code); uniform: beta0"] = "alpha"

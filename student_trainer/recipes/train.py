@@ -327,8 +327,8 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
                              or 0.0))
         forward.tail = losses.resolve_tail(config.tail, budget, bool(config.student_top))
         if forward.tail != config.tail and env.is_main:
-            log.info("--tail auto: the bucket tail at every position (no --student-top; "
-                     "tail budget %g; docs/training.md)", budget)
+            log.info("--tail auto: the bucket tail at every position (tail budget %g; "
+                     "docs/training.md)", budget)
         if config.global_batch_size < env.world_size:
             raise ConfigError(f"--global-batch-size {config.global_batch_size} is smaller than "
                               f"the {env.world_size} ranks: each rank needs a sequence per step")
