@@ -346,13 +346,15 @@ def write_report(result: dict, out: Path) -> None:
                          for k, v in result["distillkit"].items()) + ".", "",
              "The `auto` column is the loss's per-position rule (bucket where more than 5% of "
              "pi*'s mass is left out, uniform elsewhere). The trainer's `--tail auto` "
-             "(`losses.resolve_tail`) now uses the bucket tail everywhere unless the student's "
-             "candidates are merged (`--student-top`), so without them it gets the bucket "
-             "column; before 2026-12-06 it did so only for targets made with a tail budget.",
+             "(`losses.resolve_tail`) uses the bucket tail everywhere since 2026-12-06, so it "
+             "gets the bucket column; before, it used the per-position rule except on targets "
+             "made with a tail budget and no `--student-top`.",
              "",
              "The `packed` columns: the same targets in the packed layout (ids as sorted "
-             "per-position sets, 8-bit log-spaced log-probs, float16 scalars; lossy), the "
-             "gradient taken after its round trip with the tail named in the cell.", "",
+             "per-position sets, 8-bit log-spaced log-probs, float16 tail and teacher "
+             "log-probs, float32 alpha; lossy), the gradient taken after its round trip with "
+             "the tail named in the cell (what `--tail auto` resolved to when the run was "
+             "made); compare it with the same tail's lossless column.", "",
              "| variant | B/token | k mean / p90 / max | capped over EPS | uniform: cos | "
              "bucket: cos | auto: cos | packed B/token | packed: cos |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
