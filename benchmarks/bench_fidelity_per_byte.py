@@ -27,6 +27,11 @@ with a cap of 128 (with and without the dpo model's ids to the same budget, ``--
 each with the uniform, the bucket and the auto tail, and budgets with the student's top N ids merged in (``--student-top N``, through
 ``student_trainer.candidates.merge_candidates``, the trainer's own code).
 
+``--variants SPEC...`` runs only the variants named (``k=48,eps=0.05,dpo=47`` is the tail
+budget 0.05 with a cap of 48 and the dpo model's mass held to it; ``,student=N`` merges the
+student's top N), and ``--tails`` picks the tail models (``fidelity_per_byte_budget_*.md``:
+``--tails bucket``, the trainer's).
+
     .venv/bin/python benchmarks/bench_fidelity_per_byte.py --pair /work/cache/smollm2-135m \\
         --data /work/cache/sharegpt/chat.jsonl --out benchmarks/results/fidelity_per_byte
 """
@@ -138,6 +143,36 @@ def packed_round_trip(batch: TargetBatch, vocab: int) -> TargetBatch:
     return decode_shard({name: (a.data, a.attributes) for name, a in arrays.items()})
 
 
+def parse_variant(spec: str, r: float) -> tuple[str, TargetConfig, int]:
+    """``--variants`` item, comma-separated ``key=value``: ``k`` (the cap with ``eps``),
+    ``eps`` (``--tail-budget``), ``dpo`` (``--dpo-top``), ``student`` (``--student-top``);
+    e.g. ``k=48,eps=0.05,dpo=47`` or ``k=64,student=32``. Returns (name, config, student
+    top)."""
+    known = {"k": int, "eps": float, "dpo": int, "student": int}
+    values: dict = {"k": CAP, "eps": 0.0, "dpo": 0, "student": 0}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() not in known:
+            raise SystemExit(f"--variants {spec!r}: unknown key {key.strip()!r} (expected one "
+                             f"of {', '.join(known)})")
+        try:
+            values[key.strip()] = known[key.strip()](value)
+        except ValueError:
+            raise SystemExit(f"--variants {spec!r}: {key.strip()} must be a number, got "
+                             f"{value!r}") from None
+    k, eps, dpo, student = values["k"], values["eps"], values["dpo"], values["student"]
+    name = f"EPS={eps:g}, cap {k}" if eps else f"k={k}"
+    if dpo:
+        name += (", dpo budget" if eps and dpo == k - 1 else f", dpo-top {dpo}")
+    if student:
+        name += f" + student top {student}"
+    try:
+        config = TargetConfig(top_k=k, r=r, chunk_size=64, tail_budget=eps, dpo_top=dpo)
+    except ValueError as err:
+        raise SystemExit(f"--variants {spec!r}: {err}") from None
+    return name, config, student
+
+
 def k_stats(counts: np.ndarray, tails: np.ndarray, cap: int, eps: float) -> dict:
     return {"k_mean": float(counts.mean()), "k_p50": float(np.quantile(counts, 0.5)),
             "k_p90": float(np.quantile(counts, 0.9)), "k_max": int(counts.max()),
@@ -166,6 +201,11 @@ def main() -> None:
                     help="fixed k (pi*'s top k, the on-policy default's form) measured with the "
                     "student's top N merged in")
     ap.add_argument("--student-tops", type=int, nargs="+", default=list(STUDENT_TOPS))
+    ap.add_argument("--variants", nargs="+", default=None, metavar="SPEC",
+                    help="run only these variants, each 'k=K[,eps=EPS][,dpo=M][,student=N]' "
+                         "(k is the cap with eps; dpo=k-1 with eps is the dpo budget)")
+    ap.add_argument("--tails", nargs="+", choices=TAILS, default=list(TAILS),
+                    help="the tail models to take the gradient with (default: all three)")
     ap.add_argument("--out", default=str(RESULTS / "fidelity_per_byte"))
     ap.add_argument("--report-only", action="store_true", help="redo OUT.md and OUT.png from "
                     "OUT.json")
@@ -204,7 +244,8 @@ def main() -> None:
     leaf = logits.detach().requires_grad_(True)
     params = [p for p in student.parameters() if p.requires_grad]
     alpha_b = batch.unflatten(alpha, 1.0)
-    student_top = {m: torch.topk(logits.detach(), m, dim=-1).indices for m in args.student_tops}
+    tops = set(args.student_tops) | {parse_variant(v, args.r)[2] for v in args.variants or ()}
+    student_top = {m: torch.topk(logits.detach(), m, dim=-1).indices for m in tops if m}
 
     def objective(kl, alpha_of=None):
         weights = alpha_b if alpha_of is None else batch.unflatten(alpha_of, 1.0)
@@ -221,29 +262,34 @@ def main() -> None:
         lambda z: objective(losses.exact_reverse_kl(z, log_pi)))
     print(f"exact loss {exact_loss:.5f} over {n} positions", flush=True)
 
+    tails = tuple(args.tails)
     variants = []  # (name, config, tails, student_top)
-    for k in (args.ks if not args.quick else (32, 64)):
-        variants.append((f"k={k}", TargetConfig(top_k=k, r=args.r, chunk_size=64), TAILS, 0))
+    if args.variants:
+        variants = [(name, config, tails, m) for name, config, m in
+                    (parse_variant(spec, args.r) for spec in args.variants)]
+    for k in (() if args.variants else args.ks if not args.quick else (32, 64)):
+        variants.append((f"k={k}", TargetConfig(top_k=k, r=args.r, chunk_size=64), tails, 0))
         variants.append((f"k={k}, dpo-top {k // 2}",
                          TargetConfig(top_k=k, r=args.r, chunk_size=64, dpo_top=k // 2),
-                         TAILS, 0))
-    for eps in (args.budgets if not args.quick else (0.01,)):
+                         tails, 0))
+    for eps in (() if args.variants else args.budgets if not args.quick else (0.01,)):
         variants.append((f"EPS={eps:g}", TargetConfig(top_k=CAP, r=args.r, chunk_size=64,
-                                                      tail_budget=eps), TAILS, 0))
+                                                      tail_budget=eps), tails, 0))
         # the dpo model's mass to the same budget, within the cap (--dpo-top cap - 1)
         variants.append((f"EPS={eps:g}, dpo budget",
                          TargetConfig(top_k=CAP, r=args.r, chunk_size=64, tail_budget=eps,
-                                      dpo_top=CAP - 1), TAILS, 0))
-    for eps in (args.candidate_budgets if not args.quick else (0.01,)):
+                                      dpo_top=CAP - 1), tails, 0))
+    for eps in (() if args.variants else
+                args.candidate_budgets if not args.quick else (0.01,)):
         for m in (args.student_tops if not args.quick else (16,)):
             variants.append((f"EPS={eps:g} + student top {m}",
                              TargetConfig(top_k=CAP, r=args.r, chunk_size=64, tail_budget=eps),
-                             TAILS, m))
+                             tails, m))
 
-    for k in args.candidate_ks:
+    for k in (() if args.variants else args.candidate_ks):
         for m in args.student_tops:
             variants.append((f"k={k} + student top {m}",
-                             TargetConfig(top_k=k, r=args.r, chunk_size=64), TAILS, m))
+                             TargetConfig(top_k=k, r=args.r, chunk_size=64), tails, m))
 
     rows = []
     for name, config, tails, m in variants:
@@ -269,7 +315,7 @@ def main() -> None:
         targets = compute_targets(z_d, z_r, batch.target_ids, config)
         if not m:  # the same targets after the packed layout's lossy round trip
             back = packed_round_trip(as_batch(grad_seqs, targets), vocab)
-            tail_model = losses.resolve_tail("auto", config.tail_budget, False)
+            tail_model = losses.resolve_tail("auto")
             loss, gl, gp = gradients(lambda z: objective(losses.sparse_reverse_kl(
                 z, torch.from_numpy(back.topk_ids).long(),
                 torch.from_numpy(back.topk_logprobs).float(),
@@ -327,6 +373,7 @@ def main() -> None:
 
 def write_report(result: dict, out: Path) -> None:
     rows = result["rows"]
+    ran = [t for t in TAILS if any(t in r for r in rows)]
 
     def cos(r, t):
         v = r.get(t)
@@ -344,40 +391,41 @@ def write_report(result: dict, out: Path) -> None:
              f"included). DistillKit publishes "
              + ", ".join(f"{v:g} B/token ({k.split(' ', 1)[1]})"
                          for k, v in result["distillkit"].items()) + ".", "",
-             "The `auto` column is the loss's per-position rule (bucket where more than 5% of "
-             "pi*'s mass is left out, uniform elsewhere). The trainer's `--tail auto` "
-             "(`losses.resolve_tail`) uses the bucket tail everywhere since 2026-12-06, so it "
-             "gets the bucket column; before, it used the per-position rule except on targets "
-             "made with a tail budget and no `--student-top`.",
-             "",
+             *(["The `auto` column is the loss's per-position rule (bucket where more than 5% "
+                "of pi*'s mass is left out, uniform elsewhere). The trainer's `--tail auto` "
+                "(`losses.resolve_tail`) uses the bucket tail everywhere since 2026-12-06, so "
+                "it gets the bucket column; before, it used the per-position rule except on "
+                "targets made with a tail budget and no `--student-top`.", ""]
+               if "auto" in ran else
+               [f"Tails: {', '.join(ran)} (the trainer's `--tail auto` is `bucket`).", ""]),
              "The `packed` columns: the same targets in the packed layout (ids as sorted "
              "per-position sets, 8-bit log-spaced log-probs, float16 tail and teacher "
              "log-probs, float32 alpha; lossy), the gradient taken after its round trip with "
              "the tail named in the cell (what `--tail auto` resolved to when the run was "
              "made); compare it with the same tail's lossless column.", "",
-             "| variant | B/token | k mean / p90 / max | capped over EPS | uniform: cos | "
-             "bucket: cos | auto: cos | packed B/token | packed: cos |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | B/token | k mean / p90 / max | capped over EPS | "
+             + "".join(f"{t}: cos | " for t in ran) + "packed B/token | packed: cos |",
+             "|---|---:|---:|---:|" + "---:|" * len(ran) + "---:|---:|"]
     for r in rows:
         if r.get("student_top"):
             continue
         capped = (f"{r['capped_over_budget']:.1%}" if r.get("capped_over_budget") is not None
                   else "-")
         lines.append(f"| {r['variant']} | {r['bytes_per_token']:.1f} | {r['k_mean']:.1f} / "
-                     f"{r['k_p90']:.0f} / {r['k_max']} | {capped} | {cos(r, 'uniform')} | "
-                     f"{cos(r, 'bucket')} | {cos(r, 'auto')} | "
+                     f"{r['k_p90']:.0f} / {r['k_max']} | {capped} | "
+                     + "".join(f"{cos(r, t)} | " for t in ran) +
                      f"{r.get('packed_bytes_per_token', float('nan')):.1f} | "
                      f"{cos(r, PACKED)} {r.get(PACKED, {}).get('tail', '')} |")
     cand = [r for r in rows if r.get("student_top")]
     if cand:
         lines += ["", "On-policy, the student's own top N ids merged in (`--student-top N`; "
                   "not stored, so no bytes):", "",
-                  "| variant | union k mean / p90 / max | uniform: cos | bucket: cos | auto: cos |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| variant | union k mean / p90 / max | "
+                  + " | ".join(f"{t}: cos" for t in ran) + " |",
+                  "|---|---:|" + "---:|" * len(ran)]
         for r in cand:
             lines.append(f"| {r['variant']} | {r['union_k_mean']:.1f} / {r['union_k_p90']:.0f} "
-                         f"/ {r['union_k_max']} | {cos(r, 'uniform')} | {cos(r, 'bucket')} | "
-                         f"{cos(r, 'auto')} |")
+                         f"/ {r['union_k_max']} | " + " | ".join(cos(r, t) for t in ran) + " |")
     for key, title in (("bytes_by_field", "Bytes per token by array:"),
                        ("packed_bytes_by_field", "Bytes per token by array, packed layout:")):
         fields = sorted({f for r in rows for f in r.get(key, {})})
@@ -417,16 +465,19 @@ def plot(result: dict, path: Path) -> None:
                    and tail_model in r]
             if not pts:
                 continue
+            pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls,
                     label=f"{label}, {tail_model}")
             for x, y, name in pts:
-                ax.annotate(name.split(",")[0], (x, y), fontsize=5, xytext=(3, -8),
+                label_of = ", ".join(name.split(", ")[:2 if "cap" in name else 1])
+                ax.annotate(label_of, (x, y), fontsize=5, xytext=(3, -8),
                             textcoords="offset points")
     for label, marker, pick in families:
         pts = [(r["packed_bytes_per_token"], r[PACKED]["cos_params"], r["variant"])
                for r in result["rows"] if "packed_bytes_per_token" in r and pick(r)
                and PACKED in r]
         if pts:
+            pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls="-",
                     color="black", lw=0.8, label=f"{label}, packed")
     for name, x in result["distillkit"].items():

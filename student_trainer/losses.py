@@ -102,7 +102,7 @@ LOGPROB_FLOOR: float = -1.0e4
 _STUDENT_LOGP_FLOOR: float = -1.0e30
 
 
-def resolve_tail(tail: str, tail_budget: float, student_candidates: bool) -> str:
+def resolve_tail(tail: str) -> str:
     """The tail model a run uses: ``auto`` becomes ``bucket`` at every position.
 
     Without the student's ids, the kept ids are the teacher's, and the student's mass outside
@@ -115,9 +115,7 @@ def resolve_tail(tail: str, tail_budget: float, student_candidates: bool) -> str
     per-position rule 0.16-0.52 at k = 8-64; with the student's own top 8 / 32 ids merged
     (``--student-top``) bucket 0.966 / 0.985 against the per-position rule's 0.29 / 0.46. In the
     broad grammar world bucket is the faithful one too (benchmarks/results/fidelity.md). The
-    per-position rule stays available to the loss (``tail="auto"`` passed to it directly).
-    ``tail_budget`` and ``student_candidates`` are kept for the callers' logs."""
-    del tail_budget, student_candidates
+    per-position rule stays available to the loss (``tail="auto"`` passed to it directly)."""
     return "bucket" if tail == "auto" else tail
 
 

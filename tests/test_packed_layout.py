@@ -124,24 +124,32 @@ def _cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_precompute_in_the_packed_layout_holds_the_compact_stores_targets(teacher_pair,
-                                                                          tmp_path):
+@pytest.mark.parametrize("targets,compact_version", [
+    (("--top-k", 16, "--dpo-top", 4), 2),
+    # the small-store recipe's shape (docs/training.md: the dpo model's mass held to the budget
+    # too), with a cap and a budget these tiny, broad teachers reach
+    (("--top-k", 16, "--dpo-top", 15, "--tail-budget", 0.5), 3)])
+def test_precompute_in_the_packed_layout_holds_the_compact_stores_targets(
+        teacher_pair, tmp_path, targets, compact_version):
     data = tmp_path / "train.jsonl"
     rng = np.random.default_rng(0)
     data.write_text("".join(json.dumps({"prompt": f"sort {' '.join(map(str, n))}",
                                         "response": " ".join(map(str, sorted(n)))}) + "\n"
                             for n in (rng.integers(0, 100, 5).tolist() for _ in range(12))))
     common = ["--dpo-model", teacher_pair[0], "--reverse-model", teacher_pair[1], "--data",
-              data, "--top-k", 16, "--dpo-top", 4, "--device", "cpu", "--group-size", 6,
+              data, *targets, "--device", "cpu", "--group-size", 6,
               "--shard-tokens", 40, "--no-progress"]
     for layout in ("compact", "packed"):
         res = _cli("precompute", *common, "--out", tmp_path / layout, "--layout", layout)
         assert res.returncode == 0, res.stderr
     exact, packed = TargetStore.open(tmp_path / "compact"), TargetStore.open(tmp_path / "packed")
-    assert packed.metadata.format_version == 4 and exact.metadata.format_version == 2
+    assert packed.metadata.format_version == 4
+    assert exact.metadata.format_version == compact_version
     assert len(packed) == len(exact) == 12
     for i in range(12):
         assert_close_to(packed[i], exact[i])
+    if "--tail-budget" in targets:  # the budget was at work: some positions keep fewer ids
+        assert min(int(exact[i].topk_count.min()) for i in range(12)) < 16
     res = _cli("inspect", tmp_path / "packed")
     assert res.returncode == 0 and "format v4, layout packed" in res.stdout, res.stderr
     assert _cli("inspect", tmp_path / "packed", "--stats").returncode == 0

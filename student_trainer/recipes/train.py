@@ -322,13 +322,9 @@ def setup(config: TrainConfig, env: DistEnv, device: torch.device) -> Run:
                          sharded_root=module if sharded else None)
     try:
         _check_same_teacher(source, out, resuming=resume_from is not None, env=env)
-        budget = (source.metadata.tail_budget if config.mode == "off-policy"
-                  else float((getattr(source, "teacher_info", None) or {}).get("tail_budget")
-                             or 0.0))
-        forward.tail = losses.resolve_tail(config.tail, budget, bool(config.student_top))
+        forward.tail = losses.resolve_tail(config.tail)
         if forward.tail != config.tail and env.is_main:
-            log.info("--tail auto: the bucket tail at every position (tail budget %g; "
-                     "docs/training.md)", budget)
+            log.info("--tail auto: the bucket tail at every position (docs/training.md)")
         if config.global_batch_size < env.world_size:
             raise ConfigError(f"--global-batch-size {config.global_batch_size} is smaller than "
                               f"the {env.world_size} ranks: each rank needs a sequence per step")
