@@ -13,6 +13,10 @@ data_wait_s``. Medians over the steps after the first (the first pays the engine
 allocator's warm-up). Ratios are against the HF row with the same ranks and S, in the same
 run; each configuration runs alone, one after another, with the server idle in between.
 
+``--student-tops N...`` runs another study instead of the grid: HF rollouts on 1 rank with
+S = 0, once per N with ``train --student-top N`` (0: without), so the step time the student's
+candidates add is measured in a real run (``benchmarks/results/onpolicy_candidates``).
+
 Also measured: the seconds a weight sync takes against the model's size (an in-process engine
 per model, ``VLLMRollouts.sync_weights``, median of 5).
 
@@ -30,6 +34,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,8 +67,9 @@ def write_prompts(data: Path, out: Path, n: int) -> Path:
 
 
 def run_config(args, url: str, prompts: Path, work: Path, backend: str, ranks: int,
-               staleness: int) -> dict:
-    out = work / f"{backend}-r{ranks}-s{staleness}"
+               staleness: int, student_top: int = 0) -> dict:
+    out = work / (f"{backend}-r{ranks}-s{staleness}"
+                  + (f"-top{student_top}" if student_top else ""))
     train = ["train", "--mode", "on-policy", "--teacher-url", url, "--prompts", str(prompts),
              "--model", str(args.pair / "dpo"), "--out", str(out), "--overwrite",
              "--rollout-backend", backend, "--max-staleness", str(staleness),
@@ -71,7 +77,8 @@ def run_config(args, url: str, prompts: Path, work: Path, backend: str, ranks: i
              "--epochs", "100", "--max-new-tokens", str(args.max_new_tokens),
              "--max-prompt-len", str(args.max_prompt_len), "--rollout-batch-size",
              str(args.batch), "--lr", "1e-5", "--save-every", "0", "--no-progress",
-             "--report-to", "none", "--device", "cpu", "--log-level", "warning"]
+             "--report-to", "none", "--device", "cpu", "--log-level", "warning",
+             "--student-top", str(student_top)]
     if ranks == 1:
         cmd = [sys.executable, "-m", "aligndistil.cli", *train]
     else:
@@ -90,7 +97,8 @@ def run_config(args, url: str, prompts: Path, work: Path, backend: str, ranks: i
     med = {k: statistics.median(r.get(k, 0.0) for r in later) for k in PHASES}
     step = statistics.median(r["train_s"] + r["data_wait_s"] for r in later)
     tokens = statistics.median(r["response_tokens"] for r in later)
-    return {"backend": backend, "ranks": ranks, "staleness": staleness, "step_s": step,
+    return {"backend": backend, "ranks": ranks, "staleness": staleness,
+            "student_top": student_top, "step_s": step,
             "response_tokens": tokens, "tokens_per_s": tokens / step, "run_wall_s": wall,
             "staleness_logged": [r["staleness"] for r in rows], **med}
 
@@ -118,7 +126,39 @@ def sync_seconds(model_dirs: list[Path]) -> list[dict]:
     return out
 
 
+def render_candidates(result: dict) -> str:
+    """The ``--student-tops`` study: HF rollouts, 1 rank, S = 0, with and without the student's
+    top N ids scored (``train --student-top N``)."""
+    rows = result["runs"]
+    base = next(r for r in rows if not r["student_top"])
+    lines = [
+        "# On-policy step with the student's own candidates (`bench_onpolicy.py "
+        "--student-tops`)", "",
+        "No GPU was available: not measured on a GPU. CPU only, "
+        f"{result['machine']['cpus']} cores shared by the trainer and the teacher server.", "",
+        f"Student and teachers: SmolLM2-135M (`{result['pair']}`; the server at `--top-k 64`); "
+        f"{result['prompts']} ShareGPT prompts (first user turn, at most "
+        f"{result['max_prompt_len']} tokens), {result['batch']} sequences per step, at most "
+        f"{result['max_new_tokens']} new tokens, HF rollouts, 1 rank, S = 0; "
+        f"{result['steps']} steps per run, medians over steps 2..{result['steps']}. "
+        "`candidates` is the no-grad pass that picks the student's top N ids and the merge; "
+        "`score` includes the server's work on the named ids. Ratios: this row's step over the "
+        "row without candidates, in the same run.", "",
+        "| N | s/step | vs N = 0 | rollout | candidates | score | train |",
+        "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['student_top'] or '- (off)'} | {r['step_s']:.2f} | "
+                     f"{r['step_s'] / base['step_s']:.2f}x | {r['rollout_s']:.2f} | "
+                     f"{r.get('candidates_s', 0.0):.2f} | {r['score_s']:.2f} | "
+                     f"{r['train_s']:.2f} |")
+    lines += ["", f"{result['seconds']:.0f} s on {result['machine']}.", "",
+              f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
 def render(result: dict) -> str:
+    if result.get("study") == "candidates":
+        return render_candidates(result)
     rows = result["runs"]
     base = {(r["ranks"], r["staleness"]): r for r in rows if r["backend"] == "hf"}
     lines = [
@@ -190,6 +230,9 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", default="hf,vllm")
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--staleness", default="0,1")
+    ap.add_argument("--student-tops", type=int, nargs="+", default=None, metavar="N",
+                    help="instead of the grid: HF rollouts, 1 rank, S = 0, with train "
+                         "--student-top N for each N (0: without)")
     ap.add_argument("--sync-models", type=Path, nargs="*", default=None,
                     help="models to time weight syncs on (default: a tiny one and the pair's dpo)")
     args = ap.parse_args(argv)
@@ -204,31 +247,39 @@ def main(argv=None) -> None:
                    "--max-seq-len", str(args.max_prompt_len + args.max_new_tokens)]
     runs = []
     with runner.server(server_args) as url:
-        for ranks in map(int, args.ranks.split(",")):
+        for n in args.student_tops or ():
+            print(f"[hf ranks=1 S=0 student-top={n}]", flush=True)
+            runs.append(run_config(args, url, prompts, work, "hf", 1, 0, student_top=n))
+            print(json.dumps(runs[-1]), flush=True)
+        for ranks in (() if args.student_tops else map(int, args.ranks.split(","))):
             for s in map(int, args.staleness.split(",")):
                 for backend in args.backends.split(","):
                     print(f"[{backend} ranks={ranks} S={s}]", flush=True)
                     runs.append(run_config(args, url, prompts, work, backend, ranks, s))
                     print(json.dumps(runs[-1]), flush=True)
-    sync_models = args.sync_models
+    sync_models = [] if args.student_tops else args.sync_models
     if sync_models is None:
         sys.path.insert(0, str(REPO / "tests"))
         from tiny_models import save_model_dir
 
         sync_models = [save_model_dir(work / "tiny", seed=7), args.pair / "dpo"]
     sync = sync_seconds(sync_models) if sync_models else []
-    result = {"runs": runs, "sync": sync, "pair": str(args.pair), "prompts": args.prompts,
+    result = {"study": "candidates" if args.student_tops else "grid",
+              "runs": runs, "sync": sync, "pair": str(args.pair), "prompts": args.prompts,
               "batch": args.batch, "steps": args.steps, "max_new_tokens": args.max_new_tokens,
               "max_prompt_len": args.max_prompt_len, "threads": args.threads,
               "machine": machine(args.threads),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(),
               "seconds": time.perf_counter() - started,
-              "command": ".venv-vllm/bin/python benchmarks/bench_onpolicy.py " +
+              "command": (".venv/bin/python" if args.student_tops else ".venv-vllm/bin/python")
+                         + " benchmarks/bench_onpolicy.py " +
                          " ".join(argv if argv is not None else sys.argv[1:])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(render(result))
     print(render(result))
+    # every run saves a model; a failed run keeps the folder (its log is named in the error)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ run's), ``default_kl_ratio`` (its KL(student || pi*) over the exact student's) a
 ``--max-staleness`` 0, 1 and 2 (``benchmarks/results/staleness``). ``--budget EPS`` runs the
 defaults study instead of the k
 study: exact and the shipped defaults, off- and on-policy, and EPS with a cap of 64 and the
-auto tail, off-policy (``benchmarks/results/fidelity_defaults``). Stages
+auto tail, off-policy (``benchmarks/results/fidelity_defaults``). ``--on-policy-ks K...`` runs
+exact and the defaults on-policy and a server asked for K ids with the bucket tail
+(``benchmarks/results/onpolicy_k_grammar``). Stages
 whose outputs exist are skipped on a rerun (``--workdir`` keeps them); ``--replot`` redoes the
 table and plots from ``DIR/fidelity.json``.
 """
@@ -132,6 +134,14 @@ def candidates_settings(tops=(8, 32)) -> list[Setting]:
     student's own top N ids scored too (train --student-top N)."""
     return [Setting("on-policy", EXACT), Setting("on-policy", DEFAULT, None),
             *[Setting("on-policy", DEFAULT, None, student_top=n) for n in tops]]
+
+
+def on_policy_k_settings(ks=(128, 256)) -> list[Setting]:
+    """The on-policy k study: exact and the shipped defaults (k = 64) on-policy, and a server
+    asked for k ids with the default tail (bucket): what the defaults' on-policy gap costs to
+    close, since live targets are not stored."""
+    return [Setting("on-policy", EXACT), Setting("on-policy", DEFAULT, None),
+            *[Setting("on-policy", k, "bucket") for k in ks]]
 
 
 # ------------------------------------------------------------------------------ one seed
@@ -445,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, nargs="+", default=None, metavar="N",
                     help="run the candidates study (exact and the shipped defaults on-policy, "
                     "and the defaults with train --student-top N) instead of the k study")
+    ap.add_argument("--on-policy-ks", type=int, nargs="+", default=None, metavar="K",
+                    help="run the on-policy k study (exact and the shipped defaults on-policy, "
+                    "and k ids with the bucket tail) instead of the k study")
     ap.add_argument("--size", choices=["default", "small"], default="default",
                     help="the demo size of the grammar world")
     ap.add_argument("--replot", action="store_true", help="only redo the table and plots from "
@@ -459,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((out / "fidelity.json").read_text(encoding="utf-8"))
         known = {s.name: s for s in all_settings() + QUICK + staleness_settings()
                  + (candidates_settings(args.candidates) if args.candidates else [])
+                 + (on_policy_k_settings(args.on_policy_ks) if args.on_policy_ks else [])
                  + (budget_settings(args.budget) if args.budget else [])}
         missing = [n for n in result["settings"] if n not in known]
         if missing:
@@ -473,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else (
         staleness_settings() if args.staleness else
         candidates_settings(args.candidates) if args.candidates else
+        on_policy_k_settings(args.on_policy_ks) if args.on_policy_ks else
         budget_settings(args.budget) if args.budget else all_settings())
     size = WORLD_SIZES[WORLD][args.size]
     eval_samples = args.eval_samples or (8 if args.quick else 16)

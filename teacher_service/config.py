@@ -45,8 +45,10 @@ class TeacherOptions(HubOptions, AttentionOptions):
                     "model)"] = "adaptive"
     top_k: Annotated[int, "top-k entries of log pi* kept per position", ">=1"] = 64
     dpo_top: Annotated[int, "keep log pi* on the dpo model's top N ids too (within --top-k: the "
-                       "rest are pi*'s best; 0: pi*'s top-k only); a student near the dpo "
-                       "model puts its mass there (docs/training.md)", ">=0"] = 0
+                       "rest are pi*'s best; 0: pi*'s top-k only); with --tail-budget, its "
+                       "best N are candidates and its mass is held to the same budget "
+                       "(--top-k minus 1: the whole cap); a student near the dpo model puts "
+                       "its mass there (docs/training.md)", ">=0"] = 0
     tail_budget: Annotated[float, "keep, per position, the fewest of pi*'s best ids whose mass "
                            "reaches 1 - EPS (at least --min-k, at most --top-k, which becomes "
                            "the cap; with --dpo-top, the dpo model's best ids to the same "
