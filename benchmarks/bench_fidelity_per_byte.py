@@ -215,7 +215,7 @@ def main() -> None:
     if args.report_only:
         write_report(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out))
         return
-    named = [parse_variant(spec, args.r) for spec in args.variants or ()]  # typos fail here
+    chosen = [parse_variant(spec, args.r) for spec in args.variants or ()]  # typos fail here
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cpu = torch.device("cpu")
@@ -247,7 +247,7 @@ def main() -> None:
     leaf = logits.detach().requires_grad_(True)
     params = [p for p in student.parameters() if p.requires_grad]
     alpha_b = batch.unflatten(alpha, 1.0)
-    tops = {m for _, _, m in named} if named else set(args.student_tops)
+    tops = {m for _, _, m in chosen} if chosen else set(args.student_tops)
     student_top = {m: torch.topk(logits.detach(), m, dim=-1).indices for m in tops if m}
 
     def objective(kl, alpha_of=None):
@@ -268,7 +268,7 @@ def main() -> None:
     tails = tuple(args.tails)
     variants = []  # (name, config, tails, student_top)
     if args.variants:
-        variants = [(name, config, tails, m) for name, config, m in named]
+        variants = [(name, config, tails, m) for name, config, m in chosen]
     for k in (() if args.variants else args.ks if not args.quick else (32, 64)):
         variants.append((f"k={k}", TargetConfig(top_k=k, r=args.r, chunk_size=64), tails, 0))
         variants.append((f"k={k}, dpo-top {k // 2}",

@@ -141,8 +141,8 @@ def render_candidates(result: dict) -> str:
         f"{result['max_prompt_len']} tokens), {result['batch']} sequences per step, at most "
         f"{result['max_new_tokens']} new tokens, HF rollouts, 1 rank, S = 0; "
         f"{result['steps']} steps per run, medians over steps 2..{result['steps']}. "
-        "`candidates` is the no-grad pass that picks the student's top N ids and the merge; "
-        "`score` includes the server's work on the named ids. Ratios: this row's step over the "
+        "`candidates` is the no-grad pass that picks the student's top N ids; `score` "
+        "includes the server's work on the named ids and the merge. Ratios: this row's step over the "
         "row without candidates, in the same run.", "",
         "| N | s/step | vs N = 0 | rollout | candidates | score | train |",
         "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -236,6 +236,9 @@ def main(argv=None) -> None:
     ap.add_argument("--sync-models", type=Path, nargs="*", default=None,
                     help="models to time weight syncs on (default: a tiny one and the pair's dpo)")
     args = ap.parse_args(argv)
+    if args.student_tops and 0 not in args.student_tops:
+        ap.error("--student-tops needs 0 among its values (the run the others are compared "
+                 "with)")
     from aligndistil.demo import Runner
 
     started = time.perf_counter()

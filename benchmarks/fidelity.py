@@ -476,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                  + (budget_settings(args.budget) if args.budget else [])}
         missing = [n for n in result["settings"] if n not in known]
         if missing:
-            raise SystemExit(f"--replot: settings {missing} need the --budget the study ran with")
+            raise SystemExit(f"--replot: settings {missing} need the flag the study ran with "
+                             f"(--budget, --candidates or --on-policy-ks)")
         settings = [known[n] for n in result["settings"]]
         table = format_table(result["aggregate"], settings)
         (out / "fidelity_table.md").write_text(table + "\n", encoding="utf-8")
