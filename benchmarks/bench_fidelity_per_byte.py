@@ -175,6 +175,32 @@ def parse_variant(spec: str, r: float) -> tuple[str, TargetConfig, int]:
     return name, config, student
 
 
+def grid_variants(args) -> list[tuple[str, TargetConfig, int]]:
+    """The default grid: fixed k with and without ``--dpo-top k/2``, tail budgets (cap
+    :data:`CAP`) with and without the dpo budget, and the student's candidates merged into
+    budgets and fixed k. Returns (name, config, student top)."""
+    def config(**kw) -> TargetConfig:
+        return TargetConfig(r=args.r, chunk_size=64, **kw)
+
+    out = []
+    for k in (args.ks if not args.quick else (32, 64)):
+        out.append((f"k={k}", config(top_k=k), 0))
+        out.append((f"k={k}, dpo-top {k // 2}", config(top_k=k, dpo_top=k // 2), 0))
+    for eps in (args.budgets if not args.quick else (0.01,)):
+        out.append((f"EPS={eps:g}", config(top_k=CAP, tail_budget=eps), 0))
+        # the dpo model's mass to the same budget, within the cap (--dpo-top cap - 1)
+        out.append((f"EPS={eps:g}, dpo budget",
+                    config(top_k=CAP, tail_budget=eps, dpo_top=CAP - 1), 0))
+    for eps in (args.candidate_budgets if not args.quick else (0.01,)):
+        for m in (args.student_tops if not args.quick else (16,)):
+            out.append((f"EPS={eps:g} + student top {m}", config(top_k=CAP, tail_budget=eps),
+                        m))
+    for k in args.candidate_ks:
+        for m in args.student_tops:
+            out.append((f"k={k} + student top {m}", config(top_k=k), m))
+    return out
+
+
 def k_stats(counts: np.ndarray, tails: np.ndarray, cap: int, eps: float) -> dict:
     return {"k_mean": float(counts.mean()), "k_p50": float(np.quantile(counts, 0.5)),
             "k_p90": float(np.quantile(counts, 0.9)), "k_max": int(counts.max()),
@@ -215,7 +241,9 @@ def main() -> None:
     if args.report_only:
         write_report(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out))
         return
-    chosen = [parse_variant(spec, args.r) for spec in args.variants or ()]  # typos fail here
+    # (name, config, student top); --variants typos fail here, before any model loads
+    variants = [parse_variant(spec, args.r) for spec in args.variants or ()] \
+        or grid_variants(args)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     cpu = torch.device("cpu")
@@ -247,8 +275,8 @@ def main() -> None:
     leaf = logits.detach().requires_grad_(True)
     params = [p for p in student.parameters() if p.requires_grad]
     alpha_b = batch.unflatten(alpha, 1.0)
-    tops = {m for _, _, m in chosen} if chosen else set(args.student_tops)
-    student_top = {m: torch.topk(logits.detach(), m, dim=-1).indices for m in tops if m}
+    student_top = {m: torch.topk(logits.detach(), m, dim=-1).indices
+                   for m in {m for _, _, m in variants} if m}
 
     def objective(kl, alpha_of=None):
         weights = alpha_b if alpha_of is None else batch.unflatten(alpha_of, 1.0)
@@ -266,35 +294,8 @@ def main() -> None:
     print(f"exact loss {exact_loss:.5f} over {n} positions", flush=True)
 
     tails = tuple(args.tails)
-    variants = []  # (name, config, tails, student_top)
-    if args.variants:
-        variants = [(name, config, tails, m) for name, config, m in chosen]
-    for k in (() if args.variants else args.ks if not args.quick else (32, 64)):
-        variants.append((f"k={k}", TargetConfig(top_k=k, r=args.r, chunk_size=64), tails, 0))
-        variants.append((f"k={k}, dpo-top {k // 2}",
-                         TargetConfig(top_k=k, r=args.r, chunk_size=64, dpo_top=k // 2),
-                         tails, 0))
-    for eps in (() if args.variants else args.budgets if not args.quick else (0.01,)):
-        variants.append((f"EPS={eps:g}", TargetConfig(top_k=CAP, r=args.r, chunk_size=64,
-                                                      tail_budget=eps), tails, 0))
-        # the dpo model's mass to the same budget, within the cap (--dpo-top cap - 1)
-        variants.append((f"EPS={eps:g}, dpo budget",
-                         TargetConfig(top_k=CAP, r=args.r, chunk_size=64, tail_budget=eps,
-                                      dpo_top=CAP - 1), tails, 0))
-    for eps in (() if args.variants else
-                args.candidate_budgets if not args.quick else (0.01,)):
-        for m in (args.student_tops if not args.quick else (16,)):
-            variants.append((f"EPS={eps:g} + student top {m}",
-                             TargetConfig(top_k=CAP, r=args.r, chunk_size=64, tail_budget=eps),
-                             tails, m))
-
-    for k in (() if args.variants else args.candidate_ks):
-        for m in args.student_tops:
-            variants.append((f"k={k} + student top {m}",
-                             TargetConfig(top_k=k, r=args.r, chunk_size=64), tails, m))
-
     rows = []
-    for name, config, tails, m in variants:
+    for name, config, m in variants:
         t0 = time.perf_counter()
         row: dict = {"variant": name, "top_k": config.top_k, "tail_budget": config.tail_budget,
                      "dpo_top": config.dpo_top, "student_top": m}
